@@ -1,0 +1,205 @@
+"""Connections to libvirt: :func:`connect` and :class:`Connection`."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import attrs
+
+from . import _adapter
+from ._events import Callback, Event, EventBus, EventKind, Subscription
+from ._version import Version, Versions
+from .errors import UsageError
+from .xml import DomainXML
+
+if TYPE_CHECKING:
+    from ._domain import Domain
+
+__all__ = ["DEFAULT_URI", "Connection", "connect", "resolve_uri"]
+
+DEFAULT_URI = "test:///default"
+"""The URI used when neither an argument nor ``$LIBVIRT_DEFAULT_URI`` names one."""
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """The URI :func:`connect` opens: ``uri``, else ``$LIBVIRT_DEFAULT_URI``, else test:///default."""
+    if uri is not None:
+        if not isinstance(uri, str) or not uri.strip():
+            raise UsageError(f"uri must be a non-empty string, got {uri!r}")
+        return uri
+    env = os.environ.get("LIBVIRT_DEFAULT_URI", "").strip()
+    return env or DEFAULT_URI
+
+
+def connect(uri: str | None = None, *, readonly: bool = False) -> Connection:
+    """Open a connection to libvirt.
+
+    ``uri`` may be any libvirt URI: ``test:///default`` (in-process test driver),
+    ``qemu:///system``, ``qemu+ssh://host/system``, ``qemu:///embed?root=/path`` (embedded
+    QEMU driver, no daemon). ``None`` means ``$LIBVIRT_DEFAULT_URI``, else ``test:///default``.
+
+    libvirt's event loop is registered and started (once per process, in a daemon thread)
+    before the connection is opened, so events such as block-job readiness and job
+    completion are delivered. Use the connection as a context manager, or call
+    :meth:`Connection.close`::
+
+        with statecapture.connect() as conn:
+            for dom in conn.domains():
+                print(dom.name, dom.state)
+    """
+    resolved = resolve_uri(uri)
+    vir = _adapter.VirConnection.open(resolved, readonly=readonly)
+    conn = Connection(vir)
+    try:
+        vir.register_events(conn.events.publish)
+    except BaseException:
+        vir.close()
+        raise
+    return conn
+
+
+@attrs.define(eq=False)
+class Connection:
+    """A live connection to a libvirt driver. Built by :func:`connect`."""
+
+    _vir: _adapter.VirConnection = attrs.field(repr=False)
+    events: EventBus = attrs.field(factory=EventBus, repr=False)
+    """Domain events of this connection (see :meth:`subscribe`)."""
+    _versions: Versions | None = attrs.field(default=None, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.events.subscribe(self._on_close, kind=EventKind.CONNECTION_CLOSED)
+
+    def _on_close(self, _event: Event) -> None:
+        # The daemon went away; later calls raise UsageError/ConnectionLostError.
+        pass
+
+    # ---- identity
+    @property
+    def uri(self) -> str:
+        """The URI this connection was opened with."""
+        return self._vir.uri
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._vir.closed
+
+    @property
+    def driver(self) -> str:
+        """The driver's name as libvirt reports it (``QEMU``, ``Test`` ...)."""
+        return self._vir.driver_type()
+
+    @property
+    def hostname(self) -> str:
+        return self._vir.hostname()
+
+    @property
+    def versions(self) -> Versions:
+        """Library (client), daemon and hypervisor versions; gate features on ``daemon``."""
+        if self._versions is None:
+            hyper: Version | None
+            try:
+                hv = self._vir.hypervisor_version()
+                hyper = Version.from_int(hv) if hv > 0 else None
+            except Exception:  # some drivers do not report one
+                hyper = None
+            self._versions = Versions(
+                library=Version.from_int(_adapter.client_library_version()),
+                daemon=Version.from_int(self._vir.daemon_version()),
+                hypervisor=hyper,
+                driver=self._vir.driver_type(),
+            )
+        return self._versions
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether the connection is open and the other end answers."""
+        return self._vir.is_alive()
+
+    # ---- domains
+    def domain(self, name_or_uuid: str) -> Domain:
+        """The domain with this name or UUID; :class:`NotFoundError` when there is none."""
+        from ._domain import Domain
+
+        if not isinstance(name_or_uuid, str) or not name_or_uuid:
+            raise UsageError(f"a domain name or UUID string is required, got {name_or_uuid!r}")
+        return Domain._from_vir(self, self._vir.lookup_domain(name_or_uuid))
+
+    def domains(self) -> tuple[Domain, ...]:
+        """Every domain the driver knows, active and inactive, sorted by name."""
+        from ._domain import Domain
+
+        doms = [Domain._from_vir(self, v) for v in self._vir.list_domains()]
+        return tuple(sorted(doms, key=lambda d: d.name))
+
+    def define(self, xml: str | DomainXML, *, validate: bool = True) -> Domain:
+        """Define (or redefine) a persistent domain from XML or a :class:`DomainXML`.
+
+        ``validate`` asks libvirt to check the document against its schema first.
+        """
+        from ._domain import Domain
+
+        text = xml.to_xml() if isinstance(xml, DomainXML) else xml
+        if not isinstance(text, str):
+            raise UsageError(f"define() takes XML text or a DomainXML, got {type(xml).__name__}")
+        DomainXML.from_xml(text)  # XMLError with the line before libvirt sees it
+        return Domain._from_vir(self, self._vir.define(text, validate=validate))
+
+    def create(self, xml: str | DomainXML, *, paused: bool = False) -> Domain:
+        """Create and start a transient domain (gone when it stops)."""
+        from ._domain import Domain
+
+        text = xml.to_xml() if isinstance(xml, DomainXML) else xml
+        DomainXML.from_xml(text)
+        return Domain._from_vir(self, self._vir.create_transient(text, paused=paused))
+
+    # ---- events
+    def subscribe(
+        self,
+        callback: Callback,
+        *,
+        kind: EventKind | None = None,
+        domain: Domain | None = None,
+    ) -> Subscription:
+        """Call ``callback(event)`` for each matching domain event.
+
+        Callbacks run on libvirt's event thread: keep them short and never call back into
+        libvirt from them. Returns a :class:`Subscription`; cancel it (or use it as a context
+        manager) to stop.
+        """
+        self._vir.check_open()
+        return self.events.subscribe(
+            callback, kind=kind, domain_uuid=domain.uuid if domain is not None else None
+        )
+
+    # ---- lifetime
+    def close(self) -> None:
+        """Close the connection; idempotent. Handles made from it become unusable."""
+        self._vir.close()
+
+    def __enter__(self) -> Connection:
+        self._vir.check_open()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        vir = getattr(self, "_vir", None)
+        if vir is not None and not vir.closed:
+            warnings.warn(
+                f"statecapture connection to {vir.uri} was never closed",
+                ResourceWarning,
+                stacklevel=2,
+            )
+
+    def _repr_html_(self) -> str:
+        from ._html import connection_html
+
+        return connection_html(self)

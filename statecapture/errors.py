@@ -1,0 +1,217 @@
+"""The statecapture error hierarchy.
+
+Every error statecapture raises derives from :class:`StateCaptureError`::
+
+    StateCaptureError
+    ├── LibvirtError                  libvirt refused or failed (.code, .operation, .domain_name)
+    │   ├── NotFoundError             no such domain, snapshot, checkpoint, job (a LookupError)
+    │   ├── UnsupportedError          this driver, daemon or hypervisor cannot do it
+    │   ├── InvalidStateError         wrong state for the call (e.g. domain not running)
+    │   ├── GuestAgentError           the guest agent is missing, unresponsive or failed the command
+    │   ├── OperationTimeoutError     the operation timed out (also a TimeoutError)
+    │   ├── CheckpointInconsistentError  checkpoint metadata and the qcow2 dirty bitmaps disagree
+    │   └── ConnectionLostError       the connection to libvirt broke
+    ├── XMLError                      malformed or schema-violating XML (.line)
+    ├── CleanupError                  an undo step (thaw, job abort, overlay merge ...) failed
+    ├── UsageError                    programmer error: closed connection, bad argument
+    └── TargetExistsError             a file would be overwritten (also a FileExistsError)
+
+Operational errors (the host or guest said no) and programmer errors (:class:`UsageError`)
+are separate families, so ``except LibvirtError`` never hides a bug in the calling code.
+
+:func:`lookup` maps a libvirt error code to the class statecapture raises for it; codes
+statecapture does not know fall back to :class:`LibvirtError`. All errors pickle, so they
+cross process boundaries (``multiprocessing``, ``concurrent.futures``) intact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "StateCaptureError",
+    "LibvirtError",
+    "NotFoundError",
+    "UnsupportedError",
+    "InvalidStateError",
+    "GuestAgentError",
+    "OperationTimeoutError",
+    "CheckpointInconsistentError",
+    "ConnectionLostError",
+    "XMLError",
+    "CleanupError",
+    "UsageError",
+    "TargetExistsError",
+    "lookup",
+]
+
+
+def _rebuild(cls: type[StateCaptureError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
+
+
+class StateCaptureError(Exception):
+    """Root of every error statecapture raises."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only constructor arguments live in __dict__; rebuild from them.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+class LibvirtError(StateCaptureError):
+    """libvirt refused or failed an operation.
+
+    Attributes:
+        code: libvirt's ``virErrorNumber`` (``None`` when statecapture detected the problem
+            itself, before calling libvirt).
+        operation: what statecapture was doing, e.g. ``"snapshot create"``.
+        domain_name: the domain concerned, when there is one.
+        libvirt_message: libvirt's own message text, unchanged.
+    """
+
+    #: libvirt error codes that map to this class (filled by subclasses).
+    codes: ClassVar[frozenset[int]] = frozenset()
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        operation: str | None = None,
+        domain_name: str | None = None,
+        libvirt_message: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.operation = operation
+        self.domain_name = domain_name
+        self.libvirt_message = libvirt_message
+
+
+class NotFoundError(LibvirtError, LookupError):
+    """No such domain, snapshot, checkpoint, backup job, disk or file."""
+
+    codes = frozenset({42, 43, 49, 50, 53, 57, 62, 66, 72, 80, 99, 101, 103, 104, 107})
+
+
+class UnsupportedError(LibvirtError):
+    """The driver, daemon or hypervisor cannot do this (or this version cannot)."""
+
+    codes = frozenset({3, 67, 74, 84})
+
+
+class InvalidStateError(LibvirtError):
+    """The object is in the wrong state for the call (not running, job active, locked ...)."""
+
+    codes = frozenset({55, 77, 83, 87, 28})
+
+
+class GuestAgentError(LibvirtError):
+    """The guest agent is missing, not connected, unresponsive, or failed the command.
+
+    libvirt before 11.2 reports an agent *timeout* as "agent unresponsive" (code 86); the
+    command may still have run in the guest (a freeze may have happened), so code that gets
+    this error must still undo what the command might have done.
+    """
+
+    # 86 AGENT_UNRESPONSIVE, 97 AGENT_UNSYNCED, 112 AGENT_COMMAND_TIMEOUT,
+    # 113 AGENT_COMMAND_FAILED (libvirt >= 11.2; literals because older bindings lack them).
+    codes = frozenset({86, 97, 112, 113})
+
+
+class OperationTimeoutError(LibvirtError, TimeoutError):
+    """The operation did not finish in time (libvirt's or statecapture's own deadline)."""
+
+    codes = frozenset({68})
+
+
+class CheckpointInconsistentError(LibvirtError):
+    """Checkpoint metadata and the qcow2 dirty bitmaps disagree.
+
+    Attributes ``disk`` and ``bitmap`` name the broken pair when known.
+    """
+
+    codes = frozenset({109})
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        disk: str | None = None,
+        bitmap: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.disk = disk
+        self.bitmap = bitmap
+
+
+class ConnectionLostError(LibvirtError):
+    """The connection to libvirt is gone (daemon restarted, socket closed, RPC failure)."""
+
+    codes = frozenset({5, 6, 39})
+
+
+class XMLError(StateCaptureError, ValueError):
+    """Malformed XML, or XML that does not describe what was expected.
+
+    Attributes:
+        line: the 1-based line of the problem when the parser knows it.
+    """
+
+    def __init__(self, message: str, *, line: int | None = None) -> None:
+        super().__init__(message if line is None else f"{message} (line {line})")
+        self.line = line
+
+
+class CleanupError(StateCaptureError):
+    """An undo step failed: a thaw, a job abort, an overlay merge, a file removal.
+
+    A cleanup error never masks the error that triggered the cleanup: when the body already
+    raised, the body's error propagates and this one is attached to it as a note (and as
+    ``__context__``). When it is raised on its own, the operation itself succeeded but left
+    something behind that the message names.
+    """
+
+
+class UsageError(StateCaptureError, ValueError):
+    """The caller used the API wrongly: closed connection, bad argument, reused scope."""
+
+
+class TargetExistsError(StateCaptureError, FileExistsError):
+    """A file statecapture would write already exists, and overwriting was not asked for."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+_BY_CODE: dict[int, type[LibvirtError]] = {}
+for _cls in (
+    NotFoundError,
+    UnsupportedError,
+    InvalidStateError,
+    GuestAgentError,
+    OperationTimeoutError,
+    CheckpointInconsistentError,
+    ConnectionLostError,
+):
+    for _code in _cls.codes:
+        _BY_CODE[_code] = _cls
+
+
+def lookup(code: int) -> type[LibvirtError]:
+    """Return the error class statecapture raises for a libvirt error ``code``.
+
+    Unknown codes fall back to :class:`LibvirtError`.
+    """
+    return _BY_CODE.get(code, LibvirtError)
+
+
+for _public in __all__:
+    _obj = globals()[_public]
+    if isinstance(_obj, type):
+        _obj.__module__ = "statecapture"

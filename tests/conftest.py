@@ -1,0 +1,232 @@
+"""Shared fixtures: the fast tier (libvirt's test driver) and the real tier (embedded QEMU).
+
+Fast tier
+    ``test_conn`` opens a *private* test-driver instance (``test:///<tmp>/node.xml``): each
+    test gets its own state, unlike ``test:///default`` which is shared process-wide.
+    ``test_domain`` is a running, persistent domain ``alpha`` with one qcow2 disk ``vda``
+    and a guest-agent channel.
+
+Real tier (tests marked ``qemu``)
+    One embedded QEMU root per pytest process (libvirt allows one per process), opened once
+    as ``qemu_conn``. ``guest_factory`` boots the tiny test guest built from Debian packages
+    (``tests/_harness``) under TCG, waits for its agent, and always destroys and undefines
+    it — together with snapshot/checkpoint metadata and block/backup jobs — afterwards.
+    Set ``STATECAPTURE_SKIP_QEMU=1`` to skip that tier on a machine without QEMU; CI never
+    sets it, so there the real tier must run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import statecapture
+
+TEST_NODE_XML = """<node>
+<domain type='test'>
+  <name>alpha</name>
+  <uuid>b17b8f4e-843d-4007-8ae3-070cc145c820</uuid>
+  <memory unit='KiB'>1048576</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/statecapture-test/alpha.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <source file='/var/lib/statecapture-test/install.iso'/>
+      <target dev='sda' bus='sata'/>
+      <readonly/>
+    </disk>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+  </devices>
+</domain>
+<domain type='test'>
+  <name>beta</name>
+  <uuid>3f0c7b4e-2a1d-4c55-9e4b-6f1f0e0a9b01</uuid>
+  <memory unit='KiB'>524288</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/var/lib/statecapture-test/beta.img'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+</node>
+"""
+
+
+# ----------------------------------------------------------------------------- fast tier
+
+
+@pytest.fixture
+def test_uri(tmp_path: Path) -> str:
+    """URI of a private test-driver instance with domains ``alpha`` (running) and ``beta``."""
+    node = tmp_path / "node.xml"
+    node.write_text(TEST_NODE_XML)
+    return f"test://{node}"
+
+
+@pytest.fixture
+def test_conn(test_uri: str) -> Iterator[statecapture.Connection]:
+    with statecapture.connect(test_uri) as conn:
+        yield conn
+
+
+@pytest.fixture
+def test_domain(test_conn: statecapture.Connection) -> statecapture.Domain:
+    return test_conn.domain("alpha")
+
+
+# ----------------------------------------------------------------------------- real tier
+
+
+def _qemu_skip_reason() -> str | None:
+    if os.environ.get("STATECAPTURE_SKIP_QEMU") == "1":
+        return "STATECAPTURE_SKIP_QEMU=1"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _qemu_skip_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "qemu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def kit() -> Any:
+    """The test guest's kernel and initramfs, built once from Debian packages and cached."""
+    from tests._harness.guestkit import ensure_kit
+
+    return ensure_kit()
+
+
+@pytest.fixture(scope="session")
+def qemu_root() -> Iterator[Path]:
+    """The embedded QEMU driver's root directory (one per pytest process)."""
+    from tests._harness.guestkit import prepare_embed_root
+
+    root = Path(tempfile.mkdtemp(prefix="sc-embed-"))
+    prepare_embed_root(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def qemu_uri(qemu_root: Path) -> str:
+    return f"qemu:///embed?root={qemu_root}"
+
+
+@pytest.fixture(scope="session")
+def qemu_conn(qemu_uri: str) -> Iterator[statecapture.Connection]:
+    conn = statecapture.connect(qemu_uri)
+    try:
+        yield conn
+    finally:
+        for dom in conn.domains():  # nothing outlives the session
+            _remove_domain(dom)
+        conn.close()
+
+
+def _remove_domain(dom: statecapture.Domain) -> None:
+    vir = dom._vir._raw
+    with contextlib.suppress(Exception):
+        vir.abortJob()
+    with contextlib.suppress(Exception):
+        for disk in dom.disks:
+            with contextlib.suppress(Exception):
+                vir.blockJobAbort(disk.target, 0)
+    with contextlib.suppress(Exception):
+        vir.fsThaw()
+    with contextlib.suppress(Exception):
+        if dom.is_active:
+            dom.destroy()
+    with contextlib.suppress(Exception):
+        for snap in vir.listAllSnapshots(0):
+            snap.delete(4)  # METADATA_ONLY
+    with contextlib.suppress(Exception):
+        for cp in vir.listAllCheckpoints(0):
+            cp.delete(2)  # METADATA_ONLY
+    with contextlib.suppress(Exception):
+        dom.undefine(managed_save=True, snapshots_metadata=True, checkpoints_metadata=True)
+
+
+GuestFactory = Callable[..., statecapture.Domain]
+
+
+@pytest.fixture
+def guest_factory(
+    qemu_conn: statecapture.Connection, kit: Any, tmp_path: Path
+) -> Iterator[GuestFactory]:
+    """Boot test guests: ``guest_factory(disks=1, agent=True, fmt="qcow2", size_mib=64)``.
+
+    Each guest is persistent, runs under TCG, has ``disks`` ext4 data disks (``vda`` mounted
+    at ``/data`` in the guest, ``vdb`` at ``/data1`` ...), writes a tick line to
+    ``/data/ticks`` every 0.1 s, and (with ``agent=True``) answers the guest agent before the
+    factory returns. Everything made is destroyed and undefined afterwards.
+    """
+    from tests._harness.agent import wait_agent
+    from tests._harness.guestkit import domain_xml, make_data_disk
+
+    made: list[statecapture.Domain] = []
+    counter = [0]
+
+    def factory(
+        *,
+        disks: int = 1,
+        agent: bool = True,
+        fmt: str = "qcow2",
+        size_mib: int = 64,
+        start: bool = True,
+        name: str | None = None,
+        files: dict[str, bytes] | None = None,
+    ) -> statecapture.Domain:
+        counter[0] += 1
+        name = name or f"sc-{os.getpid()}-{counter[0]}-{tmp_path.name[-12:]}"
+        images = []
+        for i in range(disks):
+            path = tmp_path / f"{name}-disk{i}.{fmt}"
+            make_data_disk(path, size_mib=size_mib, fmt=fmt, files=files if i == 0 else None)
+            images.append(path)
+        xml = domain_xml(
+            name,
+            kit,
+            images,
+            agent=agent,
+            log_path=tmp_path / f"{name}.console.log",
+            disk_formats=[fmt] * disks,
+        )
+        dom = qemu_conn.define(xml)
+        made.append(dom)
+        if start:
+            dom.start()
+            if agent:
+                wait_agent(dom._vir._raw, timeout=120)
+        return dom
+
+    yield factory
+    for dom in made:
+        _remove_domain(dom)
+
+
+@pytest.fixture
+def guest(guest_factory: GuestFactory) -> statecapture.Domain:
+    """One running test guest with one qcow2 data disk and a connected agent."""
+    return guest_factory()
