@@ -72,6 +72,9 @@ def translate_error(
         )
     ):
         cls = errors.GuestAgentError
+    if code == 8 and "unsupported flag" in lowered:
+        # Drivers reject flags they do not implement as INVALID_ARG: it is a capability gap.
+        cls = errors.UnsupportedError
     where = f" on domain {domain_name!r}" if domain_name else ""
     return cls(
         f"{operation}{where} failed: {message}",

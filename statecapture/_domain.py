@@ -122,10 +122,18 @@ class Domain:
 
     def suspend(self) -> None:
         """Pause the vCPUs; the domain stays active."""
+        self._require_active("suspend")
         self._vir.suspend()
 
     def resume(self) -> None:
-        """Resume paused vCPUs."""
+        """Resume paused vCPUs; :class:`InvalidStateError` when the domain is not paused."""
+        state = self.state
+        if state is not DomainState.PAUSED:
+            raise InvalidStateError(
+                f"resume needs a paused domain; {self.name!r} is {state.value}",
+                operation="resume",
+                domain_name=self.name,
+            )
         self._vir.resume()
 
     def undefine(

@@ -1,0 +1,129 @@
+"""The error hierarchy: mapping by libvirt code, families, pickling."""
+
+from __future__ import annotations
+
+import pickle
+
+import libvirt
+import pytest
+
+import statecapture
+from statecapture import _adapter, errors
+
+# Every libvirt error code statecapture maps, with the class it must become.
+MAPPED = {
+    # not found
+    libvirt.VIR_ERR_NO_DOMAIN: errors.NotFoundError,
+    libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT: errors.NotFoundError,
+    103: errors.NotFoundError,  # NO_DOMAIN_CHECKPOINT
+    104: errors.NotFoundError,  # NO_DOMAIN_BACKUP
+    libvirt.VIR_ERR_NO_STORAGE_POOL: errors.NotFoundError,
+    libvirt.VIR_ERR_NO_STORAGE_VOL: errors.NotFoundError,
+    libvirt.VIR_ERR_NO_NETWORK: errors.NotFoundError,
+    libvirt.VIR_ERR_NO_SECRET: errors.NotFoundError,
+    libvirt.VIR_ERR_NO_DOMAIN_METADATA: errors.NotFoundError,
+    99: errors.NotFoundError,  # DEVICE_MISSING
+    # unsupported
+    libvirt.VIR_ERR_NO_SUPPORT: errors.UnsupportedError,
+    libvirt.VIR_ERR_CONFIG_UNSUPPORTED: errors.UnsupportedError,
+    libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED: errors.UnsupportedError,
+    libvirt.VIR_ERR_OPERATION_UNSUPPORTED: errors.UnsupportedError,
+    # invalid state
+    libvirt.VIR_ERR_OPERATION_INVALID: errors.InvalidStateError,
+    libvirt.VIR_ERR_SNAPSHOT_REVERT_RISKY: errors.InvalidStateError,
+    libvirt.VIR_ERR_BLOCK_COPY_ACTIVE: errors.InvalidStateError,
+    libvirt.VIR_ERR_RESOURCE_BUSY: errors.InvalidStateError,
+    libvirt.VIR_ERR_DOM_EXIST: errors.InvalidStateError,
+    # guest agent (112, 113 are newer than this binding: literals)
+    libvirt.VIR_ERR_AGENT_UNRESPONSIVE: errors.GuestAgentError,
+    libvirt.VIR_ERR_AGENT_UNSYNCED: errors.GuestAgentError,
+    112: errors.GuestAgentError,
+    113: errors.GuestAgentError,
+    # timeouts, checkpoints, connection
+    libvirt.VIR_ERR_OPERATION_TIMEOUT: errors.OperationTimeoutError,
+    109: errors.CheckpointInconsistentError,
+    libvirt.VIR_ERR_NO_CONNECT: errors.ConnectionLostError,
+    libvirt.VIR_ERR_INVALID_CONN: errors.ConnectionLostError,
+    libvirt.VIR_ERR_RPC: errors.ConnectionLostError,
+}
+
+
+def _libvirt_error(code: int, message: str = "boom") -> libvirt.libvirtError:
+    exc = libvirt.libvirtError(message)
+    exc.err = (code, 0, message, 2, "", "", "", 0, 0)
+    return exc
+
+
+@pytest.mark.parametrize(("code", "cls"), sorted(MAPPED.items()))
+def test_every_mapped_code_translates(code: int, cls: type[errors.LibvirtError]) -> None:
+    """Each mapped libvirt code becomes its statecapture class, keeping code and context."""
+    err = _adapter.translate_error(_libvirt_error(code), "do thing", domain_name="vm1")
+    assert type(err) is cls
+    assert err.code == code
+    assert err.operation == "do thing"
+    assert err.domain_name == "vm1"
+    assert err.libvirt_message == "boom"
+    assert "vm1" in str(err)
+    assert errors.lookup(code) is cls
+
+
+def test_unknown_code_falls_back_to_libvirt_error() -> None:
+    """A code statecapture does not know becomes a plain LibvirtError."""
+    err = _adapter.translate_error(_libvirt_error(1), "x")
+    assert type(err) is errors.LibvirtError
+    assert errors.lookup(9999) is errors.LibvirtError
+
+
+def test_agent_messages_become_guest_agent_errors() -> None:
+    """'agent is not connected' arrives as OPERATION_INVALID but is a GuestAgentError."""
+    err = _adapter.translate_error(
+        _libvirt_error(55, "Guest agent is not responding: QEMU guest agent is not connected"), "x"
+    )
+    assert isinstance(err, errors.GuestAgentError)
+
+
+def test_translated_context_raises_from_original() -> None:
+    """`translated` raises the typed error with the libvirtError as __cause__."""
+    original = _libvirt_error(42)
+    with pytest.raises(errors.NotFoundError) as info, _adapter.translated("look up"):
+        raise original
+    assert info.value.__cause__ is original
+
+
+def test_families_and_builtin_bases() -> None:
+    """Errors also behave like the matching builtin exceptions."""
+    assert issubclass(errors.NotFoundError, LookupError)
+    assert issubclass(errors.OperationTimeoutError, TimeoutError)
+    assert issubclass(errors.TargetExistsError, FileExistsError)
+    assert issubclass(errors.UsageError, ValueError)
+    assert not issubclass(errors.UsageError, errors.LibvirtError)
+    for name in errors.__all__:
+        obj = getattr(errors, name)
+        if isinstance(obj, type):
+            assert issubclass(obj, errors.StateCaptureError)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        errors.NotFoundError("gone", code=42, operation="look up", domain_name="vm"),
+        errors.CheckpointInconsistentError("bad", disk="vda", bitmap="c1", code=109),
+        errors.XMLError("broken", line=3),
+        errors.TargetExistsError("exists", path="/tmp/x"),
+        errors.UsageError("closed"),
+        errors.CleanupError("thaw failed"),
+    ],
+)
+def test_errors_pickle(exc: errors.StateCaptureError) -> None:
+    """Every error survives pickling with its attributes (crosses process boundaries)."""
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is type(exc)
+    assert str(back) == str(exc)
+    assert back.__dict__ == exc.__dict__
+
+
+def test_errors_are_reexported() -> None:
+    """The hierarchy is reachable from the package root under the same objects."""
+    for name in errors.__all__:
+        if name != "lookup":
+            assert getattr(statecapture, name) is getattr(errors, name)

@@ -1,0 +1,73 @@
+"""The public namespace is a contract: these tests pin it."""
+
+from __future__ import annotations
+
+import statecapture
+
+EXPECTED = {
+    # foundation
+    "connect",
+    "resolve_uri",
+    "DEFAULT_URI",
+    "Connection",
+    "Domain",
+    "DomainState",
+    "ShutdownMode",
+    "Version",
+    "Versions",
+    "Event",
+    "EventKind",
+    "Subscription",
+    "DomainXML",
+    "Disk",
+    "BackingSource",
+    "StateCaptureError",
+    "LibvirtError",
+    "NotFoundError",
+    "UnsupportedError",
+    "InvalidStateError",
+    "GuestAgentError",
+    "OperationTimeoutError",
+    "CheckpointInconsistentError",
+    "ConnectionLostError",
+    "XMLError",
+    "CleanupError",
+    "UsageError",
+    "TargetExistsError",
+    # -- memory state names
+    # -- snapshot names
+    # -- freeze names
+    # -- block job names
+    # -- checkpoint and backup names
+    # -- sequence and recovery names
+    # -- advisor names
+}
+
+
+def test_all_is_pinned() -> None:
+    """`statecapture.__all__` lists exactly the agreed public names, once each."""
+    assert len(statecapture.__all__) == len(set(statecapture.__all__))
+    assert set(statecapture.__all__) == EXPECTED
+
+
+def test_every_public_name_exists_and_is_documented() -> None:
+    """Each public name resolves and (for classes and functions) has a docstring."""
+    for name in statecapture.__all__:
+        obj = getattr(statecapture, name)
+        if callable(obj):
+            assert obj.__doc__, f"{name} has no docstring"
+
+
+def test_public_classes_claim_the_package() -> None:
+    """Errors show `statecapture` as their module, so tracebacks and pickles name the API."""
+    for name in statecapture.__all__:
+        obj = getattr(statecapture, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert obj.__module__ == "statecapture", name
+
+
+def test_py_typed_shipped() -> None:
+    """The package ships its py.typed marker."""
+    from importlib.resources import files
+
+    assert files("statecapture").joinpath("py.typed").is_file()
