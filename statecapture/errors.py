@@ -13,6 +13,8 @@ Every error statecapture raises derives from :class:`StateCaptureError`::
     │   └── ConnectionLostError       the connection to libvirt broke
     ├── XMLError                      malformed or schema-violating XML (.line)
     ├── CleanupError                  an undo step (thaw, job abort, overlay merge ...) failed
+    │   └── ThawError                 the guest's filesystems could not be thawed (may be frozen)
+    ├── FreezeExpiredError            the freeze ended before its block did (budget spent, thawed)
     ├── UsageError                    programmer error: closed connection, bad argument
     └── TargetExistsError             a file would be overwritten (also a FileExistsError)
 
@@ -40,6 +42,8 @@ __all__ = [
     "ConnectionLostError",
     "XMLError",
     "CleanupError",
+    "ThawError",
+    "FreezeExpiredError",
     "UsageError",
     "TargetExistsError",
     "lookup",
@@ -175,6 +179,56 @@ class CleanupError(StateCaptureError):
     ``__context__``). When it is raised on its own, the operation itself succeeded but left
     something behind that the message names.
     """
+
+
+class ThawError(CleanupError):
+    """Thawing a guest's filesystems failed: the guest may still be frozen.
+
+    Raised when a :func:`~statecapture.fs_frozen` scope cannot thaw (on exit, from its
+    watchdog, or from :meth:`~statecapture.FreezeScope.thaw`). A guest left frozen is an
+    outage: retry with :meth:`FreezeScope.thaw() <statecapture.FreezeScope.thaw>` or
+    :meth:`Domain.fs_thaw() <statecapture.Domain.fs_thaw>` once the agent answers again.
+    The libvirt error that made the thaw fail is ``__cause__``.
+
+    Attributes:
+        domain_name: the domain whose filesystems may still be frozen.
+    """
+
+    def __init__(self, message: str, *, domain_name: str | None = None) -> None:
+        super().__init__(message)
+        self.domain_name = domain_name
+
+
+class FreezeExpiredError(StateCaptureError):
+    """The freeze ended before its ``with`` block did: what the block captured may be
+    crash-consistent only.
+
+    Raised on leaving a :func:`~statecapture.fs_frozen` block when the watchdog thawed the
+    guest because the block outlived ``max_frozen`` (``reason == "watchdog"``), or when the
+    guest turned out to be thawed already by someone else (``reason == "external"``).
+    Not raised when the block itself raised; its error then carries a note instead.
+
+    Attributes:
+        domain_name: the domain concerned.
+        reason: ``"watchdog"`` or ``"external"``.
+        max_frozen: the budget the scope had, in seconds.
+        frozen_for: how long the filesystems were frozen, in seconds.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        domain_name: str | None = None,
+        reason: str = "watchdog",
+        max_frozen: float | None = None,
+        frozen_for: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.domain_name = domain_name
+        self.reason = reason
+        self.max_frozen = max_frozen
+        self.frozen_for = frozen_for
 
 
 class UsageError(StateCaptureError, ValueError):

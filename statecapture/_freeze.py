@@ -1,0 +1,1011 @@
+"""Filesystem freeze: :func:`fs_frozen`, its :class:`FreezeScope`, and the guest agent.
+
+A capture taken while the guest's filesystems are frozen (``fsfreeze`` through the QEMU guest
+agent) is *application-consistent*: every write the guest's applications finished is on disk
+and nothing is half-written. Without the freeze it is only *crash-consistent*, like pulling
+the power cord. A freeze is also an outage for the guest: writes stall until the thaw, Linux
+``qemu-ga`` never thaws by itself, and guests can rightfully panic when frozen too long.
+
+So the freeze lives in a single-use scope that always thaws:
+
+* on leaving the block, whatever ends it (return, exception, ``KeyboardInterrupt``, and
+  ``SIGTERM``, which is turned into ``SystemExit(143)`` inside the block);
+* from a watchdog thread once ``max_frozen`` seconds have passed, even when the block hangs;
+* after a freeze call that failed in a way that may still have frozen the guest (libvirt
+  before 11.2 reports an agent *timeout* as "agent unresponsive", and the freeze can land
+  in the guest later, when its agent wakes up).
+
+A failed thaw raises :class:`~statecapture.ThawError`, never a warning. Thaw attempts are
+serialised by a lock shared by the watchdog and the block's exit, so the guest is thawed once
+and the thaw counts are reported faithfully.
+
+Nesting: an ``fs_frozen`` scope entered, in the same thread, on a domain that an enclosing
+scope of this process holds frozen *joins* that freeze: it freezes nothing, thaws nothing,
+and leaving it leaves the guest frozen for the enclosing scope. Entering from another thread
+while the freeze is held raises :class:`~statecapture.UsageError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from contextlib import ExitStack
+from numbers import Real
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+
+from ._events import EventKind
+from .errors import (
+    ConnectionLostError,
+    FreezeExpiredError,
+    GuestAgentError,
+    InvalidStateError,
+    LibvirtError,
+    NotFoundError,
+    OperationTimeoutError,
+    StateCaptureError,
+    ThawError,
+    UnsupportedError,
+    UsageError,
+)
+from .xml._base import parse
+from .xml._domain import AGENT_CHANNEL
+
+if TYPE_CHECKING:
+    from ._domain import Domain
+
+__all__ = [
+    "Filesystem",
+    "FreezeScope",
+    "FreezeStatus",
+    "agent_connected",
+    "fs_frozen",
+    "fs_info",
+    "fs_thaw",
+    "wait_for_agent",
+]
+
+#: Exit status of a process that SIGTERM stopped inside a freeze block (128 + 15, as a shell
+#: reports a process killed by SIGTERM).
+_SIGTERM_EXIT: Final = 128 + int(signal.SIGTERM)
+
+#: Pauses between thaw attempts while the agent does not answer (the last one repeats).
+_BACKOFF: Final = (0.1, 0.2, 0.5, 1.0)
+
+
+# --------------------------------------------------------------------------- values
+
+
+@attrs.frozen
+class Filesystem:
+    """One mounted guest filesystem, as the guest agent reports it (``Domain.fs_info()``)."""
+
+    mountpoint: str
+    """Where the guest mounts it (``/data``)."""
+    name: str | None = None
+    """The guest's device name (``vda``, ``dm-0``); ``None`` when the agent was not asked."""
+    fstype: str | None = None
+    """The filesystem type (``ext4``, ``xfs``); ``None`` when unknown."""
+    disks: tuple[str, ...] = ()
+    """Target names (``vda``) of the domain's disks that back it; empty when unknown."""
+
+
+class FreezeStatus(enum.Enum):
+    """Where a :class:`FreezeScope` is in its life."""
+
+    NEW = "new"
+    """Created, not entered yet."""
+    FROZEN = "frozen"
+    """Inside the block; the filesystems are frozen."""
+    THAWED = "thawed"
+    """Thawed by the scope (on exit or by :meth:`FreezeScope.thaw`), within the budget."""
+    EXPIRED = "expired"
+    """The freeze ended before the block did: the watchdog thawed after ``max_frozen``, or
+    something outside the scope thawed the guest. The capture may be crash-consistent only."""
+    THAW_FAILED = "thaw-failed"
+    """A thaw failed: the guest may still be frozen. Retry with :meth:`FreezeScope.thaw`."""
+    RELEASED = "released"
+    """A joined (nested) scope was left; the enclosing scope still holds the freeze."""
+    FAILED = "failed"
+    """Entering failed; nothing this scope did is left frozen."""
+
+
+# --------------------------------------------------------------------------- agent helpers
+
+
+def _agent_channel_state(dom: Domain) -> tuple[bool, str | None]:
+    """(agent channel defined, its ``state`` attribute) from the live XML."""
+    root = parse(dom._vir.xml_desc(), expected_root="domain")
+    for target in root.iterfind("devices/channel/target"):
+        if target.get("name") == AGENT_CHANNEL:
+            return True, target.get("state")
+    return False, None
+
+
+def agent_connected(dom: Domain) -> bool:
+    """Whether the domain runs and its agent channel is connected (``Domain.agent_connected``)."""
+    if not dom.is_active:
+        return False
+    defined, state = _agent_channel_state(dom)
+    # Drivers that do not report the channel state (the test driver) count as connected.
+    return defined and state != "disconnected"
+
+
+def _check_seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise UsageError(f"{name} must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return seconds
+
+
+def wait_for_agent(dom: Domain, timeout: float) -> float:
+    """Block until the guest agent is connected; the seconds waited (``Domain.wait_for_agent``)."""
+    limit = _check_seconds("timeout", timeout)
+    assert limit is not None
+    start = time.monotonic()
+    deadline = start + limit
+    events = dom.connection.events
+    # Subscribe before looking, so a connect between the look and the wait is not missed.
+    with events.expect(kind=EventKind.AGENT_LIFECYCLE, domain_uuid=dom.uuid) as expectation:
+        while True:
+            dom._require_active("wait for the guest agent")
+            defined, state = _agent_channel_state(dom)
+            if not defined:
+                raise GuestAgentError(
+                    f"domain {dom.name!r} has no guest agent channel "
+                    f"(<channel> with target name {AGENT_CHANNEL!r}); no agent can connect",
+                    operation="wait for the guest agent",
+                    domain_name=dom.name,
+                )
+            if state != "disconnected":
+                return time.monotonic() - start
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OperationTimeoutError(
+                    f"the guest agent of {dom.name!r} did not connect within {limit} s",
+                    operation="wait for the guest agent",
+                    domain_name=dom.name,
+                )
+            # Wake on the agent-lifecycle event; look again every second regardless.
+            event = expectation.poll()
+            if event is None:
+                try:
+                    event = expectation.wait(min(remaining, 1.0), what="agent connect")
+                except OperationTimeoutError:
+                    continue
+            if event.detail.get("connected"):
+                return time.monotonic() - start
+
+
+def _refused_while_frozen(exc: LibvirtError) -> bool:
+    return "frozen state" in (exc.libvirt_message or str(exc)).lower()
+
+
+def _already_frozen(dom: Domain, exc: LibvirtError, operation: str) -> StateCaptureError:
+    err = InvalidStateError(
+        f"{operation} on domain {dom.name!r}: the guest's filesystems are frozen already "
+        "(by an fs_frozen scope, another process or a tool), and its agent refuses most "
+        "commands while frozen",
+        code=exc.code,
+        operation=operation,
+        domain_name=dom.name,
+        libvirt_message=exc.libvirt_message,
+    )
+    err.__cause__ = exc
+    return err
+
+
+def fs_info(dom: Domain) -> tuple[Filesystem, ...]:
+    """The guest's mounted filesystems, sorted by mount point (``Domain.fs_info``)."""
+    dom._require_active("get filesystem info")
+    try:
+        rows = dom._vir.fs_info()
+    except LibvirtError as exc:
+        if _refused_while_frozen(exc):
+            raise _already_frozen(dom, exc, "get filesystem info") from exc
+        raise
+    found = (
+        Filesystem(mp, name or None, fstype or None, disks) for mp, name, fstype, disks in rows
+    )
+    return tuple(sorted(found, key=lambda fs: fs.mountpoint))
+
+
+def fs_thaw(dom: Domain) -> int:
+    """Thaw every frozen filesystem of the guest; how many thawed (``Domain.fs_thaw``)."""
+    dom._require_active("filesystem thaw")
+    try:
+        return dom._vir.fs_thaw()
+    except LibvirtError as exc:
+        raise ThawError(
+            f"thawing the filesystems of {dom.name!r} failed; they may still be frozen: {exc}",
+            domain_name=dom.name,
+        ) from exc
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class _SignalHold:
+    """Hold SIGINT and SIGTERM while a freeze or thaw call runs (main thread only).
+
+    Like trio's KeyboardInterrupt protection: a signal that arrives between "the guest is
+    frozen" and "the scope knows it" must not leave the guest frozen. Held signals are
+    re-delivered, to the handlers in place before, by :meth:`release`.
+    """
+
+    _SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self._saved: dict[int, Any] = {}
+        if not _in_main_thread():
+            return
+        for signum in self._SIGNALS:
+            previous = signal.getsignal(signum)
+            if previous is None:  # installed outside Python: cannot be restored, leave it
+                continue
+            self._saved[signum] = previous
+            signal.signal(signum, self._hold)
+
+    def saved_handler(self, signum: int) -> Any:
+        """The handler that was in place before the hold (``None`` when not held)."""
+        return self._saved.get(signum)
+
+    def _hold(self, signum: int, _frame: FrameType | None) -> None:
+        self.pending.append(signum)
+
+    def release(self, replace: dict[int, Any] | None = None) -> None:
+        """Restore the handlers (or ``replace`` ones), then re-deliver held signals.
+
+        A held signal whose handler was the default action is raised as the exception
+        Python code can clean up after (``KeyboardInterrupt``, ``SystemExit(143)``) rather
+        than killing the process at once; an ignored one is dropped.
+        """
+        saved, self._saved = self._saved, {}
+        for signum, previous in saved.items():
+            signal.signal(signum, (replace or {}).get(signum, previous))
+        pending, self.pending = self.pending, []
+        for signum in dict.fromkeys(pending):
+            previous = saved[signum]
+            if previous is signal.SIG_IGN:
+                continue
+            if previous is signal.SIG_DFL or previous is _raise_system_exit:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise SystemExit(_SIGTERM_EXIT)
+            signal.raise_signal(signum)  # runs that Python handler now (raises KI ...)
+
+
+def _raise_system_exit(_signum: int, _frame: FrameType | None) -> None:
+    """The SIGTERM handler inside a freeze block: end the block like an exception."""
+    raise SystemExit(_SIGTERM_EXIT)
+
+
+# --------------------------------------------------------------------------- one freeze
+
+
+def _may_have_frozen(exc: BaseException) -> bool:
+    """Whether a failed freeze call may still have frozen (or may yet freeze) the guest."""
+    if isinstance(exc, OperationTimeoutError | ConnectionLostError):
+        return True
+    if isinstance(exc, GuestAgentError):
+        message = (exc.libvirt_message or str(exc)).lower()
+        return not ("not connected" in message or "not configured" in message)
+    # Any other libvirt error is a refusal (qemu-ga undoes a partial freeze itself); never
+    # thaw after one: "frozen state" means someone else holds the freeze.
+    return not isinstance(exc, StateCaptureError)
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, GuestAgentError | OperationTimeoutError)
+
+
+class _Freeze:
+    """One freeze of one domain held by this process, shared by the scopes that joined it."""
+
+    def __init__(self, dom: Domain, max_frozen: float, mountpoints: tuple[str, ...] | None) -> None:
+        self.dom = dom
+        self.key = _key(dom)
+        self.thread_id = threading.get_ident()
+        self.mountpoints = mountpoints
+        self.max_frozen = max_frozen
+        self.filesystems: tuple[Filesystem, ...] = ()
+        self.lock = threading.Lock()  # serialises thaws and their bookkeeping
+        self.cond = threading.Condition()  # wakes the watchdog: new deadline or stop
+        self.deadline = math.inf
+        self.stopped = False
+        self.watchdog: threading.Thread | None = None
+        self.frozen_at: float | None = None
+        self.thawed_at: float | None = None
+        self.frozen_count = 0
+        self.thawed_count: int | None = None
+        self.held = False  # the guest is (or may be) frozen by this freeze
+        self.ended: str | None = None  # "scope", "watchdog" or "external" once thawed
+        self.deadline_passed = False
+        self.count_unknown = False  # a thaw attempt failed: its effect is not known
+        self.thaw_error: ThawError | None = None
+        self.joined: list[FreezeScope] = []
+
+    # ---- thawing
+    def thaw_once(self, reason: str) -> ThawError | None:
+        """One thaw attempt unless already thawed; the error it met, if any."""
+        with self.lock:
+            if not self.held:
+                return None
+            try:
+                count = self.dom._vir.fs_thaw()
+            except Exception as exc:  # libvirt's refusal, a closed connection ...: report it
+                self.count_unknown = True
+                error = ThawError(
+                    f"thawing the filesystems of {self.dom.name!r} failed; the guest may still "
+                    f"be frozen (retry with FreezeScope.thaw() or Domain.fs_thaw()): {exc}",
+                    domain_name=self.dom.name,
+                )
+                error.__cause__ = exc
+                self.thaw_error = error
+                return error
+            self.thawed_at = time.monotonic()
+            self.thawed_count = count
+            self.held = False
+            self.thaw_error = None
+            if not self.count_unknown and count < self.frozen_count:
+                self.ended = "external"
+            else:
+                self.ended = reason
+            _unregister(self)
+            return None
+
+    def thaw(self, reason: str, *, until: float) -> ThawError | None:
+        """Thaw, retrying while the agent does not answer and ``until`` is not reached."""
+        attempt = 0
+        while True:
+            error = self.thaw_once(reason)
+            if error is None:
+                return None
+            pause = _BACKOFF[min(attempt, len(_BACKOFF) - 1)]
+            attempt += 1
+            if not _retryable(error.__cause__ or error) or time.monotonic() + pause > until:
+                return error
+            time.sleep(pause)
+
+    # ---- watchdog
+    def start_watchdog(self) -> None:
+        """Start the (unarmed) watchdog thread, before the freeze: its start-up then does
+        not count against the frozen time."""
+        thread = threading.Thread(
+            target=self._watch, name=f"statecapture-freeze-watchdog-{self.dom.name}"
+        )
+        # Not a daemon: an interpreter shutting down waits for it to thaw the guest.
+        thread.start()
+        self.watchdog = thread
+
+    def arm_watchdog(self) -> None:
+        """Start counting the budget from the end of the freeze call."""
+        assert self.frozen_at is not None
+        self.lower_deadline(self.frozen_at + self.max_frozen)
+
+    def stop_and_join_watchdog(self) -> None:
+        self.stop_watchdog()
+        self.join_watchdog()
+
+    def lower_deadline(self, deadline: float) -> None:
+        with self.cond:
+            if deadline < self.deadline:
+                self.deadline = deadline
+                self.cond.notify_all()
+
+    def stop_watchdog(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+    def join_watchdog(self) -> None:
+        if self.watchdog is not None and self.watchdog is not threading.current_thread():
+            self.watchdog.join()
+
+    def _watch(self) -> None:
+        with self.cond:
+            while not self.stopped:
+                if self.deadline == math.inf:  # not armed yet
+                    self.cond.wait()
+                    continue
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.cond.wait(remaining)
+            if self.stopped:
+                return
+        error = self.thaw_once("watchdog")
+        # Only now: "expired" must not show before the thaw was at least attempted.
+        self.deadline_passed = True
+        # Keep trying until the thaw gets through or the block ends (its exit tries again).
+        attempt = 0
+        while error is not None:
+            pause = _BACKOFF[min(attempt, len(_BACKOFF) - 1)]
+            attempt += 1
+            with self.cond:
+                if self.cond.wait_for(self._is_stopped, pause):
+                    return
+            error = self.thaw_once("watchdog")
+
+    def _is_stopped(self) -> bool:
+        return self.stopped
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline_passed or self.ended in ("watchdog", "external")
+
+
+# --------------------------------------------------------------------------- registry
+
+_registry_lock = threading.Lock()
+_registry: dict[tuple[str, str], _Freeze] = {}
+
+
+def _key(dom: Domain) -> tuple[str, str]:
+    return (dom.connection.uri, dom.uuid)
+
+
+def _unregister(freeze: _Freeze) -> None:
+    with _registry_lock:
+        if _registry.get(freeze.key) is freeze:
+            del _registry[freeze.key]
+
+
+# --------------------------------------------------------------------------- the scope
+
+
+def _normalise_mountpoints(mountpoints: Iterable[str] | None) -> tuple[str, ...] | None:
+    if mountpoints is None:
+        return None
+    if isinstance(mountpoints, str | bytes):
+        raise UsageError(
+            f"mountpoints must be a list of mount points, not one string ({mountpoints!r}); "
+            f"write mountpoints=[{mountpoints!r}]"
+        )
+    try:
+        items = list(mountpoints)
+    except TypeError:
+        raise UsageError(f"mountpoints must be a list of strings, got {mountpoints!r}") from None
+    if not items:
+        raise UsageError("mountpoints is empty; pass None to freeze every filesystem")
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise UsageError(f"each mount point must be a non-empty string, got {item!r}")
+    return tuple(dict.fromkeys(items))
+
+
+@attrs.define(eq=False, repr=False)
+class FreezeScope:
+    """A single-use freeze of a domain's filesystems; build it with :func:`fs_frozen`.
+
+    Use it as a context manager: the filesystems are frozen on entering the ``with`` block
+    and always thawed on leaving it (see :func:`fs_frozen` for every guarantee)::
+
+        with statecapture.fs_frozen(dom, max_frozen=5) as scope:
+            ...                                  # take the capture
+        print(scope.status, scope.frozen_for)
+    """
+
+    domain: Domain
+    """The domain whose filesystems the scope freezes."""
+    mountpoints: tuple[str, ...] | None
+    """The mount points asked for; ``None`` means every filesystem the agent can freeze."""
+    max_frozen: float
+    """The freeze budget in seconds: the watchdog thaws once it is spent."""
+    agent_timeout: float | None
+    """The agent response timeout used for the freeze and the thaw; ``None``: libvirt's."""
+    _freeze: _Freeze | None = attrs.field(default=None, init=False)
+    _entered: bool = attrs.field(default=False, init=False)
+    _exited: bool = attrs.field(default=False, init=False)
+    _joined: bool = attrs.field(default=False, init=False)
+    _joined_at: float | None = attrs.field(default=None, init=False)
+    _exited_at: float | None = attrs.field(default=None, init=False)
+    _filesystems: tuple[Filesystem, ...] = attrs.field(default=(), init=False)
+    _failed: FreezeStatus | None = attrs.field(default=None, init=False)
+    _outcome: FreezeStatus | None = attrs.field(default=None, init=False)
+    _sigterm_previous: Any = attrs.field(default=None, init=False)
+    _sigterm_installed: bool = attrs.field(default=False, init=False)
+    _timeout_set: bool = attrs.field(default=False, init=False)
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def status(self) -> FreezeStatus:
+        """Where the scope is now (:class:`FreezeStatus`)."""
+        if not self._entered:
+            return FreezeStatus.NEW
+        freeze = self._freeze
+        if self._failed is not None:
+            if self._failed is FreezeStatus.THAW_FAILED and freeze and not freeze.held:
+                return FreezeStatus.FAILED  # a later thaw() got through
+            return self._failed
+        if freeze is None:  # pragma: no cover - entered without failure always has one
+            return FreezeStatus.FAILED
+        if self._joined:
+            if self._outcome is not None:
+                return self._outcome
+            if freeze.held:
+                return FreezeStatus.THAW_FAILED if freeze.expired else FreezeStatus.FROZEN
+            return FreezeStatus.EXPIRED
+        if freeze.held:
+            return FreezeStatus.THAW_FAILED if freeze.thaw_error else FreezeStatus.FROZEN
+        return FreezeStatus.EXPIRED if freeze.expired else FreezeStatus.THAWED
+
+    @property
+    def expired(self) -> bool:
+        """Whether the freeze ended before the block did (watchdog, or thawed from outside)."""
+        freeze = self._freeze
+        if freeze is None:
+            return False
+        if self._joined:
+            if self._outcome is not None:
+                return self._outcome is FreezeStatus.EXPIRED
+            return freeze.expired or not freeze.held
+        return freeze.expired
+
+    @property
+    def joined(self) -> bool:
+        """Whether this scope joined the freeze of an enclosing scope instead of freezing."""
+        return self._joined
+
+    @property
+    def frozen_filesystems(self) -> tuple[Filesystem, ...]:
+        """The filesystems this scope froze (or, when joined, relies on), as the agent
+        reported them before the freeze (the agent refuses to list them while frozen)."""
+        return self._filesystems
+
+    @property
+    def frozen_count(self) -> int:
+        """How many filesystems the freeze call reported frozen (0 before it ran)."""
+        return self._freeze.frozen_count if self._freeze is not None else 0
+
+    @property
+    def frozen_for(self) -> float:
+        """Seconds the filesystems were frozen: from the end of the freeze call to the end
+        of the thaw call, or to now while frozen (for a joined scope: while it was inside)."""
+        freeze = self._freeze
+        if freeze is None or freeze.frozen_at is None:
+            return 0.0
+        now = time.monotonic()
+        end = freeze.thawed_at if freeze.thawed_at is not None else now
+        if not self._joined:
+            return max(0.0, end - freeze.frozen_at)
+        assert self._joined_at is not None
+        if self._exited_at is not None:
+            end = min(end, self._exited_at)
+        return max(0.0, end - self._joined_at)
+
+    @property
+    def thaw_error(self) -> ThawError | None:
+        """The last thaw failure while the guest may still be frozen, else ``None``."""
+        return self._freeze.thaw_error if self._freeze is not None else None
+
+    def __repr__(self) -> str:
+        extra = " joined" if self._joined else ""
+        return (
+            f"<FreezeScope {self.domain.name!r} {self.status.value}{extra} "
+            f"mountpoints={list(self.mountpoints) if self.mountpoints else 'all'} "
+            f"frozen_for={self.frozen_for:.3f}s max_frozen={self.max_frozen}s>"
+        )
+
+    # ------------------------------------------------------------------ entering
+    def __enter__(self) -> FreezeScope:
+        if self._entered:
+            raise UsageError("a FreezeScope can be used only once; call fs_frozen() again")
+        self._entered = True
+        dom = self.domain
+        key = _key(dom)
+        with _registry_lock:
+            existing = _registry.get(key)
+            if existing is None:
+                freeze = _Freeze(dom, self.max_frozen, self.mountpoints)
+                _registry[key] = freeze
+        if existing is not None:
+            return self._join(existing)
+        self._freeze = freeze
+        try:
+            self._freeze_now(freeze)
+        except BaseException:
+            _unregister(freeze)
+            if self._failed is None:
+                self._failed = FreezeStatus.FAILED
+            raise
+        return self
+
+    def _join(self, outer: _Freeze) -> FreezeScope:
+        dom = self.domain
+        try:
+            if outer.thread_id != threading.get_ident():
+                raise UsageError(
+                    f"domain {dom.name!r} is frozen by an fs_frozen scope in another thread "
+                    "of this process; freeze it from one thread at a time"
+                )
+            if not outer.held or outer.expired:
+                raise UsageError(
+                    f"domain {dom.name!r} has an enclosing fs_frozen scope whose freeze has "
+                    "ended already; leave that scope before freezing again"
+                )
+            covered = {fs.mountpoint for fs in outer.filesystems}
+            if self.mountpoints is None:
+                if outer.mountpoints is not None:
+                    raise UsageError(
+                        f"the enclosing fs_frozen scope froze only {list(outer.mountpoints)} "
+                        f"of {dom.name!r}; a nested scope asking for every filesystem cannot "
+                        "join it"
+                    )
+                mine = outer.filesystems
+            else:
+                allowed = set(outer.mountpoints) if outer.mountpoints is not None else covered
+                missing = [m for m in self.mountpoints if m not in allowed]
+                if missing and (outer.mountpoints is not None or covered):
+                    raise UsageError(
+                        f"the enclosing fs_frozen scope on {dom.name!r} did not freeze "
+                        f"{missing}; a nested scope can only join for filesystems it froze"
+                    )
+                known = {fs.mountpoint: fs for fs in outer.filesystems}
+                mine = tuple(known.get(m, Filesystem(m)) for m in self.mountpoints)
+        except BaseException:
+            self._failed = FreezeStatus.FAILED
+            raise
+        self._freeze = outer
+        self._joined = True
+        self._joined_at = time.monotonic()
+        self._filesystems = mine
+        outer.joined.append(self)
+        outer.lower_deadline(self._joined_at + self.max_frozen)
+        return self
+
+    def _probe(self) -> tuple[Filesystem, ...]:
+        """Check the agent and list what will freeze, before changing anything."""
+        dom = self.domain
+        defined, state = _agent_channel_state(dom)
+        if defined and state == "disconnected":
+            raise GuestAgentError(
+                f"the guest agent of {dom.name!r} is not connected (yet): nothing was frozen; "
+                "after a boot, wait for it with Domain.wait_for_agent()",
+                operation="filesystem freeze",
+                domain_name=dom.name,
+            )
+        try:
+            filesystems: tuple[Filesystem, ...] | None = fs_info(dom)
+        except LibvirtError as exc:
+            # An agent without (or blocking) guest-get-fsinfo can still freeze; anything
+            # more specific (agent gone, domain stopped, already frozen) is a refusal.
+            if type(exc) is not LibvirtError and not isinstance(exc, UnsupportedError):
+                raise
+            filesystems = None
+        if self.mountpoints is None:
+            return filesystems or ()
+        if filesystems is None:
+            return tuple(Filesystem(m) for m in self.mountpoints)
+        by_mountpoint = {fs.mountpoint: fs for fs in filesystems}
+        missing = [m for m in self.mountpoints if m not in by_mountpoint]
+        if missing:
+            known = ", ".join(by_mountpoint) or "none"
+            raise NotFoundError(
+                f"domain {dom.name!r} has no filesystem mounted at {', '.join(missing)} "
+                f"(mounted: {known}); nothing was frozen",
+                operation="filesystem freeze",
+                domain_name=dom.name,
+            )
+        return tuple(by_mountpoint[m] for m in self.mountpoints)
+
+    def _freeze_now(self, freeze: _Freeze) -> None:
+        dom = self.domain
+        with ExitStack() as undo:
+            dom._require_active("filesystem freeze")
+            if self.agent_timeout is not None:  # covers the probe's agent call too
+                dom._vir.set_agent_timeout(math.ceil(self.agent_timeout))
+                self._timeout_set = True
+                undo.callback(self._restore_agent_timeout)
+            freeze.filesystems = self._filesystems = self._probe()
+            freeze.start_watchdog()
+            undo.callback(freeze.stop_and_join_watchdog)
+            hold = _SignalHold()
+            undo.callback(hold.release)  # on failure: restore handlers, re-deliver signals
+            started = time.monotonic()
+            try:
+                freeze.frozen_count = dom._vir.fs_freeze(
+                    list(self.mountpoints) if self.mountpoints is not None else None
+                )
+            except BaseException as exc:
+                freeze.frozen_at = time.monotonic()
+                if _may_have_frozen(exc):
+                    self._thaw_after_failed_freeze(freeze, exc, until=started + self.max_frozen)
+                elif isinstance(exc, LibvirtError) and _refused_while_frozen(exc):
+                    raise _already_frozen(dom, exc, "filesystem freeze") from exc
+                raise
+            freeze.frozen_at = time.monotonic()
+            freeze.held = True
+            freeze.arm_watchdog()
+            undo.pop_all()
+        # SIGTERM ends the block like an exception, so its exit thaws; only the main thread
+        # can install handlers, and a handler the application set stays in charge.
+        replace: dict[int, Any] = {}
+        if hold.saved_handler(signal.SIGTERM) is signal.SIG_DFL:
+            self._sigterm_previous = signal.SIG_DFL
+            self._sigterm_installed = True
+            replace[signal.SIGTERM] = _raise_system_exit
+        try:
+            # Restores the handlers and delivers a Ctrl-C or SIGTERM that arrived during
+            # the freeze call: it must not leave the guest frozen behind a failed __enter__.
+            hold.release(replace)
+        except BaseException as signalled:
+            self._undo_sigterm_handler()
+            freeze.stop_watchdog()
+            error = freeze.thaw("scope", until=time.monotonic() + self.max_frozen)
+            freeze.join_watchdog()
+            self._restore_agent_timeout()
+            if error is not None:
+                self._failed = FreezeStatus.THAW_FAILED
+                signalled.add_note(f"statecapture: thawing after the signal failed: {error}")
+            raise
+
+    def _thaw_after_failed_freeze(self, freeze: _Freeze, exc: BaseException, until: float) -> None:
+        freeze.held = True  # the guest may be frozen (or freeze when its agent wakes up)
+        freeze.count_unknown = True
+        error = freeze.thaw("scope", until=max(until, time.monotonic()))
+        if error is None:
+            count = freeze.thawed_count or 0
+            if count:
+                exc.add_note(
+                    f"statecapture: the freeze happened in the guest anyway and was undone "
+                    f"({count} filesystem(s) thawed); libvirt before 11.2 reports an agent "
+                    "timeout as 'agent unresponsive'"
+                )
+            else:
+                exc.add_note(
+                    "statecapture: a thaw was sent in case the freeze happened in the guest "
+                    "anyway; nothing was frozen"
+                )
+            return
+        self._failed = FreezeStatus.THAW_FAILED
+        exc.add_note(
+            f"statecapture: the freeze may have happened in the guest (or may still, when its "
+            f"agent wakes up) and thawing failed: {error}; call Domain.fs_thaw() once the "
+            "agent answers"
+        )
+
+    def _undo_sigterm_handler(self) -> None:
+        if self._sigterm_installed:
+            self._sigterm_installed = False
+            if signal.getsignal(signal.SIGTERM) is _raise_system_exit:
+                signal.signal(signal.SIGTERM, self._sigterm_previous)
+
+    def _restore_agent_timeout(self) -> None:
+        if not self._timeout_set:
+            return
+        self._timeout_set = False
+        try:
+            self.domain._vir.set_agent_timeout(None)
+        except LibvirtError as exc:
+            if self.domain.is_active:
+                raise
+            del exc  # the domain is gone, and its agent timeout with it
+
+    # ------------------------------------------------------------------ leaving
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._entered or self._exited or self._failed is not None:
+            raise UsageError("FreezeScope.__exit__ without a matching successful __enter__")
+        if self._joined:
+            self._exit_joined(exc)
+            return
+        hold = _SignalHold()
+        outcome: BaseException | None = None
+        try:
+            outcome = self._exit_owner(exc)
+        finally:
+            replace: dict[int, Any] = {}
+            if self._sigterm_installed:
+                self._sigterm_installed = False
+                # Only put back the previous handler if nobody replaced ours meanwhile.
+                if hold.saved_handler(signal.SIGTERM) is _raise_system_exit:
+                    replace[signal.SIGTERM] = self._sigterm_previous
+            try:
+                hold.release(replace)
+            except BaseException as signalled:
+                if outcome is not None:
+                    signalled.add_note(f"statecapture: leaving the freeze block: {outcome!r}")
+                raise
+        if outcome is not None:
+            raise outcome
+
+    def _exit_owner(self, exc: BaseException | None) -> BaseException | None:
+        freeze = self._freeze
+        assert freeze is not None
+        self._exited = True
+        freeze.stop_watchdog()
+        until = (freeze.frozen_at or time.monotonic()) + self.max_frozen
+        error = freeze.thaw("scope", until=max(until, time.monotonic()))
+        freeze.join_watchdog()
+        self._exited_at = time.monotonic()
+        _unregister(freeze)
+        problems: list[BaseException] = []
+        if error is not None:
+            problems.append(error)
+        try:
+            self._restore_agent_timeout()
+        except LibvirtError as restore_error:
+            problems.append(restore_error)
+        misnested = [s for s in freeze.joined if not s._exited]
+        if misnested:
+            problems.append(
+                UsageError(
+                    f"the fs_frozen scope on {self.domain.name!r} was left before "
+                    f"{len(misnested)} scope(s) nested in it; it thawed anyway"
+                )
+            )
+        if error is None and freeze.expired:
+            problems.append(self._expired_error(freeze))
+        if exc is not None:
+            for problem in problems:
+                exc.add_note(f"statecapture: {type(problem).__name__}: {problem}")
+            return None
+        if not problems:
+            return None
+        first = problems[0]
+        for problem in problems[1:]:
+            first.add_note(f"statecapture: also {type(problem).__name__}: {problem}")
+        return first
+
+    def _expired_error(self, freeze: _Freeze) -> FreezeExpiredError:
+        name = self.domain.name
+        if freeze.ended == "external" and not freeze.deadline_passed:
+            return FreezeExpiredError(
+                f"the filesystems of {name!r} were thawed by something else while the block "
+                f"ran (the thaw found {freeze.thawed_count} of {freeze.frozen_count} still "
+                "frozen); what the block captured may be crash-consistent only",
+                domain_name=name,
+                reason="external",
+                max_frozen=self.max_frozen,
+                frozen_for=self.frozen_for,
+            )
+        return FreezeExpiredError(
+            f"the block outlived the freeze budget of {self.max_frozen} s on {name!r}; the "
+            f"watchdog thawed the guest after {self.frozen_for:.2f} s, so what the block "
+            "captured after that may be crash-consistent only",
+            domain_name=name,
+            reason="watchdog",
+            max_frozen=self.max_frozen,
+            frozen_for=self.frozen_for,
+        )
+
+    def _exit_joined(self, exc: BaseException | None) -> None:
+        freeze = self._freeze
+        assert freeze is not None
+        self._exited = True
+        self._exited_at = time.monotonic()
+        problem: BaseException | None = None
+        # It joined a held, unexpired freeze: any end or expiry now happened while inside.
+        lost = freeze.expired or not freeze.held
+        self._outcome = FreezeStatus.EXPIRED if lost else FreezeStatus.RELEASED
+        if lost and freeze.ended == "scope":
+            problem = UsageError(
+                f"the enclosing fs_frozen scope on {self.domain.name!r} was left before this "
+                "nested one; the guest was thawed while this block ran"
+            )
+        elif lost:
+            problem = self._expired_error(freeze)
+        if problem is None:
+            return
+        if exc is not None:
+            exc.add_note(f"statecapture: {type(problem).__name__}: {problem}")
+            return
+        raise problem
+
+    # ------------------------------------------------------------------ explicit thaw
+    def thaw(self) -> None:
+        """Thaw now: end the freeze early inside the block, or retry after a ThawError.
+
+        Idempotent: does nothing once thawed. Raises :class:`~statecapture.ThawError` when
+        the thaw fails, and :class:`~statecapture.UsageError` on a scope that was never
+        entered, whose freeze failed, that joined an enclosing scope's freeze, or while
+        scopes nested in this one are still inside their blocks.
+        """
+        freeze = self._freeze
+        if not self._entered or freeze is None:
+            raise UsageError("thaw() on a FreezeScope that was never entered")
+        if self._joined:
+            raise UsageError(
+                "this scope joined an enclosing fs_frozen scope; only that scope thaws"
+            )
+        if not freeze.held:
+            return
+        if any(not s._exited for s in freeze.joined):
+            raise UsageError("thaw() while fs_frozen scopes nested in this one are still open")
+        freeze.stop_watchdog()
+        until = (freeze.frozen_at or time.monotonic()) + self.max_frozen
+        error = freeze.thaw("scope", until=max(until, time.monotonic()))
+        freeze.join_watchdog()
+        if error is not None:
+            raise error
+
+
+def fs_frozen(
+    dom: Domain,
+    *,
+    mountpoints: Iterable[str] | None = None,
+    max_frozen: float = 10.0,
+    agent_timeout: float | None = None,
+) -> FreezeScope:
+    """Freeze ``dom``'s filesystems for the duration of a ``with`` block, then thaw.
+
+    A capture taken inside the block (snapshot, backup start, block copy) is
+    *application-consistent*: the guest flushed and froze its filesystems first. The returned
+    :class:`FreezeScope` is single-use::
+
+        with statecapture.fs_frozen(dom, max_frozen=5) as scope:
+            take_the_capture()
+        print(scope.frozen_for)
+
+    Guarantees:
+
+    * Before anything changes, the arguments are checked (:class:`UsageError`), the domain
+      must run (:class:`InvalidStateError`), its agent must be connected
+      (:class:`GuestAgentError`; see :meth:`Domain.wait_for_agent`) and ``mountpoints``
+      mounted in the guest (:class:`NotFoundError`).
+    * The filesystems are thawed on leaving the block, however it ends: return, exception,
+      ``KeyboardInterrupt``, or ``SIGTERM`` (in the main thread, while SIGTERM has its default
+      action, it is turned into ``SystemExit(143)`` inside the block, so the process still
+      terminates, after the thaw; a handler the application installed stays in charge).
+      Signals that arrive while the freeze or thaw call runs are held and delivered after.
+    * A watchdog thaws once ``max_frozen`` seconds have passed since the freeze, even when the
+      block hangs. The scope then reports :attr:`FreezeScope.expired`, and leaving the block
+      raises :class:`FreezeExpiredError` unless the block raised (its error gets a note).
+      The same happens when something else thawed the guest during the block.
+    * A failed thaw raises :class:`ThawError` (a :class:`CleanupError`); when the block
+      raised, its error propagates with the thaw failure as a note. While the agent does not
+      answer, the thaw is retried until the budget is spent. The guest may then still be
+      frozen: retry with :meth:`FreezeScope.thaw` or :meth:`Domain.fs_thaw`.
+    * When the freeze call itself fails in a way that may still freeze the guest (libvirt
+      before 11.2 reports an agent timeout as "agent unresponsive"), a thaw is sent anyway,
+      and retried until it gets through or ``max_frozen`` is spent.
+
+    Args:
+        dom: a running domain with a connected guest agent.
+        mountpoints: guest mount points to freeze (``["/data"]``); ``None`` freezes all.
+        max_frozen: the freeze budget in seconds, enforced by the watchdog.
+        agent_timeout: seconds libvirt waits for the agent's answer to the freeze and thaw
+            (rounded up to whole seconds). It sets the domain's agent response timeout
+            (``virDomainAgentSetResponseTimeout``, for every client of that domain) while the
+            scope is active and restores libvirt's default afterwards; ``None`` leaves the
+            domain's setting alone (libvirt's default blocks until the agent answers).
+
+    Nesting: in the same thread, a scope on a domain that an enclosing scope of this process
+    holds frozen joins that freeze (:attr:`FreezeScope.joined`): it freezes and thaws
+    nothing, its ``mountpoints`` must be among those frozen, and its ``max_frozen`` can only
+    shorten the shared budget. From another thread it raises :class:`UsageError`.
+    """
+    from ._domain import Domain
+
+    if not isinstance(dom, Domain):
+        raise UsageError(f"fs_frozen() needs a statecapture Domain, got {type(dom).__name__}")
+    budget = _check_seconds("max_frozen", max_frozen)
+    assert budget is not None
+    timeout = _check_seconds("agent_timeout", agent_timeout, allow_none=True)
+    return FreezeScope(dom, _normalise_mountpoints(mountpoints), budget, timeout)
+
+
+#: For tests: the freezes this process holds now.
+def _held_freezes() -> list[_Freeze]:
+    with _registry_lock:
+        return list(_registry.values())
