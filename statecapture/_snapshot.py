@@ -1,0 +1,745 @@
+"""Snapshots of a domain: :class:`SnapshotCollection` (``Domain.snapshots``) and :class:`Snapshot`.
+
+Which snapshot to take (from libvirt's *domain state capture* guide and its review):
+
+* **External, disk-only** (``create(disk_only=True)``): quick. Each disk's current image is
+  frozen and a new qcow2 overlay takes the guest's writes; the guest does not notice. Add
+  ``quiesce=True`` to have the guest agent flush and freeze file systems around it.
+* **External with memory** (``create(external=True)``): memory is written to a file the way
+  a migration sends it, so the guest sees a migration-like downtime at the end (``live=True``
+  keeps the guest running while most memory is written, shortening that pause).
+* **Internal** (``create()`` on a running domain): disks and memory are stored inside the
+  qcow2 images (QEMU ``savevm``). With QEMU the guest is paused for the whole save, a lengthy
+  downtime that grows with guest memory, and internal snapshots cannot be quiesced.
+
+Every change is preceded by a preflight that refuses, before anything is touched, the cases
+known to hurt (see ``docs/snapshots.md``): internal snapshots on disks with persistent dirty
+bitmaps, reverting to external snapshots on daemons that cannot, quiescing without a connected
+agent, and external files that exist already or cannot be written.
+"""
+
+from __future__ import annotations
+
+import builtins
+import enum
+import os
+import re
+import stat
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from html import escape
+from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit
+
+import attrs
+
+from . import _adapter, _qemuimg
+from .errors import (
+    CleanupError,
+    GuestAgentError,
+    InvalidStateError,
+    NotFoundError,
+    TargetExistsError,
+    UnsupportedError,
+    UsageError,
+)
+from .xml import Disk, DomainXML, parse
+from .xml._snapshot import (
+    SnapshotDisk,
+    SnapshotDiskMode,
+    SnapshotMemory,
+    SnapshotMemoryMode,
+    SnapshotXML,
+)
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+    from ._domain import Domain
+
+__all__ = [
+    "EXTERNAL_DELETE_SINCE",
+    "EXTERNAL_REVERT_SINCE",
+    "Snapshot",
+    "SnapshotCollection",
+    "SnapshotDiskMode",
+    "SnapshotKind",
+    "SnapshotMemoryMode",
+]
+
+EXTERNAL_REVERT_SINCE: Final = (9, 9, 0)
+"""First libvirt (daemon) version that reverts to external snapshots."""
+EXTERNAL_DELETE_SINCE: Final = (9, 0, 0)
+"""First libvirt (daemon) version that deletes external snapshots (merging their overlays)."""
+
+_AGENT_CHANNEL: Final = "org.qemu.guest_agent.0"
+_BAD_NAME: Final = re.compile(r"[/\x00-\x1f\x7f]")
+
+PathLike = str | os.PathLike[str]
+
+
+class SnapshotKind(enum.Enum):
+    """What a snapshot holds and where: internal or external, with memory or disk-only."""
+
+    INTERNAL = "internal"
+    """Disks and memory inside the qcow2 images (a running domain's ``savevm``)."""
+    INTERNAL_DISK_ONLY = "internal-disk-only"
+    """Disks inside the qcow2 images, no memory (typically a shut-off domain)."""
+    EXTERNAL = "external"
+    """Disk overlays plus a memory state file."""
+    EXTERNAL_DISK_ONLY = "external-disk-only"
+    """Disk overlays only; reverting boots from the captured disks."""
+
+    @property
+    def external(self) -> bool:
+        """Whether the snapshot lives in files outside the original images."""
+        return self in (SnapshotKind.EXTERNAL, SnapshotKind.EXTERNAL_DISK_ONLY)
+
+    @property
+    def with_memory(self) -> bool:
+        """Whether the snapshot holds memory (reverting resumes the guest where it was)."""
+        return self in (SnapshotKind.INTERNAL, SnapshotKind.EXTERNAL)
+
+    @classmethod
+    def of(cls, definition: SnapshotXML) -> SnapshotKind:
+        """The kind a snapshot definition describes."""
+        if definition.is_external:
+            return cls.EXTERNAL if definition.has_memory else cls.EXTERNAL_DISK_ONLY
+        return cls.INTERNAL if definition.has_memory else cls.INTERNAL_DISK_ONLY
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _is_local(conn: Connection) -> bool:
+    """Whether file paths of this connection's domains name files on this host."""
+    return not urlsplit(conn.uri).hostname
+
+
+def _writes_host_files(conn: Connection) -> bool:
+    """Whether the driver creates real files on this host (the test driver creates none)."""
+    return _is_local(conn) and conn.driver.lower() != "test"
+
+
+def _agent_connected(dom: Domain) -> bool:
+    """Whether the live definition shows the guest agent channel as connected."""
+    if not dom.is_active:
+        return False
+    root = parse(dom._vir.xml_desc())
+    for target in root.iterfind("devices/channel/target"):
+        if target.get("name") == _AGENT_CHANNEL:
+            return target.get("state") == "connected"
+    return False
+
+
+def _dirty_bitmap_problems(dom: Domain, disks: Iterable[Disk]) -> builtins.list[str]:
+    """Reasons why the disks hold (or will hold) persistent dirty bitmaps."""
+    problems: builtins.list[str] = []
+    checkpoints = dom._vir.snapshot_preflight_checkpoint_names()
+    if checkpoints:
+        problems.append(
+            f"the domain has checkpoints ({', '.join(sorted(checkpoints))}), each backed by "
+            "a persistent dirty bitmap in its qcow2 disks"
+        )
+    if not _writes_host_files(dom.connection):
+        return problems
+    seen: set[str] = set()
+    for disk in disks:
+        if (
+            disk.device != "disk"
+            or disk.type != "file"
+            or disk.source is None
+            or disk.format not in (None, "qcow2")
+            or disk.source in seen
+            or not os.path.isfile(disk.source)
+        ):
+            continue
+        seen.add(disk.source)
+        names = _qemuimg.persistent_bitmaps(disk.source)
+        if names:
+            problems.append(
+                f"disk {disk.target} ({disk.source}) holds persistent dirty bitmaps "
+                f"{', '.join(names)} (left by a checkpoint or deleted metadata-only)"
+            )
+    return problems
+
+
+def _refuse_bitmaps(dom: Domain, problems: builtins.list[str], action: str, operation: str) -> None:
+    if not problems:
+        return
+    raise UnsupportedError(
+        f"refusing to {action} of domain {dom.name!r}: " + "; ".join(problems) + ". "
+        "QEMU cannot load an internal snapshot on a disk with persistent dirty bitmaps: it "
+        "exits with 'Device has active dirty bitmaps' and the running domain dies (seen with "
+        "QEMU 7.2). Nothing was changed. To proceed, take an external snapshot instead "
+        "(create(disk_only=True) or create(external=True)), or remove the bitmaps first: "
+        "delete the checkpoints with their bitmaps, and remove bitmaps left in an image with "
+        "'qemu-img bitmap --remove IMAGE NAME' while the domain is shut off.",
+        operation=operation,
+        domain_name=dom.name,
+    )
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or name in (".", "..") or _BAD_NAME.search(name):
+        raise UsageError(
+            f"snapshot name must be a non-empty string without '/' or control characters, "
+            f"got {name!r}"
+        )
+
+
+def _abs_path(value: PathLike, what: str) -> str:
+    path = os.fspath(value)
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise UsageError(f"{what} must be an absolute path, got {value!r}")
+    return os.path.normpath(path)
+
+
+def _check_target(path: str, what: str, *, check_dir: bool) -> None:
+    """Refuse a target file that exists or whose directory cannot take a new file."""
+    if os.path.lexists(path):
+        raise TargetExistsError(
+            f"{what} {path} already exists; statecapture never overwrites a file. Pick another "
+            "snapshot name or path (external={'vda': '/path/new.qcow2'}), or move the file away.",
+            path=path,
+        )
+    if not check_dir:
+        return
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise UsageError(
+            f"cannot create {what} {path}: directory {parent} does not exist (or is not a "
+            "directory). Create it, or choose another path "
+            "(external={'vda': '/path/new.qcow2'}, memory='/path/file')."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"cannot create {what} {path}: directory {parent} is not writable by this "
+            "process (or is on a read-only file system). Choose a writable directory "
+            "(external={'vda': '/path/new.qcow2'}, memory='/path/file')."
+        )
+
+
+def _owner_only(paths: Iterable[str]) -> None:
+    """chmod 0600 the files a snapshot just created; failures are a :class:`CleanupError`."""
+    failed: builtins.list[str] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+                os.chmod(path, 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            failed.append(f"{path}: {exc.strerror}")
+    if failed:
+        raise CleanupError(
+            "the snapshot was created, but these files could not be made owner-only (0600): "
+            + "; ".join(failed)
+        )
+
+
+@attrs.frozen
+class _Plan:
+    """What a create() call will ask libvirt for, decided before anything changes."""
+
+    xml: SnapshotXML
+    disk_only_flag: bool
+    new_files: tuple[str, ...]
+    internal: bool
+
+
+# ---------------------------------------------------------------------------------- handles
+
+
+@attrs.define(eq=False)
+class Snapshot:
+    """A live handle on one snapshot. Get one from :attr:`Domain.snapshots`.
+
+    Properties query libvirt each time. Two handles on the same snapshot are different
+    objects; compare :attr:`name` (within one domain).
+    """
+
+    domain: Domain
+    """The domain the snapshot belongs to."""
+    _vir: _adapter.VirSnapshot = attrs.field(repr=False)
+    name: str
+    """The snapshot's name (unique within its domain)."""
+    _requested: SnapshotXML | None = attrs.field(default=None, repr=False)
+
+    @classmethod
+    def _from_vir(
+        cls, domain: Domain, vir: _adapter.VirSnapshot, requested: SnapshotXML | None = None
+    ) -> Snapshot:
+        return cls(domain, vir, vir.name, requested)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def definition(self) -> SnapshotXML:
+        """The snapshot's XML as libvirt reports it.
+
+        For a snapshot made with ``metadata=False`` libvirt keeps nothing: this is then the
+        definition that was requested.
+        """
+        try:
+            return SnapshotXML.from_xml(self._vir.xml_desc())
+        except NotFoundError:
+            if self._requested is not None:
+                return self._requested
+            raise
+
+    @property
+    def kind(self) -> SnapshotKind:
+        """Internal or external, with memory or disk-only."""
+        return SnapshotKind.of(self.definition)
+
+    @property
+    def parent(self) -> Snapshot | None:
+        """The parent snapshot, or ``None`` for a root."""
+        name = self.definition.parent
+        return None if name is None else self.domain.snapshots[name]
+
+    @property
+    def children(self) -> tuple[Snapshot, ...]:
+        """The direct children."""
+        return tuple(Snapshot._from_vir(self.domain, v) for v in self._vir.children())
+
+    def descendants(self) -> tuple[Snapshot, ...]:
+        """Every snapshot below this one, each parent before its children."""
+        return tuple(
+            Snapshot._from_vir(self.domain, v) for v in self._vir.children(descendants=True)
+        )
+
+    @property
+    def is_current(self) -> bool:
+        """Whether this is the domain's current snapshot (the parent of the next one)."""
+        return self._vir.is_current()
+
+    @property
+    def has_metadata(self) -> bool:
+        """Whether libvirt tracks this snapshot (``False`` for ``metadata=False``)."""
+        try:
+            return self._vir.has_metadata()
+        except NotFoundError:
+            return False
+
+    # ------------------------------------------------------------------ actions
+    def revert(self, *, running: bool = False, paused: bool = False, force: bool = False) -> None:
+        """Bring the domain back to this snapshot.
+
+        Disks return to their captured content; a snapshot with memory resumes the guest
+        exactly where it was (a running guest's later work is lost). ``running`` or
+        ``paused`` choose the state after the revert instead of the captured one. ``force``
+        lets libvirt revert where it would otherwise refuse as risky (for example across
+        configuration changes it cannot apply live, which restarts the hypervisor process).
+
+        Preflight, before anything changes:
+
+        * reverting to an external snapshot needs libvirt ≥ 9.9 on the daemon; older
+          daemons raise :class:`UnsupportedError` (see ``docs/snapshots.md`` for a manual way);
+        * an internal snapshot is refused with :class:`UnsupportedError` while any disk
+          holds persistent dirty bitmaps (checkpoints, or bitmaps left by a metadata-only
+          checkpoint delete): QEMU exits with "Device has active dirty bitmaps" and the
+          running domain dies.
+
+        QEMU figures seen here: reverting an internal snapshot of a small TCG guest takes
+        about 3.5 s, during which the guest is stopped.
+        """
+        if running and paused:
+            raise UsageError("revert() takes running=True or paused=True, not both")
+        definition = self.definition
+        dom = self.domain
+        if definition.is_external:
+            daemon = dom.connection.versions.daemon
+            if daemon < EXTERNAL_REVERT_SINCE:
+                raise UnsupportedError(
+                    f"refusing to revert domain {dom.name!r} to external snapshot "
+                    f"{self.name!r}: libvirt {daemon} on the daemon cannot revert to external "
+                    "snapshots (libvirt 9.9 and later can). Nothing was changed. To go back "
+                    "by hand: shut the domain off, create a new qcow2 overlay on each "
+                    "snapshot image (qemu-img create -f qcow2 -b IMAGE -F qcow2 NEW) and "
+                    "point the disk at it, or upgrade libvirt.",
+                    operation="snapshot revert",
+                    domain_name=dom.name,
+                )
+        else:
+            disks: builtins.list[Disk] = builtins.list(dom.definition.disks)
+            if definition.domain is not None:
+                disks.extend(definition.domain.disks)
+            _refuse_bitmaps(
+                dom,
+                _dirty_bitmap_problems(dom, disks),
+                f"revert to internal snapshot {self.name!r}",
+                "snapshot revert",
+            )
+        self._vir.revert(running=running, paused=paused, force=force)
+
+    def delete(
+        self,
+        *,
+        children: bool = False,
+        children_only: bool = False,
+        metadata_only: bool = False,
+    ) -> None:
+        """Delete this snapshot (with ``children``: and every descendant; with
+        ``children_only``: only the descendants).
+
+        Deleting an internal snapshot frees its space in the qcow2 images. Deleting an
+        external one merges its overlay into the image below and removes the overlay file
+        (libvirt ≥ 9.0 on the daemon; older daemons raise :class:`UnsupportedError`). libvirt
+        keeps the memory state file of an external snapshot: read
+        ``definition.memory.file`` before deleting if you want to remove it too.
+        ``metadata_only`` only makes libvirt forget the snapshot; every file and internal
+        snapshot stays as it is.
+
+        libvirt 9.0 refuses (:class:`UnsupportedError`, nothing changed) to delete external
+        snapshots together with their children (delete them one at a time, leaves first) and
+        to delete an external snapshot whose parent is internal.
+        """
+        if children and children_only:
+            raise UsageError("delete() takes children=True or children_only=True, not both")
+        dom = self.domain
+        if not metadata_only:
+            involved = [] if children_only else [self]
+            if children or children_only:
+                involved.extend(self.descendants())
+            if any(s.definition.is_external for s in involved):
+                daemon = dom.connection.versions.daemon
+                if daemon < EXTERNAL_DELETE_SINCE:
+                    raise UnsupportedError(
+                        f"refusing to delete external snapshot data of domain {dom.name!r}: "
+                        f"libvirt {daemon} on the daemon cannot merge external snapshots "
+                        "(libvirt 9.0 and later can). Nothing was changed. Use "
+                        "delete(metadata_only=True) and merge the overlays with block commit, "
+                        "or upgrade libvirt.",
+                        operation="snapshot delete",
+                        domain_name=dom.name,
+                    )
+        try:
+            self._vir.delete(
+                children=children, children_only=children_only, metadata_only=metadata_only
+            )
+        except UnsupportedError as exc:
+            if children or children_only:
+                exc.add_note(
+                    "libvirt may refuse to delete external snapshots together with their "
+                    "children: delete them one at a time, leaves first."
+                )
+            raise
+
+    def _repr_html_(self) -> str:
+        from ._html import table
+
+        d = self.definition
+        rows = [
+            [x.name, x.effective_mode.value if x.effective_mode else "", x.source or ""]
+            for x in d.disks
+        ]
+        return (
+            f"<div><b>{escape(self.name)}</b> — {self.kind.value}, state "
+            f"{escape(d.state or '?')}, parent {escape(d.parent or '(root)')}"
+            + table(["disk", "mode", "overlay"], rows)
+            + "</div>"
+        )
+
+
+@attrs.define(eq=False)
+class SnapshotCollection:
+    """The snapshots of one domain: ``dom.snapshots``.
+
+    ``dom.snapshots["name"]`` looks one up (:class:`NotFoundError` when there is none),
+    ``"name" in dom.snapshots`` tests for one, ``len()`` counts them, iterating yields every
+    snapshot with parents before children. :meth:`create` takes a new one after a preflight.
+    """
+
+    domain: Domain
+    """The domain whose snapshots these are."""
+
+    # ------------------------------------------------------------------ queries
+    def list(
+        self,
+        *,
+        leaves: bool | None = None,
+        external: bool | None = None,
+        disk_only: bool | None = None,
+    ) -> tuple[Snapshot, ...]:
+        """Every snapshot, parents before children, optionally filtered.
+
+        ``leaves`` True/False keeps only snapshots without/with children; ``external``
+        True/False keeps only external/internal ones; ``disk_only`` True/False keeps only
+        disk-only snapshots of running domains / the others.
+        """
+        vir = self.domain._vir.snapshot_list(
+            leaves=leaves, external=external, disk_only=disk_only, topological=True
+        )
+        return tuple(Snapshot._from_vir(self.domain, v) for v in vir)
+
+    def roots(self) -> tuple[Snapshot, ...]:
+        """The snapshots without a parent."""
+        vir = self.domain._vir.snapshot_list(roots=True)
+        return tuple(Snapshot._from_vir(self.domain, v) for v in vir)
+
+    @property
+    def current(self) -> Snapshot | None:
+        """The current snapshot (parent of the next one), or ``None``."""
+        vir = self.domain._vir.snapshot_current()
+        return None if vir is None else Snapshot._from_vir(self.domain, vir)
+
+    def __getitem__(self, name: str) -> Snapshot:
+        if not isinstance(name, str):
+            raise UsageError(f"snapshots are looked up by name, got {name!r}")
+        return Snapshot._from_vir(self.domain, self.domain._vir.snapshot_lookup(name))
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        try:
+            self.domain._vir.snapshot_lookup(name)
+        except NotFoundError:
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return self.domain._vir.snapshot_count()
+
+    def __iter__(self) -> Iterator[Snapshot]:
+        return iter(self.list())
+
+    # ------------------------------------------------------------------ changes
+    def redefine(self, xml: str | SnapshotXML, *, current: bool = False) -> Snapshot:
+        """Register a snapshot from its XML (e.g. one saved with ``definition.to_xml()``
+        before a ``metadata_only`` delete, or carried over to another host).
+
+        Nothing on disk changes: the images must already hold what the XML describes.
+        ``current`` makes it the domain's current snapshot.
+        """
+        text = xml.to_xml() if isinstance(xml, SnapshotXML) else xml
+        if not isinstance(text, str):
+            raise UsageError(
+                f"redefine() takes XML text or a SnapshotXML, got {type(xml).__name__}"
+            )
+        parsed = SnapshotXML.from_xml(text)
+        if not parsed.name:
+            raise UsageError("a redefined snapshot needs a <name>")
+        vir = self.domain._vir.snapshot_create(text, redefine=True, current=current)
+        return Snapshot._from_vir(self.domain, vir)
+
+    def create(
+        self,
+        name: str | None = None,
+        *,
+        disk_only: bool = False,
+        memory: SnapshotMemoryMode | PathLike | None = None,
+        external: bool | Mapping[str, PathLike | None] = False,
+        quiesce: bool = False,
+        atomic: bool = True,
+        live: bool = False,
+        description: str | None = None,
+        metadata: bool = True,
+    ) -> Snapshot:
+        """Take a snapshot; returns its handle.
+
+        What is captured:
+
+        * default: an **internal** snapshot, with memory when the domain runs. With QEMU the
+          guest is paused while memory and disks are saved into the qcow2 images: a lengthy
+          downtime that grows with memory size (about 0.6 s for a 256 MiB TCG guest here).
+        * ``disk_only=True``: an **external disk-only** snapshot. Quick: each disk's image is
+          frozen and a new qcow2 overlay takes the writes (about 0.3 s here). Reverting to
+          it later is like booting after a power cut, unless ``quiesce=True`` asked the guest
+          agent to flush and freeze the file systems around the snapshot.
+        * ``external=True``: an **external snapshot with memory** (disk-only on a shut-off
+          domain). Memory is written the way a migration sends it, so the guest sees a
+          migration-like downtime; ``live=True`` keeps the guest running while most memory is
+          written and pauses it only at the end.
+
+        ``external`` may instead map disk targets to overlay paths
+        (``{"vda": "/images/vda.snap1", "vdb": None}``; ``None`` leaves that disk out).
+        Unnamed overlays go next to each disk's current image as ``<image>.<name>``.
+        ``memory`` chooses the memory part: a :class:`SnapshotMemoryMode`, or the path of
+        the memory state file for an external snapshot (default
+        ``<first image's directory>/<domain>.<name>.memory``).
+
+        ``name`` defaults to the creation time in seconds (libvirt's convention).
+        ``atomic`` makes a multi-disk snapshot all-or-nothing. ``metadata=False`` asks
+        libvirt to forget the snapshot at once (the files stay; the handle then only knows
+        the requested definition).
+
+        Preflight, before anything changes (nothing is created when one fails):
+
+        * :class:`UnsupportedError` for an internal snapshot while a disk holds persistent
+          dirty bitmaps (see :meth:`Snapshot.revert`);
+        * :class:`GuestAgentError` for ``quiesce=True`` without a connected guest agent;
+        * :class:`TargetExistsError` when an overlay or memory file exists already, and
+          :class:`UsageError` when its directory is missing or not writable;
+        * :class:`UsageError` for contradicting arguments or a name already in use,
+          :class:`InvalidStateError` when memory is asked of a shut-off domain.
+
+        Files the snapshot creates on this host are made owner-only (0600).
+        """
+        dom = self.domain
+        if description is not None and not isinstance(description, str):
+            raise UsageError(f"description must be a string, got {description!r}")
+        if name is None:
+            name = self._generated_name()
+        else:
+            _check_name(name)
+        plan = self._plan(
+            name, disk_only=disk_only, memory=memory, external=external, description=description
+        )
+        # ---- preflight: nothing below changes anything until the libvirt call.
+        if name in self:
+            raise UsageError(
+                f"domain {dom.name!r} already has a snapshot named {name!r}; pick another "
+                "name or delete that snapshot first"
+            )
+        if plan.internal:
+            _refuse_bitmaps(
+                dom,
+                _dirty_bitmap_problems(dom, dom.definition.disks),
+                "create an internal snapshot",
+                "snapshot create",
+            )
+        if quiesce and not _agent_connected(dom):
+            raise GuestAgentError(
+                f"refusing to create a quiesced snapshot of domain {dom.name!r}: its guest "
+                "agent is not connected (no running domain, no org.qemu.guest_agent.0 "
+                "channel, or qemu-ga not answering yet). Nothing was changed. Start qemu-ga "
+                "in the guest (right after boot, wait for it to connect), or snapshot "
+                "without quiesce=True for crash-consistent disks.",
+                operation="snapshot create",
+                domain_name=dom.name,
+            )
+        if _is_local(dom.connection):
+            check_dir = _writes_host_files(dom.connection)
+            for path in plan.new_files:
+                _check_target(path, "snapshot file", check_dir=check_dir)
+        vir = dom._vir.snapshot_create(
+            plan.xml.to_xml(),
+            disk_only=plan.disk_only_flag,
+            quiesce=quiesce,
+            atomic=atomic,
+            live=live,
+            no_metadata=not metadata,
+            validate=True,
+        )
+        snapshot = Snapshot._from_vir(dom, vir, None if metadata else plan.xml)
+        if _writes_host_files(dom.connection):
+            _owner_only(plan.new_files)
+        return snapshot
+
+    # ------------------------------------------------------------------ planning
+    def _generated_name(self) -> str:
+        base = str(int(time.time()))
+        name, n = base, 0
+        while name in self:
+            n += 1
+            name = f"{base}-{n}"
+        return name
+
+    def _plan(
+        self,
+        name: str,
+        *,
+        disk_only: bool,
+        memory: SnapshotMemoryMode | PathLike | None,
+        external: bool | Mapping[str, PathLike | None],
+        description: str | None,
+    ) -> _Plan:
+        dom = self.domain
+        mem_mode: SnapshotMemoryMode | None
+        mem_file: str | None = None
+        if memory is None or isinstance(memory, SnapshotMemoryMode):
+            mem_mode = memory
+        elif isinstance(memory, str) and memory in {m.value for m in SnapshotMemoryMode}:
+            mem_mode = SnapshotMemoryMode(memory)
+        elif isinstance(memory, str | os.PathLike):
+            mem_mode = SnapshotMemoryMode.EXTERNAL
+            mem_file = _abs_path(memory, "the memory state file")
+        else:
+            raise UsageError(f"memory must be a SnapshotMemoryMode or a path, got {memory!r}")
+        if not isinstance(external, bool | Mapping):
+            raise UsageError(f"external must be True/False or a mapping, got {external!r}")
+        mapping: Mapping[str, PathLike | None] = external if isinstance(external, Mapping) else {}
+        is_external = bool(external) or disk_only or mem_mode is SnapshotMemoryMode.EXTERNAL
+        if disk_only and mem_mode not in (None, SnapshotMemoryMode.NO):
+            raise UsageError("disk_only=True snapshots hold no memory; drop memory=…")
+        if is_external and mem_mode is SnapshotMemoryMode.INTERNAL:
+            raise UsageError(
+                "internal memory cannot go with external disk overlays; use "
+                "memory=SnapshotMemoryMode.EXTERNAL (or a path) or an internal snapshot"
+            )
+        active = dom.is_active
+        if not active and mem_mode in (SnapshotMemoryMode.INTERNAL, SnapshotMemoryMode.EXTERNAL):
+            raise InvalidStateError(
+                f"domain {dom.name!r} is {dom.state.value}: memory can only be captured from "
+                "a running or paused domain",
+                operation="snapshot create",
+                domain_name=dom.name,
+            )
+        definition = dom.definition
+        if not is_external:
+            if not active:
+                final_mem = SnapshotMemoryMode.NO
+            else:
+                final_mem = mem_mode or SnapshotMemoryMode.INTERNAL
+            xml = SnapshotXML(name=name, description=description, memory=SnapshotMemory(final_mem))
+            return _Plan(xml, False, (), True)
+        disks = self._external_disks(name, definition, mapping)
+        with_memory = active and not disk_only and mem_mode is not SnapshotMemoryMode.NO
+        new_files = [d.source for d in disks if d.source is not None and d.type == "file"]
+        if with_memory:
+            if mem_file is None:
+                mem_file = self._memory_path(name, definition, disks)
+            mem = SnapshotMemory(SnapshotMemoryMode.EXTERNAL, mem_file)
+            new_files.append(mem_file)
+        else:
+            mem = SnapshotMemory(SnapshotMemoryMode.NO)
+        if len(set(new_files)) != len(new_files):
+            raise UsageError(f"two snapshot files would share a path: {sorted(new_files)}")
+        xml = SnapshotXML(name=name, description=description, memory=mem, disks=disks)
+        return _Plan(xml, not with_memory, tuple(new_files), False)
+
+    def _external_disks(
+        self, name: str, definition: DomainXML, mapping: Mapping[str, PathLike | None]
+    ) -> tuple[SnapshotDisk, ...]:
+        known = {d.target for d in definition.disks}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise UsageError(
+                f"domain {self.domain.name!r} has no disk {', '.join(unknown)} "
+                f"(disks: {', '.join(sorted(known)) or 'none'})"
+            )
+        out: builtins.list[SnapshotDisk] = []
+        for disk in definition.disks:
+            excluded = disk.device != "disk" or disk.readonly or disk.snapshot == "no"
+            if disk.target in mapping:
+                target = mapping[disk.target]
+                if target is None:
+                    out.append(SnapshotDisk(disk.target, SnapshotDiskMode.NO))
+                    continue
+                if excluded and disk.device != "disk":
+                    raise UsageError(f"disk {disk.target} is a {disk.device}; it has no snapshot")
+                path = _abs_path(target, f"the overlay for disk {disk.target}")
+            elif excluded:
+                out.append(SnapshotDisk(disk.target, SnapshotDiskMode.NO))
+                continue
+            else:
+                if disk.type != "file" or not disk.source:
+                    raise UsageError(
+                        f"disk {disk.target} is not a local file ({disk.type}); name its "
+                        f"overlay: external={{'{disk.target}': '/path/overlay.qcow2'}}, or "
+                        f"leave it out with {{'{disk.target}': None}}"
+                    )
+                path = f"{disk.source}.{name}"
+            out.append(SnapshotDisk(disk.target, SnapshotDiskMode.EXTERNAL, path, "qcow2"))
+        if not any(d.mode is SnapshotDiskMode.EXTERNAL for d in out):
+            raise UsageError(f"domain {self.domain.name!r} has no disk to snapshot externally")
+        return tuple(out)
+
+    def _memory_path(self, name: str, definition: DomainXML, disks: Iterable[SnapshotDisk]) -> str:
+        for d in disks:
+            if d.mode is SnapshotDiskMode.EXTERNAL and d.source and d.type == "file":
+                return os.path.join(os.path.dirname(d.source), f"{self.domain.name}.{name}.memory")
+        raise UsageError(
+            "no local disk image to put the memory state file next to; pass memory='/path/file'"
+        )
