@@ -16,7 +16,9 @@ from .errors import UsageError
 from .xml import DomainXML
 
 if TYPE_CHECKING:
+    from ._capabilities import Capabilities  # advisor
     from ._domain import Domain
+    from ._memory import SaveImage
 
 __all__ = ["DEFAULT_URI", "Connection", "connect", "resolve_uri"]
 
@@ -156,6 +158,55 @@ class Connection:
         text = xml.to_xml() if isinstance(xml, DomainXML) else xml
         DomainXML.from_xml(text)
         return Domain._from_vir(self, self._vir.create_transient(text, paused=paused))
+
+    # ---- memory state (_memory.py)
+    def restore(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        running: bool | None = None,
+        definition: DomainXML | str | None = None,
+        bypass_cache: bool = False,
+    ) -> Domain:
+        """Start a domain from a save image written by :meth:`Domain.save`; returns it.
+
+        ``running``: ``True`` running, ``False`` paused, ``None`` the state stored in the
+        image. ``definition`` replaces the stored definition for this restore (same domain,
+        ABI-compatible). The file stays. For the measured downtime use
+        ``conn.save_image(path).restore(...)``, which returns a :class:`RestoreResult`.
+
+        Raises :class:`NotFoundError` for a missing file, :class:`SaveImageError` for a
+        file that is not a usable image, :class:`InvalidStateError` when the image's domain
+        is already running; none of them changes anything. Uses
+        ``virDomainRestoreParams`` on libvirt >= 8.4.
+        """
+        from . import _memory
+
+        return _memory.restore(
+            self, path, running=running, definition=definition, bypass_cache=bypass_cache
+        )
+
+    def save_image(self, path: str | os.PathLike[str]) -> SaveImage:
+        """A handle on the save image at ``path`` (read its definition, redefine, restore).
+
+        Raises :class:`NotFoundError` when the file does not exist and
+        :class:`SaveImageError` when it is not a usable save image.
+        """
+        from . import _memory
+
+        return _memory.open_image(self, path)
+
+    # ---- capabilities (_capabilities.py)
+    def capabilities(self) -> Capabilities:
+        """What this driver and daemon version can do, probed (nothing is changed).
+
+        Without a domain only some answers are knowable (restore, backup from the domain
+        capabilities, version gates); :meth:`Domain.capabilities` probes everything.
+        """
+        from ._capabilities import probe_connection
+
+        self._vir.check_open()
+        return probe_connection(self)
 
     # ---- events
     def subscribe(
