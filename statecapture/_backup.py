@@ -1,0 +1,1173 @@
+"""Backup jobs: :meth:`Domain.backup`, :class:`BackupJob` and their result values.
+
+A backup job copies the disks of a running domain as they were when the job started
+(libvirt's ``virDomainBackupBegin``), in one of two modes:
+
+* **push** — QEMU writes each disk into a qcow2 target file; :meth:`BackupJob.wait` waits for
+  the ``JOB_COMPLETED`` event *and* for QEMU to release the files (HAZARDS 14);
+* **pull** — QEMU serves each disk's point-in-time content over NBD;
+  :meth:`BackupJob.download` copies it with a real NBD client (see ``_nbd.py``).
+
+Either mode can be *incremental* from a checkpoint (only changed blocks are copied) and can
+create a new checkpoint atomically with the job's start (``checkpoint=``). Disks that have no
+bitmap in the ``incremental_from`` checkpoint (added after it) are backed up in full while the
+others stay incremental.
+
+Guarantees (HAZARDS 5, 6, 12, 14, 16):
+
+* one backup job per domain: a second :meth:`Domain.backup` raises at once (libvirt would hang
+  30 s on the state-change lock) and names the running job;
+* there is no ``virDomainBackupEnd``: a job ends with ``abortJob()`` and the
+  ``JOB_COMPLETED`` event, and statecapture waits for that event before it returns;
+* a job that did not deliver every disk — cancelled, failed, interrupted, or a pull job
+  ended before each disk was downloaded — removes the checkpoint it created and the files it
+  wrote, so the next incremental never builds on a bad base;
+* what a job needs for that cleanup (its checkpoint, its files) is recorded in the domain's
+  metadata, so :meth:`Domain.active_backup` in another process — after a crash or a kill —
+  finds the leftover job and :meth:`BackupJob.end` cleans up after it;
+* backup images are qcow2, owner-only (0600), and never replace an existing file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+from lxml import etree
+
+from . import _nbd
+from ._events import EventKind, Expectation
+from .errors import (
+    CleanupError,
+    InvalidStateError,
+    LibvirtError,
+    NotFoundError,
+    OperationTimeoutError,
+    StateCaptureError,
+    TargetExistsError,
+    UnsupportedError,
+    UsageError,
+)
+from .xml import (
+    BackupDiskXML,
+    BackupMode,
+    BackupXML,
+    CheckpointXML,
+    DiskBackupMode,
+    NBDServer,
+)
+from .xml._base import parse
+from .xml._checkpoint import check_checkpoint_name
+
+if TYPE_CHECKING:
+    from ._domain import Domain
+
+__all__ = [
+    "BackupExport",
+    "BackupJob",
+    "BackupProgress",
+    "BackupResult",
+    "DiskBackup",
+    "active_backup",
+    "begin_backup",
+]
+
+RECORD_NS: Final = "urn:x-statecapture:backup:1"
+"""Metadata namespace of the record a running job keeps in the domain XML."""
+RECORD_KEY: Final = "scbackup"
+
+_END_TIMEOUT: Final = 60.0
+"""Seconds to wait for ``JOB_COMPLETED`` after ``abortJob()``."""
+_UNLOCK_TIMEOUT: Final = 15.0
+"""Seconds to wait for QEMU to release a push target after the job completed."""
+_SOCKET_MAX: Final = 107
+
+
+# --------------------------------------------------------------------------- values
+
+
+@attrs.frozen
+class BackupProgress:
+    """How far a backup job (or one disk's download) has come, in bytes."""
+
+    bytes_done: int
+    """Bytes copied so far."""
+    bytes_total: int
+    """Bytes to copy in all (0 while unknown)."""
+    elapsed: float
+    """Seconds since the job (or the download) started."""
+    disk: str | None = None
+    """The disk a download progress is about; ``None`` for the whole job."""
+    temp_used: int | None = None
+    """Pull mode: bytes QEMU has put into the scratch files (old data the guest overwrote)."""
+    temp_total: int | None = None
+    """Pull mode: the scratch files' capacity."""
+
+    @property
+    def fraction(self) -> float:
+        """``bytes_done / bytes_total`` (0.0 while the total is unknown)."""
+        return self.bytes_done / self.bytes_total if self.bytes_total else 0.0
+
+
+@attrs.frozen
+class BackupExport:
+    """How to read one disk of a pull-mode job over NBD."""
+
+    disk: str
+    """The disk's target name (``vda``)."""
+    socket: str
+    """The NBD server's UNIX socket."""
+    export_name: str
+    """The NBD export name."""
+    bitmap_context: str | None
+    """``qemu:dirty-bitmap:…`` metadata context of the changed blocks (incremental only)."""
+    mode: DiskBackupMode
+    """Full or incremental."""
+    incremental_from: str | None
+    """The checkpoint the dirty bitmap counts from (incremental only)."""
+
+    @property
+    def uri(self) -> str:
+        """The NBD URI, e.g. for ``nbdinfo``/``nbdcopy``/``qemu-img``: ``nbd+unix:///vda?socket=…``."""
+        return f"nbd+unix:///{self.export_name}?socket={self.socket}"
+
+
+@attrs.frozen
+class DiskBackup:
+    """One disk's backup image as a finished job left it."""
+
+    disk: str
+    """The disk's target name."""
+    file: Path
+    """The qcow2 backup image."""
+    mode: DiskBackupMode
+    """Full or incremental."""
+    bytes_written: int
+    """Data bytes written into :attr:`file` (an incremental's ≈ the disk's dirty bytes)."""
+    duration: float
+    """Seconds the copy took (push: the whole job's, the disks run in parallel)."""
+    checkpoint: str | None
+    """The checkpoint created with this backup (the next incremental starts there)."""
+    incremental_from: str | None = None
+    """The checkpoint an incremental starts from (``None`` for full)."""
+    backing: Path | None = None
+    """The previous image in the chain (recorded in :attr:`file`'s header), if known."""
+    size: int = 0
+    """The disk's virtual size (bytes)."""
+
+
+@attrs.frozen
+class BackupResult:
+    """What a finished backup job produced."""
+
+    domain: str
+    """Name of the domain backed up."""
+    mode: BackupMode
+    """Push or pull."""
+    checkpoint: str | None
+    """The checkpoint created with the job (``None`` when none was asked for)."""
+    incremental_from: str | None
+    """The checkpoint the job's incrementals start from (``None``: full job)."""
+    disks: tuple[DiskBackup, ...]
+    """One entry per disk backed up."""
+    duration: float
+    """Seconds from the job's start to its end."""
+
+    def disk(self, name: str) -> DiskBackup:
+        """The entry for disk ``name``; :class:`NotFoundError` when the job did not copy it."""
+        for d in self.disks:
+            if d.disk == name:
+                return d
+        raise NotFoundError(f"the backup has no disk {name!r}", operation="backup result")
+
+    @property
+    def bytes_written(self) -> int:
+        """Data bytes written over all disks."""
+        return sum(d.bytes_written for d in self.disks)
+
+
+ProgressCallback = Callable[[BackupProgress], None]
+
+
+# --------------------------------------------------------------------------- helpers
+
+_SAFE = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+def _safe(name: str) -> str:
+    """``name`` as a file-name component."""
+    return _SAFE.sub("_", name).lstrip(".") or "_"
+
+
+def backup_file_name(domain: str, disk: str, label: str) -> str:
+    """The file name statecapture gives disk ``disk``'s backup labelled ``label``."""
+    return f"{_safe(domain)}.{_safe(disk)}.{_safe(label)}.qcow2"
+
+
+def _unsupported(dom: Domain, exc: UnsupportedError, what: str) -> UnsupportedError:
+    api = "virDomainBackupBegin"
+    match = re.search(r"(virDomain\w+)", exc.libvirt_message or str(exc))
+    missing = match.group(1) if match else api
+    also = "" if missing == api else f" and {api}"
+    return UnsupportedError(
+        f"{what} on domain {dom.name!r}: the {dom.connection.driver} driver does not support "
+        f"backup jobs ({missing}{also} missing; they need the QEMU driver, libvirt >= 7.6 "
+        "and QEMU >= 6.1)",
+        code=exc.code,
+        operation=what,
+        domain_name=dom.name,
+        libvirt_message=exc.libvirt_message,
+    )
+
+
+def _remove(path: Path, errors: list[str]) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        errors.append(f"remove {path}: {exc}")
+
+
+def _checkpoint_bitmap_disks(dom: Domain, name: str) -> set[str]:
+    """Disks that have a bitmap for checkpoint ``name`` (others need a full backup)."""
+    return {d.name for d in dom.checkpoints[name].definition.tracked_disks}
+
+
+def _job_xml(dom: Domain) -> str | None:
+    """The running job's XML; ``None`` when there is none (also: the domain stopped)."""
+    try:
+        return dom._vir.backup_xml_desc()
+    except InvalidStateError:
+        if not dom.is_active:  # a shutdown ended the job (HAZARDS 7)
+            return None
+        raise
+
+
+def _delete_checkpoint(dom: Domain, name: str, errors: list[str]) -> None:
+    """Delete checkpoint ``name`` if it exists, bitmaps included.
+
+    On a running domain libvirt deletes the bitmaps. When a shutdown ended the job (HAZARDS
+    7) QEMU is gone and libvirt 9.0 cannot: the bitmaps (written into the qcow2 images at the
+    clean close) are removed with ``qemu-img bitmap --remove``, then the metadata is dropped —
+    never metadata alone, which would leave bitmaps behind (HAZARDS 3).
+    """
+    try:
+        if name not in dom.checkpoints:
+            return
+        cp = dom.checkpoints[name]
+        if dom.is_active:
+            cp.delete()
+            return
+        definition = dom.definition
+        for disk in cp.definition.tracked_disks:
+            try:
+                image = definition.disk(disk.name).source
+            except KeyError:  # a hot-plugged disk that left with the live definition
+                continue
+            if image is None:
+                continue
+            try:
+                _nbd.qemu_img("bitmap", "--remove", image, disk.bitmap or name)
+            except StateCaptureError as exc:
+                if "not found" not in str(exc).lower():
+                    raise
+        cp.delete(metadata_only=True)
+    except StateCaptureError as exc:
+        errors.append(f"delete checkpoint {name!r}: {exc}")
+
+
+def _wait_usable(path: Path, timeout: float) -> None:
+    """Block until QEMU has released its lock on ``path`` (HAZARDS 14)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _nbd.qemu_img("info", "--output=json", str(path), timeout=30)
+            return
+        except StateCaptureError as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.05)
+
+
+def _data_bytes(path: Path) -> int:
+    """Data bytes stored in the top layer of ``path``."""
+    out = _nbd.qemu_img("map", "--output=json", str(path))
+    return sum(int(e["length"]) for e in json.loads(out) if e.get("depth") == 0 and e.get("data"))
+
+
+def _virtual_size(path: Path) -> int:
+    return int(json.loads(_nbd.qemu_img("info", "--output=json", str(path)))["virtual-size"])
+
+
+# --------------------------------------------------------------------------- the record
+
+
+@attrs.frozen
+class _Record:
+    """What a running job must remember for cleanup, kept in the domain's metadata."""
+
+    mode: str
+    checkpoint: str | None
+    created_checkpoint: bool
+    incremental_from: str | None
+    label: str
+    started: float
+    files: tuple[str, ...] = ()
+    dirs: tuple[str, ...] = ()
+    delivered: bool = False
+
+    def to_xml(self) -> str:
+        el = etree.Element("backup")
+        el.set("mode", self.mode)
+        if self.delivered:
+            el.set("delivered", "yes")
+        el.set("label", self.label)
+        el.set("started", repr(self.started))
+        if self.checkpoint is not None:
+            el.set("checkpoint", self.checkpoint)
+            el.set("created", "yes" if self.created_checkpoint else "no")
+        if self.incremental_from is not None:
+            el.set("incremental", self.incremental_from)
+        for f in self.files:
+            etree.SubElement(el, "file").set("path", f)
+        for d in self.dirs:
+            etree.SubElement(el, "dir").set("path", d)
+        return etree.tostring(el, encoding="unicode")
+
+    @classmethod
+    def from_xml(cls, text: str) -> _Record:
+        root = parse(text)
+        return cls(
+            mode=root.get("mode", "push"),
+            checkpoint=root.get("checkpoint"),
+            created_checkpoint=root.get("created") == "yes",
+            incremental_from=root.get("incremental"),
+            label=root.get("label", "backup"),
+            started=float(root.get("started", "0")),
+            files=tuple(e.get("path", "") for e in root.iterfind("file") if e.get("path")),
+            dirs=tuple(e.get("path", "") for e in root.iterfind("dir") if e.get("path")),
+            delivered=root.get("delivered") == "yes",
+        )
+
+
+def _read_record(dom: Domain) -> _Record | None:
+    text = dom._vir.get_metadata(RECORD_NS)
+    if text is None:
+        return None
+    try:
+        return _Record.from_xml(text)
+    except Exception:  # a damaged record must not block the domain's backups
+        return None
+
+
+def _write_record(dom: Domain, record: _Record | None) -> None:
+    dom._vir.set_metadata(RECORD_NS, RECORD_KEY, None if record is None else record.to_xml())
+
+
+def _recover_stale(dom: Domain) -> None:
+    """Clean up after a run that died and whose job has ended since (no job runs now).
+
+    A push job that completed left every target (libvirt deletes the targets of a failed
+    push job); a pull run marked its record delivered after its last download. Anything
+    else never delivered: its checkpoint and files go, so no incremental builds on it.
+    """
+    record = _read_record(dom)
+    if record is None:
+        return
+    delivered = record.delivered or (
+        record.mode == "push" and bool(record.files) and all(map(os.path.isfile, record.files))
+    )
+    errors: list[str] = []
+    if not delivered:
+        if record.checkpoint is not None and record.created_checkpoint:
+            _delete_checkpoint(dom, record.checkpoint, errors)
+        for f in record.files:
+            _remove(Path(f), errors)
+    for d in record.dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    _write_record(dom, None)
+    if errors:
+        raise CleanupError(
+            f"cleaning up after an interrupted backup of {dom.name!r} failed: {'; '.join(errors)}"
+        )
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@attrs.define(eq=False)
+class BackupJob:
+    """A running (or finished) backup job of one domain. Made by :meth:`Domain.backup`.
+
+    Use it as a context manager: leaving the block ends the job in every case — it waits for
+    a push job to finish, ends a pull job, waits for the ``JOB_COMPLETED`` event, and removes
+    scratch files. A job that did not deliver every disk (failed, cancelled, a pull job not
+    fully downloaded) also removes the checkpoint it created and the files it wrote; so does
+    leaving the block by an exception while the job still runs (:meth:`discard`)::
+
+        with dom.backup(mode="push", target_dir="/backups", checkpoint="cp1") as job:
+            result = job.wait(progress=print)
+    """
+
+    domain: Domain
+    """The domain being backed up."""
+    mode: BackupMode
+    """Push or pull."""
+    checkpoint: str | None
+    """The checkpoint created with the job (``None``: none, or unknown for a leftover job)."""
+    incremental_from: str | None
+    """The checkpoint incremental disks start from."""
+    xml: BackupXML = attrs.field(repr=False)
+    """The job's ``<domainbackup>`` as libvirt reports it."""
+    _record: _Record = attrs.field(repr=False)
+    _expect: Expectation | None = attrs.field(default=None, repr=False)
+    _state: str = "running"
+    _result: BackupResult | None = attrs.field(default=None, repr=False)
+    _downloads: dict[str, DiskBackup] = attrs.field(factory=dict, repr=False)
+    _transfer: dict[str, tuple[int, int]] = attrs.field(factory=dict, repr=False)
+    adopted: bool = False
+    """Whether the job was found by :meth:`Domain.active_backup` rather than started here."""
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state(self) -> str:
+        """``running``, ``completed`` (delivered every disk), ``failed`` or ``ended``."""
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        """Whether the job still runs in libvirt."""
+        return self._state == "running"
+
+    @property
+    def label(self) -> str:
+        """The label in this job's file names (the checkpoint's name, or a time stamp)."""
+        return self._record.label
+
+    @property
+    def disks(self) -> tuple[str, ...]:
+        """The disks the job copies."""
+        return tuple(d.name for d in self.xml.backed_up)
+
+    def disk_mode(self, disk: str) -> DiskBackupMode:
+        """Whether disk ``disk`` is copied in full or incrementally."""
+        return self.xml.disk_mode(disk)
+
+    @property
+    def targets(self) -> dict[str, Path]:
+        """Push mode: the target file of each disk."""
+        return {d.name: Path(d.store) for d in self.xml.backed_up if d.store}
+
+    @property
+    def result(self) -> BackupResult | None:
+        """What the job produced, once :meth:`wait`/:meth:`download` finished."""
+        return self._result
+
+    # ------------------------------------------------------------------ progress
+    def progress(self) -> BackupProgress:
+        """The job's progress now (libvirt's job statistics; pull adds downloaded bytes)."""
+        elapsed = time.time() - self._record.started
+        if not self.running:
+            done = self._result.bytes_written if self._result is not None else 0
+            return BackupProgress(done, done, elapsed)
+        stats = self.domain._vir.backup_job_stats()
+        if self.mode is BackupMode.PUSH:
+            return BackupProgress(
+                int(stats.get("disk_processed", 0)), int(stats.get("disk_total", 0)), elapsed
+            )
+        return BackupProgress(
+            sum(done for done, _t in self._transfer.values()),
+            sum(total for _d, total in self._transfer.values()),
+            elapsed,
+            temp_used=int(stats.get("disk_temp_used", 0)),
+            temp_total=int(stats.get("disk_temp_total", 0)),
+        )
+
+    # ------------------------------------------------------------------ push
+    def wait(
+        self, progress: ProgressCallback | None = None, *, timeout: float | None = None
+    ) -> BackupResult:
+        """Push mode: wait until every target file is written and usable; the result.
+
+        ``progress(BackupProgress)`` is called about twice a second. A failed or cancelled
+        job raises :class:`LibvirtError` after removing its checkpoint and target files;
+        ``timeout`` raises :class:`OperationTimeoutError` and leaves the job running.
+        """
+        if self.mode is not BackupMode.PUSH:
+            raise UsageError("wait() is for push-mode jobs; a pull job is read with download()")
+        if self._result is not None:
+            return self._result
+        if not self.running:
+            raise InvalidStateError(f"the backup job has {self._state}", operation="backup wait")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stats = self._await_end(progress, deadline)
+        return self._finish_push(stats)
+
+    def _await_end(
+        self, progress: ProgressCallback | None, deadline: float | None
+    ) -> dict[str, Any]:
+        """Wait for JOB_COMPLETED (or the job's disappearance); its stats."""
+        exp = self._expectation()
+        while True:
+            remaining = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if remaining <= 0:
+                raise OperationTimeoutError(
+                    f"backup job of {self.domain.name!r} still running",
+                    operation="backup wait",
+                    domain_name=self.domain.name,
+                )
+            with contextlib.suppress(OperationTimeoutError):
+                event = exp.wait(remaining, what="JOB_COMPLETED")
+                return dict(event.detail.get("stats", {}))
+            if _job_xml(self.domain) is None:
+                # Ended while we looked away (the event was emitted before libvirt forgot the
+                # job, so it is queued unless we subscribed late): take the completed stats.
+                event_now = exp.poll()
+                if event_now is not None:
+                    return dict(event_now.detail.get("stats", {}))
+                try:
+                    return self.domain._vir.backup_job_stats(completed=True)
+                except LibvirtError:
+                    return {}
+            if progress is not None:
+                with contextlib.suppress(LibvirtError):
+                    progress(self.progress())
+
+    def _expectation(self) -> Expectation:
+        if self._expect is None:
+            self._expect = self.domain.connection.events.expect(
+                kind=EventKind.JOB_COMPLETED, domain_uuid=self.domain.uuid
+            )
+        return self._expect
+
+    def _finish_push(self, stats: Mapping[str, Any]) -> BackupResult:
+        self._state = "ended"
+        if "success" in stats:
+            success = bool(stats["success"]) and not stats.get("errmsg")
+        else:  # completed-job stats: type 3 is VIR_DOMAIN_JOB_COMPLETED
+            success = stats.get("type") == 3
+        if not success:
+            why = stats.get("errmsg") or "the job was cancelled or failed"
+            err = LibvirtError(
+                f"push backup of {self.domain.name!r} failed: {why}",
+                operation="backup",
+                domain_name=self.domain.name,
+            )
+            self._fail_cleanup(err)
+            raise err
+        try:
+            result = self._push_result()
+        except BaseException as exc:
+            self._fail_cleanup(exc)
+            raise
+        self._state = "completed"
+        self._result = result
+        self._close_record()
+        return result
+
+    def _push_result(self) -> BackupResult:
+        duration = time.time() - self._record.started
+        disks: list[DiskBackup] = []
+        for bd in self.xml.backed_up:
+            target = Path(bd.store or "")
+            _wait_usable(target, _UNLOCK_TIMEOUT)  # HAZARDS 14: the event comes first
+            os.chmod(target, 0o600)
+            mode = self.xml.disk_mode(bd.name)
+            inc_from = self.xml.disk_checkpoint(bd.name)
+            backing: Path | None = None
+            if mode is DiskBackupMode.INCREMENTAL:
+                # libvirt made the target's backing file the live disk; point it at the
+                # previous backup when it sits beside it, else make the layer standalone.
+                assert inc_from is not None
+                prev = target.parent / backup_file_name(self.domain.name, bd.name, inc_from)
+                if prev.is_file():
+                    backing = prev
+                    _nbd.qemu_img("rebase", "-u", "-F", "qcow2", "-b", prev.name, str(target))
+                else:
+                    _nbd.qemu_img("rebase", "-u", "-b", "", str(target))
+            disks.append(
+                DiskBackup(
+                    disk=bd.name,
+                    file=target,
+                    mode=mode,
+                    bytes_written=_data_bytes(target),
+                    duration=duration,
+                    checkpoint=self.checkpoint,
+                    incremental_from=inc_from,
+                    backing=backing,
+                    size=_virtual_size(target),
+                )
+            )
+        return BackupResult(
+            self.domain.name,
+            self.mode,
+            self.checkpoint,
+            self.incremental_from,
+            tuple(disks),
+            duration,
+        )
+
+    # ------------------------------------------------------------------ pull
+    @property
+    def exports(self) -> tuple[BackupExport, ...]:
+        """Pull mode: how to read each disk (socket, export name, dirty-bitmap context)."""
+        if self.mode is not BackupMode.PULL:
+            raise UsageError("exports exist only for pull-mode jobs")
+        server = self.xml.server
+        assert server is not None and server.socket is not None
+        out = []
+        for bd in self.xml.backed_up:
+            mode = self.xml.disk_mode(bd.name)
+            out.append(
+                BackupExport(
+                    disk=bd.name,
+                    socket=server.socket,
+                    export_name=bd.export_name or bd.name,
+                    bitmap_context=bd.dirty_bitmap_context
+                    if mode is DiskBackupMode.INCREMENTAL
+                    else None,
+                    mode=mode,
+                    incremental_from=self.xml.disk_checkpoint(bd.name),
+                )
+            )
+        return tuple(out)
+
+    def download(
+        self,
+        dest_dir: str | os.PathLike[str],
+        *,
+        progress: ProgressCallback | None = None,
+        previous: Mapping[str, str | os.PathLike[str]] | None = None,
+        client: str | None = None,
+    ) -> BackupResult:
+        """Pull mode: copy every disk into ``dest_dir`` as qcow2 images; the result.
+
+        A full disk becomes a standalone image with its allocated data (zeros and holes
+        skipped). An incremental disk becomes a qcow2 layer holding only the dirty extents,
+        whose backing file is the previous backup: by default the file statecapture named
+        after ``incremental_from`` in ``dest_dir``; ``previous={"vda": path}`` overrides it.
+        Files are named ``<domain>.<disk>.<label>.qcow2`` and never replace existing ones.
+        ``progress(BackupProgress)`` gets per-disk byte counts. ``client`` forces
+        ``"libnbd"`` or ``"qemu-img"`` (default: libnbd when its binding loads).
+        """
+        if self.mode is not BackupMode.PULL:
+            raise UsageError("download() is for pull-mode jobs; a push job is awaited with wait()")
+        if self._result is not None:
+            return self._result
+        if not self.running:
+            raise InvalidStateError(
+                f"the backup job has {self._state}; nothing left to download",
+                operation="backup download",
+            )
+        dest = Path(dest_dir)
+        if not dest.is_dir():
+            raise UsageError(f"dest_dir {dest} is not a directory")
+        previous = dict(previous or {})
+        unknown = set(previous) - set(self.disks)
+        if unknown:
+            raise UsageError(f"previous= names disks the job does not copy: {sorted(unknown)}")
+        plan: list[tuple[BackupExport, Path, Path | None]] = []
+        for export in self.exports:
+            target = dest / backup_file_name(self.domain.name, export.disk, self.label)
+            if target.exists():
+                raise TargetExistsError(f"{target} exists; not overwriting it", path=str(target))
+            backing: Path | None = None
+            if export.mode is DiskBackupMode.INCREMENTAL:
+                assert export.incremental_from is not None
+                if export.disk in previous:
+                    backing = Path(previous[export.disk])
+                else:
+                    backing = dest / backup_file_name(
+                        self.domain.name, export.disk, export.incremental_from
+                    )
+                if not backing.is_file():
+                    raise NotFoundError(
+                        f"incremental backup of {export.disk!r} needs the previous backup "
+                        f"{backing} (from checkpoint {export.incremental_from!r}); pass "
+                        "previous={disk: path}",
+                        operation="backup download",
+                        domain_name=self.domain.name,
+                    )
+            plan.append((export, target, backing))
+        for export, target, backing in plan:
+            self._download_one(export, target, backing, progress, client)
+        result = BackupResult(
+            self.domain.name,
+            self.mode,
+            self.checkpoint,
+            self.incremental_from,
+            tuple(self._downloads[e.disk] for e, _t, _b in plan),
+            time.time() - self._record.started,
+        )
+        self._record = attrs.evolve(self._record, delivered=True)
+        _write_record(self.domain, self._record)
+        self._result = result
+        return result
+
+    def _download_one(
+        self,
+        export: BackupExport,
+        target: Path,
+        backing: Path | None,
+        progress: ProgressCallback | None,
+        client: str | None,
+    ) -> None:
+        partial = target.with_name(f".{target.name}.partial")
+        if partial.exists():
+            raise TargetExistsError(
+                f"{partial} exists (another download?); not overwriting it", path=str(partial)
+            )
+        self._add_files(partial)  # recorded before it exists: a crash cannot orphan it
+        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        started = time.monotonic()
+
+        def report(done: int, total: int) -> None:
+            self._transfer[export.disk] = (done, total)
+            if progress is not None:
+                progress(BackupProgress(done, total, time.monotonic() - started, disk=export.disk))
+
+        try:
+            stats = _nbd.copy_export(
+                _nbd.ExportSource(export.socket, export.export_name, export.bitmap_context),
+                partial,
+                backing=backing,
+                progress=report,
+                client=client,
+            )
+            os.chmod(partial, 0o600)
+            os.link(partial, target)  # fails rather than replace a file that appeared
+            self._add_files(target)
+            partial.unlink()
+        except BaseException:
+            errors: list[str] = []
+            _remove(partial, errors)
+            raise
+        self._downloads[export.disk] = DiskBackup(
+            disk=export.disk,
+            file=target,
+            mode=export.mode,
+            bytes_written=stats.bytes_written,
+            duration=stats.duration,
+            checkpoint=self.checkpoint,
+            incremental_from=export.incremental_from,
+            backing=backing,
+            size=stats.size,
+        )
+
+    def _add_files(self, *paths: Path) -> None:
+        files = tuple(dict.fromkeys((*self._record.files, *(str(p) for p in paths))))
+        self._record = attrs.evolve(self._record, files=files)
+        with contextlib.suppress(LibvirtError):
+            _write_record(self.domain, self._record)
+
+    # ------------------------------------------------------------------ ending
+    def end(self, *, timeout: float = _END_TIMEOUT) -> BackupResult | None:
+        """End the job now; idempotent. Returns the result when the job delivered every disk.
+
+        A running push job is cancelled; a pull job is ended (``abortJob()``). Either way
+        statecapture waits for ``JOB_COMPLETED`` (HAZARDS 16) and removes scratch files. When
+        the job did not deliver every disk, its checkpoint and files are removed too, and
+        ``None`` is returned. A failing cleanup step raises :class:`CleanupError`.
+        """
+        return self._end(discard=False, timeout=timeout)
+
+    def discard(self, *, timeout: float = _END_TIMEOUT) -> None:
+        """End the job and remove everything it made: checkpoint, files, scratch.
+
+        What leaving the ``with`` block by an exception does while the job still runs.
+        """
+        self._end(discard=True, timeout=timeout)
+
+    def _end(self, *, discard: bool, timeout: float) -> BackupResult | None:
+        if not self.running:
+            return self._result
+        if not discard and self.mode is BackupMode.PUSH and _job_xml(self.domain) is None:
+            # The push job finished by itself: take its outcome instead of discarding it.
+            stats = self._await_end(None, time.monotonic() + timeout)
+            try:
+                return self._finish_push(stats)
+            except LibvirtError:
+                return None
+        delivered = not discard and self.mode is BackupMode.PULL and self._result is not None
+        self._abort_and_wait(timeout)
+        self._state = "ended"
+        if delivered:
+            self._state = "completed"
+            self._close_record()
+            return self._result
+        self._result = None
+        self._fail_cleanup(None)
+        return None
+
+    def _abort_and_wait(self, timeout: float) -> None:
+        vir = self.domain._vir
+        exp = self._expectation()
+        if _job_xml(self.domain) is None:
+            return
+        try:
+            vir.backup_abort_job()
+        except InvalidStateError:
+            # "no job is active": it ended between our check and the abort.
+            if _job_xml(self.domain) is not None:
+                raise
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OperationTimeoutError):
+                exp.wait(0.25, what="JOB_COMPLETED")
+                return
+            if _job_xml(self.domain) is None:
+                return
+            if time.monotonic() >= deadline:
+                raise CleanupError(
+                    f"the backup job of {self.domain.name!r} did not end within {timeout} s "
+                    "after abortJob(); end it with Domain.active_backup().end()"
+                )
+
+    def _remove_scratch_and_dirs(self) -> list[str]:
+        errors: list[str] = []
+        if self.mode is BackupMode.PULL:
+            for bd in self.xml.backed_up:
+                if bd.store and bd.type == "file":
+                    _remove(Path(bd.store), errors)
+        for d in self._record.dirs:
+            with contextlib.suppress(FileNotFoundError):
+                try:
+                    shutil.rmtree(d)
+                except OSError as exc:
+                    errors.append(f"remove {d}: {exc}")
+        if self._expect is not None:
+            self._expect.close()
+            self._expect = None
+        return errors
+
+    def _fail_cleanup(self, error: BaseException | None) -> None:
+        """Remove what a job that did not deliver left: checkpoint, files, scratch."""
+        self._state = "failed"
+        errors = self._remove_scratch_and_dirs()
+        for f in self._record.files:
+            _remove(Path(f), errors)
+        if self.mode is BackupMode.PUSH:
+            for bd in self.xml.backed_up:
+                if bd.store and bd.type == "file":
+                    _remove(Path(bd.store), errors)
+        if self.checkpoint is not None and self._record.created_checkpoint:
+            _delete_checkpoint(self.domain, self.checkpoint, errors)
+        try:
+            _write_record(self.domain, None)
+        except LibvirtError as exc:
+            errors.append(f"clear the backup record: {exc}")
+        if errors:
+            cleanup = CleanupError(
+                f"backup of {self.domain.name!r} ended without delivering every disk and "
+                f"cleanup left something behind: {'; '.join(errors)}"
+            )
+            if error is not None:
+                error.add_note(str(cleanup))
+                return
+            raise cleanup
+
+    def _close_record(self) -> None:
+        errors = self._remove_scratch_and_dirs()
+        try:
+            _write_record(self.domain, None)
+        except LibvirtError as exc:
+            errors.append(f"clear the backup record: {exc}")
+        if errors:
+            raise CleanupError(f"backup of {self.domain.name!r}: {'; '.join(errors)}")
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> BackupJob:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.running:
+            self._remove_scratch_and_dirs()
+            return
+        try:
+            if e is not None:
+                self.discard()
+            elif self.mode is BackupMode.PUSH:
+                self.wait()
+            else:
+                self.end()
+        except BaseException as cleanup_exc:
+            if e is None:
+                raise
+            e.add_note(f"ending the backup job failed too: {cleanup_exc!r}")
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) == "running" and not getattr(self, "adopted", True):
+            warnings.warn(
+                f"backup job of domain {self.domain.name!r} was never ended "
+                "(Domain.active_backup() finds it)",
+                ResourceWarning,
+                stacklevel=2,
+            )
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def active_backup(dom: Domain) -> BackupJob | None:
+    """The domain's running backup job, or ``None``; works after a reconnect or a crash."""
+    try:
+        text = _job_xml(dom)
+    except UnsupportedError as exc:
+        raise _unsupported(dom, exc, "backup") from exc
+    if text is None:
+        return None
+    xml = BackupXML.from_xml(text)
+    record = _read_record(dom)
+    if record is None or record.mode != xml.mode.value:
+        record = _Record(
+            mode=xml.mode.value,
+            checkpoint=None,
+            created_checkpoint=False,
+            incremental_from=xml.incremental,
+            label="leftover",
+            started=time.time(),
+        )
+    job = BackupJob(
+        domain=dom,
+        mode=xml.mode,
+        checkpoint=record.checkpoint,
+        incremental_from=record.incremental_from,
+        xml=xml,
+        record=record,
+        adopted=True,
+    )
+    job._expectation()
+    return job
+
+
+def begin_backup(
+    dom: Domain,
+    *,
+    mode: BackupMode | str = BackupMode.PUSH,
+    disks: Iterable[str] | None = None,
+    incremental_from: str | None = None,
+    checkpoint: str | CheckpointXML | None = None,
+    target_dir: str | os.PathLike[str] | None = None,
+    scratch_dir: str | os.PathLike[str] | None = None,
+    socket: str | os.PathLike[str] | None = None,
+) -> BackupJob:
+    """Start a backup job; see :meth:`Domain.backup`."""
+    try:
+        bmode = BackupMode(mode)
+    except ValueError:
+        raise UsageError(f"mode must be 'push' or 'pull', not {mode!r}") from None
+    push = bmode is BackupMode.PUSH
+    # -- refuse before changing anything
+    running = active_backup(dom)  # also the support probe: the test driver lacks backups
+    if running is not None:
+        raise InvalidStateError(
+            f"domain {dom.name!r} already runs a {running.mode.value} backup job (one per "
+            "domain); end it with dom.active_backup().end()",
+            operation="backup",
+            domain_name=dom.name,
+        )
+    dom._require_active("backup")
+    _recover_stale(dom)
+    definition = dom.definition
+    eligible = [
+        d.target
+        for d in definition.disks
+        if d.device == "disk" and not d.readonly and d.source is not None
+    ]
+    if disks is None:
+        chosen = list(eligible)
+    else:
+        if isinstance(disks, str):
+            raise UsageError("disks must be a list of disk targets, e.g. ['vda']")
+        chosen = list(dict.fromkeys(disks))
+        for name in chosen:
+            if name not in {d.target for d in definition.disks}:
+                raise NotFoundError(
+                    f"domain {dom.name!r} has no disk {name!r}",
+                    operation="backup",
+                    domain_name=dom.name,
+                )
+            if name not in eligible:
+                raise UsageError(f"disk {name!r} cannot be backed up (read-only, empty or cdrom)")
+    if not chosen:
+        raise UsageError(f"domain {dom.name!r} has no disk to back up")
+    existing_cps = {c.name for c in dom.checkpoints.list()}
+    with_bitmap: set[str] = set()
+    if incremental_from is not None:
+        if incremental_from not in existing_cps:
+            raise NotFoundError(
+                f"domain {dom.name!r} has no checkpoint {incremental_from!r} to back up from",
+                operation="backup",
+                domain_name=dom.name,
+            )
+        with_bitmap = _checkpoint_bitmap_disks(dom, incremental_from)
+    cp_name: str | None = None
+    cp_xml: str | None = None
+    if checkpoint is not None:
+        if isinstance(checkpoint, CheckpointXML):
+            if checkpoint.name is None:
+                raise UsageError("checkpoint= needs a named CheckpointXML")
+            cp_name = checkpoint.name
+            cp_xml = checkpoint.to_xml()
+        elif isinstance(checkpoint, str):
+            cp_name = check_checkpoint_name(checkpoint)
+            # Track exactly the disks this backup copies: a checkpoint over a disk that was
+            # not backed up would make its next incremental miss data.
+            cp_xml = CheckpointXML(name=cp_name, disks=dom.checkpoints._plan_disks(chosen)).to_xml()
+        else:
+            raise UsageError(f"checkpoint= takes a name or a CheckpointXML, not {checkpoint!r}")
+        if cp_name in existing_cps:
+            raise InvalidStateError(
+                f"domain {dom.name!r} already has a checkpoint {cp_name!r}",
+                operation="backup",
+                domain_name=dom.name,
+            )
+    label = cp_name or time.strftime(
+        f"{'inc' if incremental_from else 'full'}-%Y%m%dT%H%M%SZ", time.gmtime()
+    )
+    # -- files and directories
+    private_dirs: list[Path] = []
+    server: NBDServer | None = None
+    store: dict[str, Path] = {}
+    try:
+        if push:
+            if target_dir is None:
+                raise UsageError("a push backup needs target_dir= (where the images go)")
+            tdir = Path(target_dir).absolute()
+            if not tdir.is_dir():
+                raise UsageError(f"target_dir {tdir} is not a directory")
+            for name in chosen:
+                store[name] = tdir / backup_file_name(dom.name, name, label)
+        else:
+            if target_dir is not None:
+                raise UsageError("a pull backup writes nowhere by itself: use download(dest_dir)")
+            if scratch_dir is None:
+                sdir = Path(tempfile.mkdtemp(prefix="sc-scratch-"))
+                private_dirs.append(sdir)
+            else:
+                sdir = Path(scratch_dir).absolute()
+                if not sdir.is_dir():
+                    raise UsageError(f"scratch_dir {sdir} is not a directory")
+            for name in chosen:
+                store[name] = sdir / f".{backup_file_name(dom.name, name, label)}.scratch"
+            if socket is None:
+                sock_dir = Path(tempfile.mkdtemp(prefix="sc-nbd-"))
+                private_dirs.append(sock_dir)
+                sock = sock_dir / "nbd.sock"
+            else:
+                sock = Path(socket).absolute()
+                if sock.exists():
+                    raise TargetExistsError(f"socket path {sock} exists", path=str(sock))
+            if len(str(sock)) > _SOCKET_MAX:
+                raise UsageError(f"socket path {sock} is longer than {_SOCKET_MAX} bytes")
+            server = NBDServer.unix(str(sock))
+        for path in store.values():
+            if path.exists():
+                raise TargetExistsError(f"{path} exists; not overwriting it", path=str(path))
+        disk_entries = []
+        for d in definition.disks:
+            if d.target in chosen:
+                full = incremental_from is None or d.target not in with_bitmap
+                disk_entries.append(
+                    BackupDiskXML(
+                        d.target,
+                        mode=DiskBackupMode.FULL if full else DiskBackupMode.INCREMENTAL,
+                        incremental=None if full else incremental_from,
+                        store=str(store[d.target]),
+                        format="qcow2",
+                    )
+                )
+            elif d.device == "disk":
+                disk_entries.append(BackupDiskXML(d.target, backup=False))
+        bxml = BackupXML(mode=bmode, server=server, disks=tuple(disk_entries))
+        record = _Record(
+            mode=bmode.value,
+            checkpoint=cp_name,
+            created_checkpoint=cp_name is not None,
+            incremental_from=incremental_from,
+            label=label,
+            started=time.time(),
+            files=tuple(str(p) for p in store.values()) if push else (),
+            dirs=tuple(str(p) for p in private_dirs),
+        )
+    except BaseException:
+        for pdir in private_dirs:
+            shutil.rmtree(pdir, ignore_errors=True)
+        raise
+    # -- start: record first (so a crash right after begin can be cleaned up), then begin
+    exp = dom.connection.events.expect(kind=EventKind.JOB_COMPLETED, domain_uuid=dom.uuid)
+    try:
+        _write_record(dom, record)
+        try:
+            dom._vir.backup_begin(bxml.to_xml(), cp_xml)
+        except UnsupportedError as exc:
+            raise _unsupported(dom, exc, "backup") from exc
+        text = _job_xml(dom)
+    except BaseException as exc:
+        _rollback_begin(dom, exc, exp, record, cp_name, existing_cps, store.values(), private_dirs)
+        raise
+    if push:
+        for path in store.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(path, 0o600)
+    if text is None:
+        # A push job of tiny disks can end before we ask; the event is queued in exp.
+        text = bxml.to_xml()
+    return BackupJob(
+        domain=dom,
+        mode=bmode,
+        checkpoint=cp_name,
+        incremental_from=incremental_from,
+        xml=BackupXML.from_xml(text),
+        record=record,
+        expect=exp,
+    )
+
+
+def _rollback_begin(
+    dom: Domain,
+    exc: BaseException,
+    exp: Expectation,
+    record: _Record,
+    cp_name: str | None,
+    existing_cps: set[str],
+    files: Iterable[Path],
+    private_dirs: list[Path],
+) -> None:
+    """Undo a failed start: any job, the checkpoint if it was made, files, the record."""
+    errors: list[str] = []
+    try:
+        if _job_xml(dom) is not None:
+            dom._vir.backup_abort_job()
+            with contextlib.suppress(OperationTimeoutError):
+                exp.wait(_END_TIMEOUT, what="JOB_COMPLETED")
+    except LibvirtError as e:
+        errors.append(f"end the half-started job: {e}")
+    exp.close()
+    if cp_name is not None and cp_name not in existing_cps:
+        _delete_checkpoint(dom, cp_name, errors)
+    for f in files:
+        _remove(f, errors)
+    for d in private_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    try:
+        _write_record(dom, None)
+    except LibvirtError as e:
+        errors.append(f"clear the backup record: {e}")
+    if errors:
+        exc.add_note(f"cleanup after the failed start left something behind: {'; '.join(errors)}")
