@@ -154,6 +154,9 @@ def _remove_domain(dom: statecapture.Domain) -> None:
             with contextlib.suppress(Exception):
                 vir.blockJobAbort(disk.target, 0)
     with contextlib.suppress(Exception):
+        # A dead agent behind a "connected" channel would block fsThaw forever otherwise.
+        vir.agentSetResponseTimeout(5, 0)
+    with contextlib.suppress(Exception):
         vir.fsThaw()
     with contextlib.suppress(Exception):
         if dom.is_active:
