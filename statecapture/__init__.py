@@ -27,12 +27,80 @@ from .errors import (
 from .xml import BackingSource, Disk, DomainXML
 
 # -- memory state (managed save, save/restore) imports
+# isort: split
+from ._memory import (
+    ManagedSaveResult,
+    RestoreResult,
+    SaveImage,
+    SaveImageError,
+    SaveResult,
+)
+
 # -- snapshot imports
+# isort: split
+from ._snapshot import Snapshot, SnapshotCollection, SnapshotKind
+from .xml import SnapshotDisk, SnapshotDiskMode, SnapshotMemory, SnapshotMemoryMode, SnapshotXML
+
 # -- freeze imports
+# isort: split
+from ._freeze import Filesystem, FreezeScope, FreezeStatus, fs_frozen
+from .errors import FreezeExpiredError, ThawError
+
 # -- block job imports
+# isort: split
+from ._blockjob import (
+    BlockJob,
+    BlockJobKind,
+    BlockJobProgress,
+    BlockJobStatus,
+    ConsistentCopy,
+    consistent_copy,
+)
+
 # -- checkpoint and backup imports
+# isort: split
+from ._checkpoint import Checkpoint, CheckpointCollection  # checkpoints
+from .xml import CheckpointDisk, CheckpointXML  # checkpoints
+
+# isort: split
+from ._backup import (  # backup
+    BackupExport,
+    BackupJob,
+    BackupProgress,
+    BackupResult,
+    DiskBackup,
+)
+from ._restore import VerifyResult, restore_disk, verify  # backup
+from .xml import BackupDiskXML, BackupMode, BackupXML, DiskBackupMode, NBDServer  # backup
+
 # -- sequence and recovery imports
+# isort: split
+from ._recover import RecoveryReport, recover  # sequences
+from ._sequences import (  # sequences
+    SequenceResult,
+    StepTiming,
+    backup_via_temporary_snapshot,
+    direct_backup,
+)
+
 # -- advisor imports
+# isort: split
+from ._advisor import (  # advisor
+    Advice,
+    Blocker,
+    BlockerKind,
+    Consistency,
+    DomainFacts,
+    Facet,
+    Fit,
+    Method,
+    MethodAdvice,
+    Needs,
+    Storage,
+    Verdict,
+    advise,
+)
+from ._capabilities import Capabilities, Capability  # advisor
 
 __version__ = "0.1.0.dev0"
 
@@ -70,10 +138,75 @@ __all__ = [
     "UsageError",
     "TargetExistsError",
     # -- memory state names
+    "SaveImage",
+    "SaveResult",
+    "ManagedSaveResult",
+    "RestoreResult",
+    "SaveImageError",
     # -- snapshot names
+    "Snapshot",
+    "SnapshotCollection",
+    "SnapshotKind",
+    "SnapshotXML",
+    "SnapshotMemory",
+    "SnapshotMemoryMode",
+    "SnapshotDisk",
+    "SnapshotDiskMode",
     # -- freeze names
+    "fs_frozen",
+    "FreezeScope",
+    "FreezeStatus",
+    "Filesystem",
+    "ThawError",
+    "FreezeExpiredError",
     # -- block job names
+    "BlockJob",
+    "BlockJobKind",
+    "BlockJobProgress",
+    "BlockJobStatus",
+    "ConsistentCopy",
+    "consistent_copy",
     # -- checkpoint and backup names
+    # checkpoints
+    "Checkpoint",
+    "CheckpointCollection",
+    "CheckpointXML",
+    "CheckpointDisk",
+    # backup
+    "BackupJob",
+    "BackupResult",
+    "DiskBackup",
+    "BackupProgress",
+    "BackupExport",
+    "BackupXML",
+    "BackupDiskXML",
+    "BackupMode",
+    "DiskBackupMode",
+    "NBDServer",
+    "restore_disk",
+    "verify",
+    "VerifyResult",
     # -- sequence and recovery names
+    "backup_via_temporary_snapshot",
+    "direct_backup",
+    "SequenceResult",
+    "StepTiming",
+    "recover",
+    "RecoveryReport",
     # -- advisor names
+    "advise",
+    "Needs",
+    "Consistency",
+    "Storage",
+    "Advice",
+    "MethodAdvice",
+    "Verdict",
+    "Fit",
+    "Facet",
+    "Method",
+    "Blocker",
+    "BlockerKind",
+    "DomainFacts",
+    "Capabilities",
+    "Capability",
 ]

@@ -15,7 +15,18 @@ from .errors import InvalidStateError, NotFoundError, OperationTimeoutError, Usa
 from .xml import Disk, DomainXML
 
 if TYPE_CHECKING:
+    import os
+    from collections.abc import Iterable  # backup
+
+    from ._backup import BackupJob  # backup
+    from ._blockjob import BlockJob
+    from ._capabilities import Capabilities  # advisor
+    from ._checkpoint import CheckpointCollection  # checkpoints
     from ._connection import Connection
+    from ._freeze import Filesystem  # freeze
+    from ._memory import ManagedSaveResult, SaveImage
+    from ._snapshot import SnapshotCollection  # snapshots
+    from .xml import BackupMode, CheckpointXML  # backup
 
 __all__ = ["Domain"]
 
@@ -186,15 +197,328 @@ class Domain:
                 domain_name=self.name,
             )
 
-    # ------------------------------------------------------------------ memory state (_memory.py)
+    # ------------------------------------------------------ memory state (_memory.py)
+    def managed_save(
+        self, *, bypass_cache: bool = False, running: bool | None = None
+    ) -> ManagedSaveResult:
+        """Save the guest's memory into an image libvirt manages, then stop the domain.
+
+        The next :meth:`start` resumes the guest from the image (and deletes it); ``start(
+        force_boot=True)`` or :meth:`remove_managed_save` discards it. ``running`` sets the
+        state after that start: ``True`` running, ``False`` paused, ``None`` as it was.
+        ``bypass_cache`` writes without filling the host's page cache.
+
+        This is not a rollback mechanism: the image is only valid while the disks stay
+        unchanged, and starting consumes it. Use :meth:`save` with disk copies for that.
+
+        Raises :class:`InvalidStateError` for an inactive or a transient domain (nothing
+        happens then). If the save fails, the domain keeps running. Returns a
+        :class:`ManagedSaveResult` with the measured downtime.
+        """
+        from . import _memory
+
+        return _memory.managed_save(self, bypass_cache=bypass_cache, running=running)
+
+    @property
+    def has_managed_save(self) -> bool:
+        """Whether a managed save image exists (the next :meth:`start` resumes from it)."""
+        from . import _memory
+
+        return _memory.has_managed_save(self)
+
+    def remove_managed_save(self) -> None:
+        """Delete the managed save image, so the next :meth:`start` boots afresh.
+
+        Raises :class:`NotFoundError` when there is none.
+        """
+        from . import _memory
+
+        _memory.remove_managed_save(self)
+
+    @property
+    def managed_save_definition(self) -> DomainXML:
+        """The definition stored in the managed save image (used when :meth:`start` resumes).
+
+        Raises :class:`NotFoundError` when there is no image, :class:`UnsupportedError` on
+        drivers that cannot read it (the test driver).
+        """
+        from . import _memory
+
+        return _memory.managed_save_definition(self)
+
+    def redefine_managed_save(
+        self, definition: DomainXML | str | None = None, *, running: bool | None = None
+    ) -> None:
+        """Replace the definition in the managed save image, its run state on start, or both.
+
+        The definition must describe this domain (same name and UUID) and stay
+        ABI-compatible with the saved guest. Raises :class:`NotFoundError` when there is no
+        image, :class:`UnsupportedError` where the driver cannot (the test driver).
+        """
+        from . import _memory
+
+        _memory.redefine_managed_save(self, definition, running=running)
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        running: bool | None = None,
+        definition: DomainXML | str | None = None,
+        bypass_cache: bool = False,
+    ) -> SaveImage:
+        """Save the guest's memory to ``path`` (a file you own), then stop the domain.
+
+        Returns a :class:`SaveImage`; its :attr:`~SaveImage.result` holds the measured
+        downtime. Restore with :meth:`SaveImage.restore` or :meth:`Connection.restore`.
+        ``running`` sets the state after a restore (``True`` running, ``False`` paused,
+        ``None`` as it was); ``definition`` stores an alternative (ABI-compatible)
+        definition in the image.
+
+        The file is created owner-only (0600). An existing file raises
+        :class:`TargetExistsError` (also a ``FileExistsError``) unless ``overwrite=True``,
+        which replaces it only once the new image is complete. Everything is checked before
+        the guest is touched; if the save fails, the domain keeps running and no partial
+        file is left. Uses ``virDomainSaveParams`` on libvirt >= 8.4.
+        """
+        from . import _memory
+
+        return _memory.save(
+            self,
+            path,
+            overwrite=overwrite,
+            running=running,
+            definition=definition,
+            bypass_cache=bypass_cache,
+        )
 
     # ------------------------------------------------------------------ snapshots (_snapshot.py)
+    @property
+    def snapshots(self) -> SnapshotCollection:
+        """The domain's snapshots: ``create()``, ``list()``, ``roots()``, ``current``,
+        ``dom.snapshots["name"]``, ``"name" in``, ``len()`` (see :class:`SnapshotCollection`)."""
+        from ._snapshot import SnapshotCollection
 
-    # ------------------------------------------------------------------ guest agent, freeze (_freeze.py)
+        return SnapshotCollection(self)
+
+    # ------------------------------------------------------ guest agent, freeze (_freeze.py)
+    @property
+    def agent_connected(self) -> bool:
+        """Whether the domain runs and its guest agent is connected.
+
+        Read from the live definition (the agent channel's ``state``), so no agent command
+        is sent. ``False`` without an agent channel. Drivers that do not report the channel
+        state (the test driver) count a defined channel of a running domain as connected.
+        """
+        from ._freeze import agent_connected
+
+        return agent_connected(self)
+
+    def wait_for_agent(self, timeout: float) -> float:
+        """Block until the guest agent is connected; returns the seconds waited.
+
+        Driven by the agent-lifecycle event (subscribed before looking, so a connect is
+        never missed). Right after a boot the agent is not connected yet; freezing before
+        it is raises :class:`GuestAgentError`. Raises :class:`OperationTimeoutError` after
+        ``timeout`` seconds, :class:`GuestAgentError` when the domain has no agent channel,
+        and :class:`InvalidStateError` when the domain is not (or stops) running.
+        """
+        from ._freeze import wait_for_agent
+
+        return wait_for_agent(self, timeout)
+
+    def fs_info(self) -> tuple[Filesystem, ...]:
+        """The guest's mounted filesystems, sorted by mount point, from the guest agent.
+
+        Raises :class:`GuestAgentError` when the agent is missing or not connected, and
+        :class:`InvalidStateError` when the domain is not running or its filesystems are
+        frozen (the agent refuses to list them while frozen).
+        """
+        from ._freeze import fs_info
+
+        return fs_info(self)
+
+    def fs_thaw(self) -> int:
+        """Thaw every frozen filesystem of the guest; returns how many thawed.
+
+        The recovery for a guest left frozen (by a crashed process, or after a
+        :class:`ThawError`); 0 means nothing was frozen. To freeze, use
+        :func:`statecapture.fs_frozen`, which always thaws. Raises :class:`ThawError` when
+        the thaw fails.
+        """
+        from ._freeze import fs_thaw
+
+        return fs_thaw(self)
 
     # ------------------------------------------------------------------ block jobs (_blockjob.py)
+    def block_commit(
+        self,
+        disk: str,
+        *,
+        top: str | None = None,
+        base: str | None = None,
+        active: bool | None = None,
+        shallow: bool = False,
+        delete: bool = False,
+        bandwidth: int | None = None,
+    ) -> BlockJob:
+        """Start merging a disk's upper layers down its backing chain (``virDomainBlockCommit``).
 
-    # ------------------------------------------------------------------ checkpoints, backup (_backup.py)
+        ``top`` and ``base`` name layers by path or as ``vda[N]`` (libvirt's index from the
+        live XML); ``top=None`` is the active layer, ``base=None`` the bottom of the chain
+        (``shallow=True``: the layer right below ``top``). Committing the active layer is an
+        *active commit* (chosen automatically; ``active`` only double-checks): the job then
+        becomes ready and ends with :meth:`BlockJob.pivot` (guest moves to ``base``) or
+        :meth:`BlockJob.abort` (guest stays on the overlay). A commit below the active layer
+        ends by itself (:meth:`BlockJob.wait`). ``delete`` removes the committed images
+        afterwards; ``bandwidth`` limits the job in bytes per second.
+
+        Raises :class:`NotFoundError` (unknown disk), :class:`InvalidStateError` (domain not
+        running, no backing image, a job already running on the disk) before libvirt is
+        asked.
+        """
+        from ._blockjob import start_commit
+
+        return start_commit(
+            self,
+            disk,
+            top=top,
+            base=base,
+            active=active,
+            shallow=shallow,
+            delete=delete,
+            bandwidth=bandwidth,
+        )
+
+    def block_copy(
+        self,
+        disk: str,
+        destination: str | os.PathLike[str],
+        *,
+        format: str = "qcow2",
+        shallow: bool = False,
+        reuse_external: bool = False,
+        synchronous_writes: bool = False,
+        bandwidth: int | None = None,
+    ) -> BlockJob:
+        """Start mirroring a running disk to ``destination`` (``virDomainBlockCopy``).
+
+        libvirt creates ``destination`` (owner-only, ``format`` ``qcow2`` or ``raw``) unless
+        ``reuse_external`` asks to copy into an existing image; an existing file without it
+        raises :class:`TargetExistsError` before anything starts. ``shallow`` copies only
+        the active layer (the copy keeps the backing chain), ``synchronous_writes`` makes
+        guest writes reach the destination before they complete. Persistent domains get a
+        transient job (libvirt 9.0 requires it): the job is not resumed after a restart.
+
+        The job becomes ready when the copy is in sync; then :meth:`BlockJob.pivot` moves
+        the guest to the copy, :meth:`BlockJob.abort` leaves it on the original and keeps
+        the copy (consistent to the moment of the abort). For several disks at one instant
+        use :func:`statecapture.consistent_copy`.
+        """
+        from ._blockjob import start_copy
+
+        return start_copy(
+            self,
+            disk,
+            destination,
+            format=format,
+            shallow=shallow,
+            reuse_external=reuse_external,
+            synchronous_writes=synchronous_writes,
+            bandwidth=bandwidth,
+        )
+
+    def block_jobs(self) -> tuple[BlockJob, ...]:
+        """The block jobs running on this domain now, one handle per disk with a job.
+
+        Works on a fresh connection too (e.g. after a reconnect): readiness of a mirror
+        started elsewhere is read from the live XML's ``<mirror ready='yes'>``. Handles
+        returned here do not own their jobs: leaving their ``with`` block still aborts.
+        """
+        from ._blockjob import running_jobs
+
+        return running_jobs(self)
+
+    # ------------------------------------------------------ checkpoints, backup (_backup.py)
+    # checkpoints
+    @property
+    def checkpoints(self) -> CheckpointCollection:
+        """The domain's checkpoints: ``create()``, ``list()``, ``dom.checkpoints["c1"]`` ...
+
+        A checkpoint tracks the blocks written since it was made (one qcow2 dirty bitmap per
+        disk), the base of incremental backups. See :class:`CheckpointCollection`.
+        """
+        from ._checkpoint import CheckpointCollection
+
+        return CheckpointCollection(self)
+
+    # backup
+    def backup(
+        self,
+        *,
+        mode: BackupMode | str = "push",
+        disks: Iterable[str] | None = None,
+        incremental_from: str | None = None,
+        checkpoint: str | CheckpointXML | None = None,
+        target_dir: str | os.PathLike[str] | None = None,
+        scratch_dir: str | os.PathLike[str] | None = None,
+        socket: str | os.PathLike[str] | None = None,
+    ) -> BackupJob:
+        """Start a backup job of the running domain's disks; returns a :class:`BackupJob`.
+
+        ``mode="push"``: QEMU writes ``<domain>.<disk>.<label>.qcow2`` into ``target_dir``
+        (required); call :meth:`BackupJob.wait`. ``mode="pull"``: QEMU serves the disks over
+        NBD on ``socket`` (default: a private socket) with scratch files in ``scratch_dir``
+        (default: a private directory); call :meth:`BackupJob.download`. The label is the
+        name of ``checkpoint`` — a checkpoint created atomically with the job's start,
+        tracking exactly the disks backed up — or a time stamp.
+
+        ``disks`` (default: every writable disk) chooses disks by target. With
+        ``incremental_from`` only blocks changed since that checkpoint are copied; disks
+        without a bitmap in it (added later) are copied in full, the rest incrementally.
+
+        Refused before anything changes: a second job (:class:`InvalidStateError`; one
+        backup job per domain), a driver without backups such as the test driver
+        (:class:`UnsupportedError`, naming the missing API), an existing file
+        (:class:`TargetExistsError`), an unknown disk or checkpoint (:class:`NotFoundError`).
+        Use the job as a context manager so it always ends.
+        """
+        from ._backup import begin_backup
+
+        return begin_backup(
+            self,
+            mode=mode,
+            disks=disks,
+            incremental_from=incremental_from,
+            checkpoint=checkpoint,
+            target_dir=target_dir,
+            scratch_dir=scratch_dir,
+            socket=socket,
+        )
+
+    def active_backup(self) -> BackupJob | None:  # backup
+        """The domain's running backup job, or ``None`` — also one another process started.
+
+        After a crash, a kill or a reconnect, a leftover job blocks new jobs; end it with
+        ``dom.active_backup().end()``: that waits for ``JOB_COMPLETED`` and removes the
+        checkpoint and files the interrupted run recorded (it never delivered them).
+        """
+        from ._backup import active_backup
+
+        return active_backup(self)
+
+    # ------------------------------------------------------------- capabilities (_capabilities.py)
+    def capabilities(self) -> Capabilities:
+        """What this driver and daemon version can do for this domain, probed.
+
+        Every answer comes from asking libvirt in a way that cannot change anything (an API
+        called with an undefined flag, a read-only query) or from a version gate on the
+        daemon; each :class:`Capability` says which, in its ``reason``.
+        """
+        from ._capabilities import probe_domain
+
+        return probe_domain(self)
 
     # ------------------------------------------------------------------ notebook view
     def _repr_html_(self) -> str:

@@ -6,8 +6,18 @@ under our own namespace (:data:`JOURNAL_NS`) — before each step starts and aft
 so any other process, even one on another machine connected to the same daemon, can see an
 unfinished sequence and :func:`~statecapture.recover` can undo it after a crash.
 
-The journal records *facts needed to undo* (original disk sources, overlay paths, the
-checkpoint a backup created, files written), never secrets.
+The journal records *facts needed to undo* (original disk sources, planned overlay paths,
+the checkpoint a backup creates, files it writes, whether a freeze may be in effect), never
+secrets. Facts are written *before* the step that makes them true starts (a planned overlay
+path is journalled before the snapshot that creates it), so a process killed at any instant
+leaves enough behind for :func:`~statecapture.recover`.
+
+Each write is one ``virDomainSetMetadata`` call (libvirt saves the domain XML: about 5-10 ms
+on a local disk), so sequences never write the journal while the guest is frozen.
+
+Fault injection: :data:`_fault_hook` (private, ``None`` in production) is called with the
+name of every step boundary (``start:copy``, ``done:copy``, ``in:snapshot:frozen`` ...).
+The kill-matrix tests set it in a child process to ``SIGKILL`` themselves at one boundary.
 """
 
 from __future__ import annotations
@@ -17,24 +27,42 @@ import os
 import socket
 import time
 import uuid as uuidlib
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Self
 
 import attrs
 from lxml import etree
-from typing_extensions import Self
 
+from .errors import InvalidStateError, XMLError
 from .xml._base import XMLInput, parse, serialize
 
 if TYPE_CHECKING:
     from ._domain import Domain
 
-__all__ = ["JOURNAL_NS", "JOURNAL_KEY", "Journal", "JournalStep", "JournalWriter", "read_journal"]
+__all__ = [
+    "JOURNAL_NS",
+    "JOURNAL_KEY",
+    "Journal",
+    "JournalStep",
+    "JournalWriter",
+    "clear_journal",
+    "read_journal",
+]
 
 JOURNAL_NS = "urn:x-statecapture:journal:1"
 """The metadata namespace URI of the journal element in the domain XML."""
 JOURNAL_KEY = "statecapture"
 """The XML namespace prefix libvirt uses for the journal element."""
+
+_fault_hook: Callable[[str], None] | None = None
+"""Tests only: called with each boundary name (``start:STEP``, ``done:STEP``, ``in:…``)."""
+
+
+def boundary(name: str) -> None:
+    """Mark a step boundary: calls the (test-only) fault hook when one is set."""
+    hook = _fault_hook
+    if hook is not None:
+        hook(name)
 
 
 @attrs.frozen
@@ -43,8 +71,9 @@ class JournalStep:
 
     name: str
     status: str
-    """``started``, ``done``, ``failed`` or ``undone``."""
+    """``started``, ``done`` or ``failed``."""
     started_at: float
+    """Wall-clock time (``time.time()``) the step started."""
     ended_at: float | None = None
     error: str | None = None
 
@@ -57,7 +86,9 @@ class Journal:
     """Which sequence: ``backup_via_temporary_snapshot`` or ``direct_backup``."""
     run_id: str
     host: str
+    """The host name of the process that ran the sequence."""
     pid: int
+    """Its process id."""
     started_at: float
     steps: tuple[JournalStep, ...] = ()
     facts: Mapping[str, str] = attrs.field(factory=dict)
@@ -69,7 +100,15 @@ class Journal:
         """The last step recorded."""
         return self.steps[-1] if self.steps else None
 
+    def step(self, name: str) -> JournalStep | None:
+        """The journalled step ``name``, or ``None`` when it never started."""
+        for step in self.steps:
+            if step.name == name:
+                return step
+        return None
+
     def fact(self, key: str) -> str | None:
+        """The fact ``key``, or ``None``."""
         return self.facts.get(key)
 
     def facts_with_prefix(self, prefix: str) -> dict[str, str]:
@@ -78,12 +117,21 @@ class Journal:
             k[len(prefix) + 1 :]: v for k, v in self.facts.items() if k.startswith(prefix + ":")
         }
 
+    def describe(self) -> str:
+        """One line for reports: which sequence, where it stopped, who ran it."""
+        step = self.current_step
+        where = f"step {step.name!r} {step.status}" if step is not None else "before its first step"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
+        return (
+            f"unfinished {self.sequence} (run {self.run_id[:12]}, started {when} by pid "
+            f"{self.pid} on {self.host}), stopped at {where}"
+        )
+
     @classmethod
     def from_xml(cls, text: XMLInput) -> Self:
+        """Parse the stored ``<journal>`` element; :class:`XMLError` when it is damaged."""
         root = parse(text)
         if etree.QName(root).localname != "journal":
-            from .errors import XMLError
-
             raise XMLError(f"expected a <journal> element, got <{root.tag}>")
 
         def attr(el: etree._Element, name: str) -> str:
@@ -91,34 +139,38 @@ class Journal:
 
         steps = []
         facts: dict[str, str] = {}
-        for child in root:
-            if not isinstance(child.tag, str):
-                continue
-            local = etree.QName(child).localname
-            if local == "step":
-                ended = child.get("ended")
-                steps.append(
-                    JournalStep(
-                        name=attr(child, "name"),
-                        status=attr(child, "status"),
-                        started_at=float(child.get("started") or 0),
-                        ended_at=float(ended) if ended else None,
-                        error=child.get("error"),
+        try:
+            for child in root:
+                if not isinstance(child.tag, str):
+                    continue
+                local = etree.QName(child).localname
+                if local == "step":
+                    ended = child.get("ended")
+                    steps.append(
+                        JournalStep(
+                            name=attr(child, "name"),
+                            status=attr(child, "status"),
+                            started_at=float(child.get("started") or 0),
+                            ended_at=float(ended) if ended else None,
+                            error=child.get("error"),
+                        )
                     )
-                )
-            elif local == "fact":
-                facts[attr(child, "key")] = attr(child, "value")
-        return cls(
-            sequence=attr(root, "sequence"),
-            run_id=attr(root, "run"),
-            host=attr(root, "host"),
-            pid=int(root.get("pid") or 0),
-            started_at=float(root.get("started") or 0),
-            steps=tuple(steps),
-            facts=facts,
-        )
+                elif local == "fact":
+                    facts[attr(child, "key")] = attr(child, "value")
+            return cls(
+                sequence=attr(root, "sequence"),
+                run_id=attr(root, "run"),
+                host=attr(root, "host"),
+                pid=int(root.get("pid") or 0),
+                started_at=float(root.get("started") or 0),
+                steps=tuple(steps),
+                facts=facts,
+            )
+        except ValueError as exc:
+            raise XMLError(f"damaged journal: {exc}") from exc
 
     def to_xml(self) -> str:
+        """The ``<journal>`` element as stored."""
         root = etree.Element(
             "journal",
             sequence=self.sequence,
@@ -141,11 +193,24 @@ class Journal:
 
 
 def read_journal(dom: Domain) -> Journal | None:
-    """The unfinished sequence journalled on ``dom``, or ``None``."""
+    """The unfinished sequence journalled on ``dom``, or ``None``.
+
+    Raises :class:`XMLError` when the stored journal is damaged.
+    """
     text = dom._vir.get_metadata(JOURNAL_NS)
     if text is None:
         return None
     return Journal.from_xml(text)
+
+
+def _now() -> float:
+    """Wall-clock time as stored (microseconds), so a read-back journal compares equal."""
+    return round(time.time(), 6)
+
+
+def new_run_id() -> str:
+    """A fresh run id (32 hex digits; its first 12 name the run's files)."""
+    return uuidlib.uuid4().hex
 
 
 @attrs.define(eq=False)
@@ -154,41 +219,87 @@ class JournalWriter:
 
     dom: Domain
     journal: Journal
+    timings: list[tuple[str, float]] = attrs.field(factory=list)
+    """``(step, seconds)`` of each step that ended, in order (monotonic clock)."""
+    _staged: dict[str, str | None] = attrs.field(factory=dict)
 
     @classmethod
-    def begin(cls, dom: Domain, sequence: str) -> JournalWriter:
+    def begin(
+        cls,
+        dom: Domain,
+        sequence: str,
+        *,
+        run_id: str | None = None,
+        facts: Mapping[str, str] | None = None,
+    ) -> JournalWriter:
+        """Write a new journal (with its first ``facts``) in one metadata write.
+
+        Raises :class:`InvalidStateError` when another run wrote its journal at the same
+        time (read back after the write: the last writer wins, the other one backs off).
+        """
         journal = Journal(
             sequence=sequence,
-            run_id=uuidlib.uuid4().hex,
+            run_id=run_id or new_run_id(),
             host=socket.gethostname(),
             pid=os.getpid(),
-            started_at=time.time(),
+            started_at=_now(),
+            facts=dict(facts or {}),
         )
         writer = cls(dom, journal)
-        writer._flush()
+        writer._flush(check=False)
+        writer._check_owner()
         return writer
 
-    def _flush(self) -> None:
+    def _check_owner(self) -> None:
+        text = self.dom._vir.get_metadata(JOURNAL_NS)
+        try:
+            stored = Journal.from_xml(text) if text is not None else None
+        except XMLError:
+            stored = None
+        if stored is None or stored.run_id != self.journal.run_id:
+            raise InvalidStateError(
+                f"another statecapture sequence on domain {self.dom.name!r} replaced this "
+                "run's journal; two sequences cannot run on one domain at the same time",
+                operation="write the sequence journal",
+                domain_name=self.dom.name,
+            )
+
+    def _flush(self, *, check: bool = True) -> None:
+        if check:
+            self._check_owner()
         self.dom._vir.set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
 
-    def record(self, **facts: str) -> None:
-        """Add undo facts (written through at once)."""
+    def _merge_staged(self) -> None:
+        if not self._staged:
+            return
         merged = dict(self.journal.facts)
-        merged.update({k.replace("__", ":"): v for k, v in facts.items()})
+        for key, value in self._staged.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        self._staged.clear()
         self.journal = attrs.evolve(self.journal, facts=merged)
+
+    def stage(self, key: str, value: str | None) -> None:
+        """Set (``None``: drop) a fact in memory; the next journal write stores it."""
+        self._staged[key] = value
+
+    def record(self, **facts: str) -> None:
+        """Add undo facts (written through at once); ``a__b`` in a name means ``a:b``."""
+        for key, value in facts.items():
+            self.stage(key.replace("__", ":"), value)
+        self._merge_staged()
         self._flush()
 
     def set_fact(self, key: str, value: str | None) -> None:
-        """Set (``None``: drop) one fact whose key may contain ``:``."""
-        merged = dict(self.journal.facts)
-        if value is None:
-            merged.pop(key, None)
-        else:
-            merged[key] = value
-        self.journal = attrs.evolve(self.journal, facts=merged)
+        """Set (``None``: drop) one fact whose key may contain ``:``, written through."""
+        self.stage(key, value)
+        self._merge_staged()
         self._flush()
 
     def _set_step(self, step: JournalStep) -> None:
+        self._merge_staged()
         steps = [s for s in self.journal.steps if s.name != step.name]
         steps.append(step)
         self.journal = attrs.evolve(self.journal, steps=tuple(steps))
@@ -196,18 +307,27 @@ class JournalWriter:
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
-        """Journal ``name`` as started before the body and as done (or failed) after."""
-        started = JournalStep(name, "started", time.time())
+        """Journal ``name`` as started before the body and as done (or failed) after.
+
+        Staged facts go out with those writes. The fault hook sees ``start:NAME`` once the
+        start is journalled and ``done:NAME`` once the end is.
+        """
+        started = JournalStep(name, "started", _now())
         self._set_step(started)
+        boundary(f"start:{name}")
+        clock = time.monotonic()
         try:
             yield
         except BaseException as exc:
+            self.timings.append((name, time.monotonic() - clock))
             with contextlib.suppress(Exception):
                 self._set_step(
-                    attrs.evolve(started, status="failed", ended_at=time.time(), error=repr(exc))
+                    attrs.evolve(started, status="failed", ended_at=_now(), error=repr(exc))
                 )
             raise
-        self._set_step(attrs.evolve(started, status="done", ended_at=time.time()))
+        self.timings.append((name, time.monotonic() - clock))
+        self._set_step(attrs.evolve(started, status="done", ended_at=_now()))
+        boundary(f"done:{name}")
 
     def finish(self) -> None:
         """The sequence ended cleanly (or was fully undone): remove the journal."""

@@ -179,7 +179,7 @@ def _sequence_snapshot(conn: Connection, dom: Domain, scratch: Path) -> str:
     result = statecapture.backup_via_temporary_snapshot(
         dom, _copy_files(scratch / "via-snapshot"), quiesce="best-effort"
     )
-    return f"{result.consistency} consistent, frozen {result.frozen_for or 0:.3f} s"
+    return f"{result.consistency.value} consistent, frozen {result.frozen_for or 0:.3f} s"
 
 
 @stop("sequence: direct backup (push, new checkpoint)", "backup", "checkpoint")
@@ -188,7 +188,8 @@ def _sequence_direct(conn: Connection, dom: Domain, scratch: Path) -> str:
     target.mkdir()
     result = statecapture.direct_backup(dom, target, quiesce="best-effort")
     frozen = result.frozen_for or 0
-    return f"{result.consistency} consistent, frozen {frozen:.3f} s, checkpoint {result.checkpoint}"
+    consistency = result.consistency.value
+    return f"{consistency} consistent, frozen {frozen:.3f} s, checkpoint {result.checkpoint}"
 
 
 @stop("recover(): nothing left behind")

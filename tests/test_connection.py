@@ -9,8 +9,7 @@ import threading
 import pytest
 
 import statecapture
-from statecapture import DEFAULT_URI, EventKind, UsageError, XMLError, resolve_uri
-from statecapture import _adapter
+from statecapture import DEFAULT_URI, EventKind, UsageError, XMLError, _adapter, resolve_uri
 
 
 def test_default_uri_rules(monkeypatch: pytest.MonkeyPatch) -> None:

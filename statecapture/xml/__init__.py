@@ -5,8 +5,17 @@ does not model survives a round trip. Parsing is hardened: no network access, no
 entity expansion. Malformed input raises :class:`statecapture.XMLError` with the line.
 """
 
+from ._backup import BackupDiskXML, BackupMode, BackupXML, DiskBackupMode, NBDServer  # backup
 from ._base import parse, serialize
+from ._checkpoint import CheckpointDisk, CheckpointXML  # checkpoints
 from ._domain import BackingSource, Disk, DomainXML
+from ._snapshot import (  # snapshots
+    SnapshotDisk,
+    SnapshotDiskMode,
+    SnapshotMemory,
+    SnapshotMemoryMode,
+    SnapshotXML,
+)
 
 __all__ = [
     "parse",
@@ -14,4 +23,19 @@ __all__ = [
     "DomainXML",
     "Disk",
     "BackingSource",
+    # snapshots
+    "SnapshotXML",
+    "SnapshotMemory",
+    "SnapshotMemoryMode",
+    "SnapshotDisk",
+    "SnapshotDiskMode",
+    # checkpoints
+    "CheckpointXML",
+    "CheckpointDisk",
+    # backup
+    "BackupXML",
+    "BackupDiskXML",
+    "BackupMode",
+    "DiskBackupMode",
+    "NBDServer",
 ]
