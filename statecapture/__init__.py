@@ -32,9 +32,9 @@ from ._memory import (
     ManagedSaveResult,
     RestoreResult,
     SaveImage,
-    SaveImageError,
     SaveResult,
 )
+from .errors import SaveImageError
 
 # -- snapshot imports
 # isort: split

@@ -43,6 +43,7 @@ from .errors import (
     InvalidStateError,
     LibvirtError,
     NotFoundError,
+    SaveImageError,
     TargetExistsError,
     UnsupportedError,
     UsageError,
@@ -57,7 +58,6 @@ __all__ = [
     "ManagedSaveResult",
     "RestoreResult",
     "SaveImage",
-    "SaveImageError",
     "SaveResult",
 ]
 
@@ -79,38 +79,6 @@ _BAD_IMAGE_HINTS = (
     "load of migration failed",
     "error while loading state",
 )
-
-
-class SaveImageError(LibvirtError):
-    """A file is not a usable save image.
-
-    It is not a save image at all, is incomplete (left by an interrupted save), truncated or
-    otherwise corrupt. ``path`` names the file. Raised before anything is restored when the
-    image's header is bad; when only the memory data is damaged, QEMU notices during the
-    restore, which then fails and leaves no domain running.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | None = None,
-        code: int | None = None,
-        operation: str | None = None,
-        domain_name: str | None = None,
-        libvirt_message: str | None = None,
-    ) -> None:
-        super().__init__(
-            message,
-            code=code,
-            operation=operation,
-            domain_name=domain_name,
-            libvirt_message=libvirt_message,
-        )
-        self.path = path
-
-
-SaveImageError.__module__ = "statecapture"
 
 
 # ----------------------------------------------------------------------------- results

@@ -10,7 +10,8 @@ Every error statecapture raises derives from :class:`StateCaptureError`::
     │   ├── GuestAgentError           the guest agent is missing, unresponsive or failed the command
     │   ├── OperationTimeoutError     the operation timed out (also a TimeoutError)
     │   ├── CheckpointInconsistentError  checkpoint metadata and the qcow2 dirty bitmaps disagree
-    │   └── ConnectionLostError       the connection to libvirt broke
+    │   ├── ConnectionLostError       the connection to libvirt broke
+    │   └── SaveImageError            a file is not a usable save image (.path)
     ├── XMLError                      malformed or schema-violating XML (.line)
     ├── CleanupError                  an undo step (thaw, job abort, overlay merge ...) failed
     │   └── ThawError                 the guest's filesystems could not be thawed (may be frozen)
@@ -40,6 +41,7 @@ __all__ = [
     "OperationTimeoutError",
     "CheckpointInconsistentError",
     "ConnectionLostError",
+    "SaveImageError",
     "XMLError",
     "CleanupError",
     "ThawError",
@@ -157,6 +159,35 @@ class ConnectionLostError(LibvirtError):
     """The connection to libvirt is gone (daemon restarted, socket closed, RPC failure)."""
 
     codes = frozenset({5, 6, 39})
+
+
+class SaveImageError(LibvirtError):
+    """A file is not a usable save image.
+
+    It is not a save image at all, is incomplete (left by an interrupted save), truncated or
+    otherwise corrupt. ``path`` names the file. Raised before anything is restored when the
+    image's header is bad; when only the memory data is damaged, QEMU notices during the
+    restore, which then fails and leaves no domain running.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        code: int | None = None,
+        operation: str | None = None,
+        domain_name: str | None = None,
+        libvirt_message: str | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            code=code,
+            operation=operation,
+            domain_name=domain_name,
+            libvirt_message=libvirt_message,
+        )
+        self.path = path
 
 
 class XMLError(StateCaptureError, ValueError):
