@@ -1,7 +1,7 @@
 """The pull-mode data path: copy an NBD export into a qcow2 backup image.
 
 A pull-mode backup job exports each disk's point-in-time content over NBD. This module
-reads such an export with a real NBD client and writes a qcow2 image:
+reads such an export and writes a qcow2 image:
 
 * **full**: every extent that base:allocation reports as data is copied; zero extents and
   holes are skipped (the new image reads them as zero);
@@ -9,16 +9,75 @@ reads such an export with a real NBD client and writes a qcow2 image:
   into a qcow2 layer whose backing file is the previous backup; a dirty extent that now
   reads as zero is written as an explicit zero cluster (it must hide the older data below).
 
-The reference client is libnbd's Python binding (Debian's ``python3-libnbd``; PyPI has no
+The default client is libnbd's Python binding (Debian's ``python3-libnbd``; PyPI has no
 libnbd binding). Our interpreter may not see Debian's ``dist-packages``, so :func:`load_nbd`
-imports just ``nbd.py`` and ``libnbdmod*.so`` from there — never the whole directory. The
-target image is written through ``qemu-nbd`` that libnbd starts with systemd socket
-activation (no socket file to clean up). Without libnbd the same copies are made with
-``qemu-img`` (``convert`` for full, ``map`` + ``dd`` + ``qemu-io`` for incremental).
+imports just ``nbd.py`` and ``libnbdmod*.so`` from there — never the whole directory. With
+it, a copy goes like this:
 
-Memory stays bounded: data moves in requests of at most :data:`CHUNK` bytes, at most
-``_DEPTH`` reads and writes in flight, and extents are streamed, never collected for the
-whole disk. Progress is reported in bytes.
+1. libnbd connects, checks the meta contexts and plans the copy from block status: one
+   request per 1 GiB window answers base:allocation and the dirty bitmap together, and the
+   two extent lists are intersected here. The plan is streamed (never a whole-disk list)
+   and its byte total is what progress is measured against.
+2. **full**: ``qemu-img convert -n --target-is-zero`` copies the export into the image we
+   created; its ``-p`` output (the share of the data copied) is reported in bytes.
+3. **incremental**: :func:`_pipeline` copies the planned extents through a ``qemu-nbd``
+   that libnbd starts with systemd socket activation (no socket file to clean up): one
+   thread, one ``poll(2)`` over both sockets, up to :data:`_DEPTH` requests of at most
+   :data:`REQUEST_SIZE` in flight, each read into a buffer of a fixed pool and written from
+   that same buffer (no Python-level copy).
+4. Writers go through the page cache (``qemu-nbd --cache=unsafe``, ``qemu-img convert``'s
+   default); a thread (:class:`_Writeback`) ``fdatasync``-s the image every 50 ms while the
+   copy runs, and the image is ``fsync``-ed once its writer has exited, so a delivered
+   backup is on disk.
+
+Without libnbd the same copies are made with ``qemu-img`` (``convert`` for full, ``map`` +
+``dd`` + ``qemu-io`` for incremental; slow for scattered dirty extents: one ``dd`` each).
+
+Why this design — measured, not assumed (2 GiB qcow2 export holding 1 GiB of random data in
+16 extents, served by ``qemu-nbd --read-only``; 2 shared cores, load average 3-13; medians
+of 5 interleaved rounds; times include creating the image and, for ours, the final sync):
+
+====================================================  =======  ======  ============
+copy of the 1 GiB export                              seconds  CPU s   peak RSS
+====================================================  =======  ======  ============
+``qemu-img convert -O qcow2`` (no sync)               1.4      0.9     24 MiB
+``nbdcopy`` to a raw file (no sync)                   1.7      1.3     40 MiB
+``nbdcopy --flush`` to a raw file                     3.1      1.3     40 MiB
+``qemu-img convert`` + ``sync``                       3.3      0.9     24 MiB
+old libnbd path (4 x 4 MiB AIO, final fsync)          5.4      4.7     1069 MiB
+this path, full (convert + writeback + fsync)         2.45     1.6     44 MiB
+the same without writeback/fsync                      1.2      1.4     44 MiB
+:func:`_pipeline` as full copier (no sync)            2.1      3.0     61 MiB
+``nbdcopy`` → ``qemu-nbd`` qcow2 target (no sync)     2.3      2.7     23 MiB
+====================================================  =======  ======  ============
+
+Against copiers that also flush (``nbdcopy --flush``; ``qemu-img convert`` then ``sync``),
+the full path's per-round ratio is 1.28x (median; 0.86-1.38); the copy itself, without
+the sync, runs at 1.04x the best of ``qemu-img convert`` and ``nbdcopy``. The final sync
+costs 1.5-2 s per GiB on these disks; without the writeback thread it was 0.4-0.9 s more.
+(The peak RSS of 44 MiB is the interpreter with this library loaded: 43 MiB.)
+
+* The old path waited on one handle at a time (``poll`` on the source while the target's
+  queued writes sat unsent, and the reverse), so reads and writes barely overlapped; and
+  libnbd 1.14's binding never frees an ``nbd.Buffer`` passed to ``aio_pread`` (64 x 4 MiB
+  reads grew the RSS by 256 MiB), so its memory grew with the bytes copied. The pipeline
+  hands views of pooled ``bytearray`` buffers to libnbd instead (flat RSS over 4 GiB).
+* Any copy that passes through this process moves each byte through two more socket copies
+  and a second QEMU process: 2.7-3 CPU-seconds per GiB against 0.9 for ``qemu-img
+  convert``, which writes the qcow2 itself. ``nbdcopy`` → ``qemu-nbd`` costs the same as
+  the pipeline, so delegating to it gains nothing; with two busy cores CPU time is wall
+  time, hence ``qemu-img convert`` for full copies.
+* Pipeline tuning: 512 KiB requests beat 4 MiB ones (cache locality; ``qemu-nbd`` maps and
+  unmaps a fresh buffer for every large request), 32 in flight beat 8-16; 4 MiB socket
+  send buffers were no faster (one screening round); multi-conn (2 or 4 connections, one
+  loop or a thread per connection) gave no consistent gain, so one connection is used and
+  no server needs to advertise ``can_multi_conn``.
+* Incremental (2048 scattered dirty 64 KiB clusters + 256 zeroed, 144 MiB planned):
+  the pipeline with merged block status takes 0.7 s, the old path 1.4 s, the ``qemu-img``
+  fallback 39 s; ``qemu-img convert`` cannot copy only the dirty extents of a bitmap.
+
+Memory stays bounded: ``_DEPTH * REQUEST_SIZE`` (16 MiB) of buffers in the pipeline, none
+in this process for a full copy, and extents are streamed. Progress is reported in bytes.
 """
 
 from __future__ import annotations
@@ -27,12 +86,15 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,6 +107,7 @@ from .errors import StateCaptureError, UnsupportedError
 
 __all__ = [
     "CHUNK",
+    "REQUEST_SIZE",
     "CopyStats",
     "ExportSource",
     "NBDHandle",
@@ -54,7 +117,7 @@ __all__ = [
 ]
 
 CHUNK: Final = 4 << 20
-"""Largest single read/write of the data path (bytes)."""
+"""Largest piece the ``qemu-img`` fallback copies with one ``dd`` (bytes)."""
 
 _WINDOW: Final = 1 << 30
 """Largest block-status request (QEMU answers at most this much per call anyway)."""
@@ -90,8 +153,12 @@ class NBDHandle(Protocol):
     def aio_pread(self, buf: Any, offset: int, completion: Any = None, flags: int = 0) -> int: ...
     def aio_pwrite(self, buf: Any, offset: int, completion: Any = None, flags: int = 0) -> int: ...
     def aio_zero(self, count: int, offset: int, completion: Any = None, flags: int = 0) -> int: ...
-    def aio_command_completed(self, cookie: int) -> bool: ...
-    def poll(self, timeout: int) -> int: ...
+    def aio_get_fd(self) -> int: ...
+    def aio_get_direction(self) -> int: ...
+    def aio_notify_read(self) -> None: ...
+    def aio_notify_write(self) -> None: ...
+    def aio_is_dead(self) -> bool: ...
+    def set_pread_initialize(self, request: bool) -> None: ...
 
 
 _nbd_lock = threading.Lock()
@@ -227,55 +294,103 @@ Progress = Callable[[int, int], None]
 # --------------------------------------------------------------------------- extents via libnbd
 
 
-def _extents(h: NBDHandle, context: str, start: int, length: int) -> Iterator[tuple[int, int, int]]:
-    """``(offset, length, flags)`` of ``context`` covering ``[start, start+length)``."""
-    end = start + length
-    cur = start
-    while cur < end:
-        got: list[tuple[int, int]] = []
+def _clip(
+    entries: list[tuple[int, int]], length: int, context: str, start: int
+) -> list[tuple[int, int]]:
+    """``(length, flags)`` pairs covering at most ``length`` bytes; bad lengths raise."""
+    out: list[tuple[int, int]] = []
+    left = length
+    for ext_len, flags in entries:
+        if left <= 0:
+            break
+        if ext_len <= 0:
+            raise StateCaptureError(f"the NBD server sent an empty {context} extent at {start}")
+        out.append((min(ext_len, left), flags))
+        left -= ext_len
+    return out
+
+
+def _plan(h: NBDHandle, size: int, bitmap_context: str | None) -> Iterator[tuple[int, int, bool]]:
+    """``(offset, length, is_data)`` of what must be written; streamed, window by window.
+
+    One ``block_status`` round trip answers every negotiated context for the same range, so
+    the dirty bitmap and the allocation map are read together and intersected here (one
+    request per window, not one per dirty extent).
+    """
+    contexts = [BASE_ALLOCATION] if bitmap_context is None else [BASE_ALLOCATION, bitmap_context]
+    pos = 0
+    while pos < size:
+        want = min(size - pos, _WINDOW)
+        got: dict[str, list[tuple[int, int]]] = {c: [] for c in contexts}
 
         def cb(
             metacontext: str,
             offset: int,
             entries: list[int],
             _err: Any,
-            got: list[tuple[int, int]] = got,
+            got: dict[str, list[tuple[int, int]]] = got,
         ) -> int:
-            if metacontext == context:
-                got.extend(zip(entries[0::2], entries[1::2], strict=True))
+            if metacontext in got:
+                got[metacontext].extend(zip(entries[0::2], entries[1::2], strict=True))
             return 0
 
-        h.block_status(min(end - cur, _WINDOW), cur, cb)
-        if not got:
-            raise StateCaptureError(f"the NBD server sent no {context} extents at offset {cur}")
-        for ext_len, flags in got:
-            if cur >= end:
-                break
-            ext_len = min(ext_len, end - cur)
-            if ext_len <= 0:
-                raise StateCaptureError(f"the NBD server sent an empty {context} extent at {cur}")
-            yield cur, ext_len, flags
-            cur += ext_len
-
-
-def _plan(h: NBDHandle, size: int, bitmap_context: str | None) -> Iterator[tuple[int, int, bool]]:
-    """``(offset, length, is_data)`` of what must be written; streamed, window by window."""
-    pos = 0
-    while pos < size:
-        window = min(size - pos, _WINDOW)
+        h.block_status(want, pos, cb)
+        for ctx, entries in got.items():
+            if not entries:
+                raise StateCaptureError(f"the NBD server sent no {ctx} extents at offset {pos}")
+        covered = min(want, *(sum(n for n, _f in entries) for entries in got.values()))
+        alloc = _clip(got[BASE_ALLOCATION], covered, BASE_ALLOCATION, pos)
         if bitmap_context is None:
-            dirty: Iterator[tuple[int, int, int]] = iter([(pos, window, _DIRTY)])
+            off = pos
+            for ext_len, flags in alloc:
+                if not flags & _STATE_ZERO:  # zeros: the new image already reads zero there
+                    yield off, ext_len, True
+                off += ext_len
         else:
-            dirty = _extents(h, bitmap_context, pos, window)
-        for d_off, d_len, d_flags in dirty:
-            if not d_flags & _DIRTY:
-                continue
-            for a_off, a_len, a_flags in _extents(h, BASE_ALLOCATION, d_off, d_len):
-                is_zero = bool(a_flags & _STATE_ZERO)
-                if is_zero and bitmap_context is None:
-                    continue  # full copy: the new image already reads zero there
-                yield a_off, a_len, not is_zero
-        pos += window
+            dirty = _clip(got[bitmap_context], covered, bitmap_context, pos)
+            yield from _dirty_pieces(pos, dirty, alloc)
+        pos += covered
+
+
+def _dirty_pieces(
+    start: int, dirty: list[tuple[int, int]], alloc: list[tuple[int, int]]
+) -> Iterator[tuple[int, int, bool]]:
+    """Intersect two extent lists that both begin at ``start``: the dirty parts, split by
+    allocation; a dirty part reading as zero is ``is_data=False`` (written as zeros)."""
+    d_i = a_i = 0
+    d_left, d_flags = dirty[0]
+    a_left, a_flags = alloc[0]
+    off = start
+    while True:
+        n = min(d_left, a_left)
+        if d_flags & _DIRTY:
+            yield off, n, not a_flags & _STATE_ZERO
+        off += n
+        d_left -= n
+        a_left -= n
+        if d_left == 0:
+            d_i += 1
+            if d_i == len(dirty):
+                return
+            d_left, d_flags = dirty[d_i]
+        if a_left == 0:
+            a_i += 1
+            if a_i == len(alloc):
+                return
+            a_left, a_flags = alloc[a_i]
+
+
+def _requests(pieces: Iterator[tuple[int, int, bool]]) -> Iterator[tuple[int, int, bool]]:
+    """Split data pieces into reads of at most :data:`REQUEST_SIZE`; zero pieces stay whole."""
+    for off, length, is_data in pieces:
+        if not is_data:
+            yield off, length, False
+            continue
+        end = off + length
+        while off < end:
+            n = min(REQUEST_SIZE, end - off)
+            yield off, n, True
+            off += n
 
 
 def _copy_libnbd(
@@ -289,6 +404,9 @@ def _copy_libnbd(
     src.add_meta_context(BASE_ALLOCATION)
     if source.bitmap_context is not None:
         src.add_meta_context(source.bitmap_context)
+    with contextlib.suppress(AttributeError):  # libnbd < 1.12 always zeroes read buffers
+        # nothing is written from a failed read (the copy stops), so skip zeroing buffers
+        src.set_pread_initialize(False)
     src.connect_unix(source.socket)
     try:
         for ctx in (BASE_ALLOCATION, source.bitmap_context):
@@ -296,26 +414,130 @@ def _copy_libnbd(
                 raise UnsupportedError(f"the NBD export {source.export_name!r} lacks {ctx}")
         size = src.get_size()
         planned = sum(length for _o, length, _d in _plan(src, size, source.bitmap_context))
-        dst = _new_handle()
-        dst.connect_systemd_socket_activation(
-            ["qemu-nbd", "--format=qcow2", "--cache=unsafe", "--discard=ignore", str(dest)]
-        )
-        try:
-            if progress is not None:
-                progress(0, planned)
-            written, zeroed = _pipeline(
-                src, dst, _plan(src, size, source.bitmap_context), planned, progress
-            )
-            dst.flush()
-        finally:
-            with contextlib.suppress(Exception):
-                dst.shutdown()
-            del dst
+        if progress is not None:
+            progress(0, planned)
+        if source.bitmap_context is None and _full_copy_engine == "qemu-img":
+            src.shutdown()
+            _convert(source, dest, planned, progress)
+            written, zeroed = planned, 0
+        else:
+            written, zeroed = _copy_pipeline(src, size, source, dest, planned, progress)
     finally:
         with contextlib.suppress(Exception):
             src.shutdown()
         del src
     return CopyStats(size, written, zeroed, planned, time.monotonic() - started, "libnbd")
+
+
+def _copy_pipeline(
+    src: NBDHandle,
+    size: int,
+    source: ExportSource,
+    dest: Path,
+    planned: int,
+    progress: Progress | None,
+) -> tuple[int, int]:
+    dst = _new_handle()
+    dst.connect_systemd_socket_activation(
+        ["qemu-nbd", "--format=qcow2", "--cache=unsafe", "--discard=ignore", str(dest)]
+    )
+    try:
+        written, zeroed = _pipeline(
+            src, dst, _requests(_plan(src, size, source.bitmap_context)), planned, progress
+        )
+        dst.flush()
+    finally:
+        with contextlib.suppress(Exception):
+            dst.shutdown()
+        del dst  # the last reference: libnbd closes it and reaps qemu-nbd, which has
+        # written the image's metadata by the time it exits
+    return written, zeroed
+
+
+_PROGRESS_RE: Final = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def _convert(source: ExportSource, dest: Path, planned: int, progress: Progress | None) -> None:
+    """Full copy by ``qemu-img convert`` into the empty image ``dest``, with byte progress.
+
+    ``-n --target-is-zero``: write into the image we created and skip whatever reads as
+    zero (the extents :func:`_plan` skips, plus zero-filled data). ``-p`` prints the share of
+    the data it has copied; it is reported as that share of ``planned`` bytes.
+    """
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        raise UnsupportedError("qemu-img is not installed (Debian package qemu-utils)")
+    argv = [exe, "convert", "-p", "-n", "--target-is-zero", "-O", "qcow2", "--image-opts"]
+    argv += [_nbd_image_opts(source, bitmap=False), str(dest)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    other = bytearray()  # anything that is not progress: the error message, if it fails
+    try:
+        pending = b""
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            *lines, pending = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
+            for line in lines:
+                found = _PROGRESS_RE.search(line)
+                if found is None:
+                    other += line[-2000:] + b"\n"
+                    del other[:-4000]
+                elif progress is not None:
+                    progress(min(planned, round(float(found[1]) / 100 * planned)), planned)
+        other += pending
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
+    if proc.returncode != 0:
+        message = other.decode(errors="replace").strip()[-2000:]
+        raise StateCaptureError(f"qemu-img convert failed: {message}")
+    if progress is not None:
+        progress(planned, planned)
+
+
+class _Writeback:
+    """Write ``path``'s dirty pages to disk in the background while a copy fills it.
+
+    The copies write through the page cache (``cache=unsafe``) and :func:`copy_export` ends
+    with an ``fsync``; this thread keeps the disk busy during the copy, so that final sync
+    finds little left. The first error stops the thread and is kept in :attr:`error`.
+    """
+
+    error: OSError | None = None
+    """Why writing back failed, if it did (the copy must then fail too)."""
+
+    def __init__(self, path: Path, interval: float = 0.05) -> None:
+        self._path = path
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="statecapture-writeback")
+
+    def __enter__(self) -> _Writeback:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(self._path, os.O_RDONLY)
+        except OSError as exc:
+            self.error = exc
+            return
+        try:
+            while not self._stop.wait(self._interval):
+                os.fdatasync(fd)
+        except OSError as exc:
+            # Linux reports a write-back error to the descriptors open when it happened,
+            # so the final fsync (a new descriptor) may not see what this one saw.
+            self.error = exc
+        finally:
+            os.close(fd)
 
 
 def _fsync(path: Path) -> None:
@@ -326,63 +548,119 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-_DEPTH: Final = 4
-"""Reads (and writes) kept in flight by the libnbd copy; memory <= 2 * depth * CHUNK."""
+REQUEST_SIZE: Final = 512 << 10
+"""Largest read/write request of the libnbd copy (bytes); see the module docstring."""
 
+_DEPTH: Final = 32
+"""Requests the libnbd copy keeps in flight; its buffers total ``_DEPTH * REQUEST_SIZE``."""
 
-def _wait(h: NBDHandle, cookie: int) -> None:
-    while not h.aio_command_completed(cookie):  # raises nbd.Error when the command failed
-        h.poll(-1)
+_PROGRESS_EVERY: Final = 0.1
+"""Seconds between progress reports of the libnbd copy (the last one is always sent)."""
+
+_full_copy_engine = "qemu-img"
+"""What copies a full export: ``"qemu-img"`` (convert) or ``"libnbd"`` (:func:`_pipeline`).
+Chosen by measurement (module docstring); a variable so benchmarks can compare both."""
+
+_POLLIN_ISH: Final = select.POLLIN | select.POLLHUP | select.POLLERR
+_EVENTS: Final = (0, select.POLLIN, select.POLLOUT, select.POLLIN | select.POLLOUT)
+"""poll(2) events for libnbd's AIO_DIRECTION_{NONE, READ, WRITE, BOTH}."""
 
 
 def _pipeline(
     src: NBDHandle,
     dst: NBDHandle,
-    plan: Iterator[tuple[int, int, bool]],
+    requests: Iterator[tuple[int, int, bool]],
     planned: int,
     progress: Progress | None,
 ) -> tuple[int, int]:
-    """Copy ``plan`` with up to :data:`_DEPTH` reads and writes in flight; (written, zeroed)."""
+    """Copy ``requests`` ``(offset, length, is_data)``; returns (bytes written, bytes zeroed).
+
+    One thread drives both connections: up to :data:`_DEPTH` requests are in flight, each
+    data request reads into a buffer from a fixed pool and writes that same buffer (no
+    Python-level copy), and ``poll(2)`` waits on both sockets at once, so the source keeps
+    answering reads while the target is busy writing.
+    """
     mod = load_nbd()
     assert mod is not None
-    reads: deque[tuple[int, Any, int, int]] = deque()
-    writes: deque[tuple[int, Any]] = deque()
+    pool: list[bytearray] = []  # free buffers, allocated on first use (at most _DEPTH)
+    ready: deque[tuple[bytearray, Any, int]] = deque()  # (buffer, view, offset) read, unwritten
+    failures: list[str] = []
+    in_flight = 0
     written = zeroed = 0
+    last_report = time.monotonic()
 
-    def retire_writes(limit: int) -> None:
-        while len(writes) > limit:
-            _wait(dst, writes.popleft()[0])
+    def on_read(buf: bytearray, view: Any, off: int) -> Callable[[Any], int]:
+        def done(err: Any) -> int:
+            if err.value:
+                failures.append(f"reading {len(view)} bytes at {off}: {os.strerror(err.value)}")
+            else:
+                ready.append((buf, view, off))
+            return 1  # retire the command
 
-    def finish_read() -> None:
-        nonlocal written
-        cookie, buf, off, n = reads.popleft()
-        _wait(src, cookie)
-        retire_writes(_DEPTH - 1)
-        writes.append((dst.aio_pwrite(buf, off), buf))
-        written += n
-        if progress is not None:
+        return done
+
+    def on_write(buf: bytearray | None, off: int, n: int) -> Callable[[Any], int]:
+        def done(err: Any) -> int:
+            nonlocal in_flight, written, zeroed
+            in_flight -= 1
+            if buf is not None:
+                pool.append(buf)
+            if err.value:
+                what = "writing" if buf is not None else "zeroing"
+                failures.append(f"{what} {n} bytes at {off}: {os.strerror(err.value)}")
+            elif buf is not None:
+                written += n
+            else:
+                zeroed += n
+            return 1
+
+        return done
+
+    handles = {src.aio_get_fd(): src, dst.aio_get_fd(): dst}
+    poller = select.poll()
+    events = dict.fromkeys(handles, -1)
+    exhausted = False
+    while True:
+        while not exhausted and in_flight < _DEPTH:
+            req = next(requests, None)
+            if req is None:
+                exhausted = True
+                break
+            off, n, is_data = req
+            in_flight += 1
+            if not is_data:
+                dst.aio_zero(n, off, completion=on_write(None, off, n))
+                continue
+            buf = pool.pop() if pool else bytearray(REQUEST_SIZE)
+            view = mod.Buffer.from_buffer(memoryview(buf)[:n])
+            src.aio_pread(view, off, completion=on_read(buf, view, off))
+        while ready:
+            buf, view, off = ready.popleft()
+            dst.aio_pwrite(view, off, completion=on_write(buf, off, len(view)))
+        if failures:
+            raise StateCaptureError(f"NBD copy failed: {failures[0]}")
+        if progress is not None and (
+            time.monotonic() - last_report >= _PROGRESS_EVERY or (exhausted and not in_flight)
+        ):
             progress(written + zeroed, planned)
-
-    for off, length, is_data in plan:
-        if not is_data:
-            retire_writes(_DEPTH - 1)
-            writes.append((dst.aio_zero(length, off), None))
-            zeroed += length
-            continue
-        pos = off
-        while pos < off + length:
-            n = min(CHUNK, off + length - pos)
-            buf = mod.Buffer(n)
-            reads.append((src.aio_pread(buf, pos), buf, pos, n))
-            pos += n
-            if len(reads) >= _DEPTH:
-                finish_read()
-    while reads:
-        finish_read()
-    retire_writes(0)
-    if progress is not None:
-        progress(written + zeroed, planned)
-    return written, zeroed
+            last_report = time.monotonic()
+        if exhausted and not in_flight:
+            return written, zeroed
+        for fd, h in handles.items():
+            if h.aio_is_dead():
+                raise StateCaptureError("the NBD connection broke during the copy")
+            want = _EVENTS[h.aio_get_direction() & 3]
+            if want != events[fd]:
+                if events[fd] == -1:
+                    poller.register(fd, want)
+                else:
+                    poller.modify(fd, want)
+                events[fd] = want
+        for fd, revents in poller.poll():
+            if revents & _POLLIN_ISH:
+                handles[fd].aio_notify_read()
+            elif revents & select.POLLOUT:
+                handles[fd].aio_notify_write()
 
 
 # --------------------------------------------------------------------------- qemu-img fallback
@@ -542,17 +820,26 @@ def copy_export(
         ref = backing.name if backing.parent.resolve() == dest.parent.resolve() else str(backing)
         create += ["-b", ref, "-F", "qcow2"]
     qemu_img(*create, str(dest), str(size))
-    if client == "libnbd":
-        mod = load_nbd()
-        assert mod is not None
-        try:
-            stats = _copy_libnbd(source, dest, progress)
-        except mod.Error as exc:
-            raise StateCaptureError(
-                f"copying NBD export {source.export_name!r} to {dest} failed: {exc}"
-            ) from exc
-    else:
-        stats = _copy_qemu_img(source, dest, progress)
+    with _Writeback(dest) as writeback:
+        if client == "libnbd":
+            mod = load_nbd()
+            assert mod is not None
+            try:
+                stats = _copy_libnbd(source, dest, progress)
+            except BaseException as exc:
+                # The failed frames still reference the NBD handles; clearing them lets
+                # libnbd close the connections and reap its qemu-nbd now, not at garbage
+                # collection (a traceback kept by the caller would keep qemu-nbd around).
+                traceback.clear_frames(exc.__traceback__)
+                if isinstance(exc, mod.Error):
+                    raise StateCaptureError(
+                        f"copying NBD export {source.export_name!r} to {dest} failed: {exc}"
+                    ) from exc
+                raise
+        else:
+            stats = _copy_qemu_img(source, dest, progress)
+    if writeback.error is not None:
+        raise StateCaptureError(f"writing {dest} to disk failed: {writeback.error}")
     # The writers ran without flushing (qemu-nbd cache=unsafe) and have exited: sync once.
     _fsync(dest)
     return stats

@@ -614,3 +614,70 @@ def test_copy_export_full_and_incremental_over_nbd(tmp_path: Path, client: str) 
         json.loads(_qemu_img("info", "--output=json", str(inc)))["backing-filename"] == "full.qcow2"
     )
     assert verify([full, inc], disk).identical
+
+
+def _children() -> set[int]:
+    """PIDs of this process's children, running or unreaped (zombies count)."""
+    me, found = os.getpid(), set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                    found.add(int(entry.name))
+    return found
+
+
+def _data_extents(image: Path) -> int:
+    entries = json.loads(_qemu_img("map", "--output=json", str(image)))
+    return sum(e["length"] for e in entries if e["data"] and not e.get("zero"))
+
+
+@pytest.mark.parametrize("engine", ["qemu-img", "libnbd"])
+def test_full_copy_engines_copy_data_only_and_report_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    """Both full-copy engines of the libnbd path (qemu-img convert, the AIO pipeline) copy
+    exactly the data extents, report progress in bytes from 0 to the planned total, and
+    leave no helper process behind, also when the copy fails (a target that is too small).
+    """
+    from statecapture import _nbd
+
+    if _nbd.load_nbd() is None:
+        pytest.skip("python3-libnbd is not installed")
+    monkeypatch.setattr(_nbd, "_full_copy_engine", engine)
+    disk = _image(tmp_path / "disk.qcow2", "64M")
+    _write(disk, 0, os.urandom(3 * MiB + 4096))  # not a whole number of requests
+    _write(disk, 40 * MiB, os.urandom(2 * MiB))
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -q -z {8 * MiB} {MiB}", str(disk)])
+    data = _data_extents(disk)
+    sock = tmp_path / "s.sock"
+    proc = _serve(disk, sock)
+    try:
+        helpers = _children()
+        out = tmp_path / "full.qcow2"
+        out.touch(mode=0o600)
+        seen: list[tuple[int, int]] = []
+        stats = _nbd.copy_export(
+            _nbd.ExportSource(str(sock), "vda"),
+            out,
+            backing=None,
+            progress=lambda done, total: seen.append((done, total)),
+            client="libnbd",
+        )
+        assert _children() == helpers
+        monkeypatch.setattr(_nbd, "_export_size", lambda _source, _client: 4 * MiB)
+        small = tmp_path / "small.qcow2"
+        small.touch(mode=0o600)
+        with pytest.raises(StateCaptureError, match="failed") as failure:
+            _nbd.copy_export(_nbd.ExportSource(str(sock), "vda"), small, backing=None)
+        # qemu-nbd / qemu-img are reaped although the caller still holds the traceback
+        assert _children() == helpers, failure.traceback
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert stats.bytes_planned == stats.bytes_written == data and stats.bytes_zeroed == 0
+    assert seen[0] == (0, data) and seen[-1] == (data, data)
+    assert all(total == data for _done, total in seen)
+    assert [done for done, _t in seen] == sorted(done for done, _t in seen)
+    assert _data_extents(out) <= data  # the zeroed and unallocated parts stay holes
+    assert verify([out], disk).identical
