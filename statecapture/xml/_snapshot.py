@@ -198,9 +198,9 @@ class SnapshotDisk:
                     _drop_attr(src, other)
             src.set(attr, self.source)
         elif src is not None:
-            _drop_attr(src, attr)
-            if not len(src) and not src.attrib:
-                el.remove(src)
+            # No source any more: its children (seclabel ...) described the old file, and a
+            # leftover file= under a type='block' disk would not validate.
+            el.remove(src)
         drv = el.find("driver")
         if self.driver is not None:
             if drv is None:
