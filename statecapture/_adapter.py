@@ -38,6 +38,15 @@ __all__ = [
 ]
 
 
+def _flags(*choices: tuple[object, int]) -> int:
+    """OR together the flags whose condition is true: ``_flags((paused, START_PAUSED), ...)``."""
+    flags = 0
+    for wanted, flag in choices:
+        if wanted:
+            flags |= flag
+    return flags
+
+
 def _const(name: str, value: int) -> int:
     """A libvirt constant, or its documented value when this binding predates it."""
     got = getattr(libvirt, name, value)
@@ -596,24 +605,21 @@ class VirDomain:
         return bool(self._call("get persistent", self._raw.isPersistent))
 
     def xml_desc(self, *, inactive: bool = False, secure: bool = False) -> str:
-        flags = 0
-        if inactive:
-            flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
-        if secure:
-            flags |= libvirt.VIR_DOMAIN_XML_SECURE
+        flags = _flags(
+            (inactive, libvirt.VIR_DOMAIN_XML_INACTIVE),
+            (secure, libvirt.VIR_DOMAIN_XML_SECURE),
+        )
         return str(self._call("get XML", self._raw.XMLDesc, flags))
 
     # ---- lifecycle
     def start(
         self, *, paused: bool = False, bypass_cache: bool = False, force_boot: bool = False
     ) -> None:
-        flags = 0
-        if paused:
-            flags |= libvirt.VIR_DOMAIN_START_PAUSED
-        if bypass_cache:
-            flags |= libvirt.VIR_DOMAIN_START_BYPASS_CACHE
-        if force_boot:
-            flags |= libvirt.VIR_DOMAIN_START_FORCE_BOOT
+        flags = _flags(
+            (paused, libvirt.VIR_DOMAIN_START_PAUSED),
+            (bypass_cache, libvirt.VIR_DOMAIN_START_BYPASS_CACHE),
+            (force_boot, libvirt.VIR_DOMAIN_START_FORCE_BOOT),
+        )
         self._call("start", self._raw.createWithFlags, flags)
 
     def shutdown(self, *, agent: bool | None = None) -> None:
@@ -643,15 +649,12 @@ class VirDomain:
         checkpoints_metadata: bool = False,
         nvram: bool = False,
     ) -> None:
-        flags = 0
-        if managed_save:
-            flags |= libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-        if snapshots_metadata:
-            flags |= libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-        if checkpoints_metadata:
-            flags |= _const("VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 16)
-        if nvram:
-            flags |= libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        flags = _flags(
+            (managed_save, libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE),
+            (snapshots_metadata, libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA),
+            (checkpoints_metadata, _const("VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 16)),
+            (nvram, libvirt.VIR_DOMAIN_UNDEFINE_NVRAM),
+        )
         self._call("undefine", self._raw.undefineFlags, flags)
 
     # ---- memory state (managed save, save/restore)
@@ -761,8 +764,7 @@ class VirDomain:
         validate: bool = False,
     ) -> VirSnapshot:
         """``virDomainSnapshotCreateXML`` with flags built from keywords."""
-        flags = 0
-        for wanted, flag in (
+        flags = _flags(
             (disk_only, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY),
             (quiesce, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE),
             (atomic, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC),
@@ -771,9 +773,7 @@ class VirDomain:
             (redefine, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE),
             (current, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT),
             (validate, _const("VIR_DOMAIN_SNAPSHOT_CREATE_VALIDATE", 512)),
-        ):
-            if wanted:
-                flags |= flag
+        )
         operation = "snapshot redefine" if redefine else "snapshot create"
         with VirDomain._flags_unsupported(operation, self._name):
             raw = self._call(operation, self._raw.snapshotCreateXML, xml, flags)
@@ -927,15 +927,12 @@ class VirDomain:
         delete: bool,
     ) -> None:
         """``virDomainBlockCommit``; ``bandwidth`` in bytes per second (None: unlimited)."""
-        flags = 0
-        if active:
-            flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
-        if shallow:
-            flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
-        if delete:
-            flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_DELETE
-        if bandwidth:
-            flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES
+        flags = _flags(
+            (active, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE),
+            (shallow, libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW),
+            (delete, libvirt.VIR_DOMAIN_BLOCK_COMMIT_DELETE),
+            (bandwidth, libvirt.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES),
+        )
         self._call("block commit", self._raw.blockCommit, disk, base, top, bandwidth or 0, flags)
 
     def block_copy(
@@ -950,15 +947,12 @@ class VirDomain:
         synchronous_writes: bool,
     ) -> None:
         """``virDomainBlockCopy`` to the ``<disk>`` in ``destination_xml``."""
-        flags = 0
-        if shallow:
-            flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
-        if reuse_external:
-            flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
-        if transient_job:
-            flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
-        if synchronous_writes:
-            flags |= _const("VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES", 8)
+        flags = _flags(
+            (shallow, libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW),
+            (reuse_external, libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT),
+            (transient_job, libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB),
+            (synchronous_writes, _const("VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES", 8)),
+        )
         params = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: bandwidth} if bandwidth else None
         self._call("block copy", self._raw.blockCopy, disk, destination_xml, params, flags)
 
@@ -966,11 +960,10 @@ class VirDomain:
         self, disk: str, *, pivot: bool = False, asynchronous: bool = False
     ) -> None:
         """``virDomainBlockJobAbort``: end the job on ``disk``, pivoting a ready mirror."""
-        flags = 0
-        if pivot:
-            flags |= libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
-        if asynchronous:
-            flags |= libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC
+        flags = _flags(
+            (pivot, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT),
+            (asynchronous, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC),
+        )
         operation = "block job pivot" if pivot else "block job abort"
         self._call(operation, self._raw.blockJobAbort, disk, flags)
 
@@ -990,11 +983,10 @@ class VirDomain:
         self, xml: str, *, redefine: bool = False, validate: bool = False
     ) -> VirCheckpoint:  # checkpoints
         """``virDomainCheckpointCreateXML``; ``validate`` (with ``redefine``) checks bitmaps."""
-        flags = 0
-        if redefine:
-            flags |= libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
-        if validate:
-            flags |= _const("VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE", 4)
+        flags = _flags(
+            (redefine, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE),
+            (validate, _const("VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE", 4)),
+        )
         if validate:
             operation = "checkpoint validate"
         else:
@@ -1010,11 +1002,10 @@ class VirDomain:
     def list_checkpoints(
         self, *, roots: bool = False, topological: bool = False
     ) -> list[VirCheckpoint]:  # checkpoints
-        flags = 0
-        if roots:
-            flags |= libvirt.VIR_DOMAIN_CHECKPOINT_LIST_ROOTS
-        if topological:
-            flags |= libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL
+        flags = _flags(
+            (roots, libvirt.VIR_DOMAIN_CHECKPOINT_LIST_ROOTS),
+            (topological, libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL),
+        )
         raws = self._call("list checkpoints", self._raw.listAllCheckpoints, flags)
         return [VirCheckpoint(r, self) for r in raws]
 
@@ -1142,13 +1133,11 @@ class VirSnapshot:
 
     def revert(self, *, running: bool = False, paused: bool = False, force: bool = False) -> None:
         """``virDomainRevertToSnapshot``."""
-        flags = 0
-        if running:
-            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
-        if paused:
-            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
-        if force:
-            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE
+        flags = _flags(
+            (running, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING),
+            (paused, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED),
+            (force, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE),
+        )
         with VirDomain._flags_unsupported("snapshot revert", self.domain.name):
             self._call("snapshot revert", self.domain._raw.revertToSnapshot, self._raw, flags)
 
@@ -1156,13 +1145,11 @@ class VirSnapshot:
         self, *, children: bool = False, children_only: bool = False, metadata_only: bool = False
     ) -> None:
         """``virDomainSnapshotDelete``."""
-        flags = 0
-        if children:
-            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN
-        if children_only:
-            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY
-        if metadata_only:
-            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY
+        flags = _flags(
+            (children, libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN),
+            (children_only, libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY),
+            (metadata_only, libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY),
+        )
         with VirDomain._flags_unsupported("snapshot delete", self.domain.name):
             self._call("snapshot delete", self._raw.delete, flags)
 
@@ -1183,11 +1170,10 @@ class VirCheckpoint:  # checkpoints
 
     def xml_desc(self, *, size: bool = False, no_domain: bool = False) -> str:
         """The checkpoint's XML; ``size`` adds dirty byte counts (running domains only)."""
-        flags = 0
-        if size:
-            flags |= libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE
-        if no_domain:
-            flags |= libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN
+        flags = _flags(
+            (size, libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE),
+            (no_domain, libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN),
+        )
         return str(self._call("get checkpoint XML", self._raw.getXMLDesc, flags))
 
     def children(self) -> list[VirCheckpoint]:
@@ -1197,9 +1183,8 @@ class VirCheckpoint:  # checkpoints
 
     def delete(self, *, children: bool = False, metadata_only: bool = False) -> None:
         """``virDomainCheckpointDelete`` (bitmaps too, unless ``metadata_only``)."""
-        flags = 0
-        if children:
-            flags |= libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN
-        if metadata_only:
-            flags |= libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
+        flags = _flags(
+            (children, libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN),
+            (metadata_only, libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY),
+        )
         self._call("checkpoint delete", self._raw.delete, flags)
