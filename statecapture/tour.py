@@ -218,8 +218,14 @@ def _tour_domain(conn: Connection, name: str | None) -> Iterator[Domain | None]:
         with contextlib.suppress(StateCaptureError):
             if dom.is_active:
                 dom.destroy()
-        with contextlib.suppress(StateCaptureError):
+        try:
             dom.undefine(managed_save=True, snapshots_metadata=True, checkpoints_metadata=True)
+        except UnsupportedError:
+            # The test driver knows no checkpoint-metadata flag; its checkpoints are gone.
+            with contextlib.suppress(StateCaptureError):
+                dom.undefine(managed_save=True, snapshots_metadata=True)
+        except StateCaptureError:
+            pass
 
 
 def run(uri: str | None = None, *, domain: str | None = None, out: TextIO = sys.stdout) -> int:
