@@ -302,8 +302,9 @@ def _wait_usable(path: Path, timeout: float) -> None:
 
 
 def _data_bytes(path: Path) -> int:
-    """Data bytes stored in the top layer of ``path``."""
-    out = _nbd.qemu_img("map", "--output=json", str(path))
+    """Data bytes stored in the top layer of ``path`` (its backing file is not opened)."""
+    spec = {"driver": "qcow2", "file": {"driver": "file", "filename": str(path)}, "backing": None}
+    out = _nbd.qemu_img("map", "--output=json", "json:" + json.dumps(spec))
     return sum(int(e["length"]) for e in json.loads(out) if e.get("depth") == 0 and e.get("data"))
 
 
@@ -589,14 +590,14 @@ class BackupJob:
             backing: Path | None = None
             if mode is DiskBackupMode.INCREMENTAL:
                 # libvirt made the target's backing file the live disk; point it at the
-                # previous backup when it sits beside it, else make the layer standalone.
+                # previous backup by its file name (relative: the chain can move as one).
+                # When that file is not beside it, the name still records what the layer
+                # sits on, so restore_disk() can refuse a chain it does not fit.
                 assert inc_from is not None
                 prev = target.parent / backup_file_name(self.domain.name, bd.name, inc_from)
                 if prev.is_file():
                     backing = prev
-                    _nbd.qemu_img("rebase", "-u", "-F", "qcow2", "-b", prev.name, str(target))
-                else:
-                    _nbd.qemu_img("rebase", "-u", "-b", "", str(target))
+                _nbd.qemu_img("rebase", "-u", "-F", "qcow2", "-b", prev.name, str(target))
             disks.append(
                 DiskBackup(
                     disk=bd.name,

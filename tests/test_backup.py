@@ -112,17 +112,17 @@ def test_bad_mode_is_a_usage_error(test_domain: statecapture.Domain) -> None:
 
 
 def test_restore_flattens_a_chain_and_never_overwrites(tmp_path: Path) -> None:
-    """restore_disk applies incrementals over the full image, ignoring the layers' headers."""
+    """restore_disk applies incrementals over the full image; nothing outside the list is read.
+
+    The layers name their base by relative file name (as statecapture writes them); what
+    the base's own header says is ignored (the full image's stale backing is never opened).
+    """
     full = _image(tmp_path / "full.qcow2")
     _write(full, 0, b"A" * 65536)
     _write(full, 2 * MiB, b"B" * 65536)
-    # a push-style incremental: standalone header (no backing), only the changed cluster
-    inc1 = _image(tmp_path / "inc1.qcow2")
+    inc1 = _image(tmp_path / "inc1.qcow2", backing=Path("full.qcow2"))
     _write(inc1, 2 * MiB, b"C" * 65536)
-    # a pull-style incremental whose header names a wrong backing file: it must be ignored
-    decoy = _image(tmp_path / "decoy.qcow2")
-    _write(decoy, 4 * MiB, b"D" * 65536)
-    inc2 = _image(tmp_path / "inc2.qcow2", backing=decoy)
+    inc2 = _image(tmp_path / "inc2.qcow2", backing=Path("inc1.qcow2"))
     subprocess.run(
         ["qemu-io", "-f", "qcow2", "-c", f"write -q -z {0} {65536}", str(inc2)], check=True
     )
@@ -144,6 +144,102 @@ def test_restore_flattens_a_chain_and_never_overwrites(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     with pytest.raises(NotFoundError):
         restore_disk([tmp_path / "missing.qcow2"], tmp_path / "x.qcow2")
+
+
+def _three_layers(tmp_path: Path, *, absolute: bool = False) -> tuple[Path, Path, Path]:
+    """full <- inc1 <- inc2, each incremental naming its base (relative or absolute)."""
+    full = _image(tmp_path / "full.qcow2")
+    _write(full, 0, b"A" * 65536)
+    inc1 = _image(tmp_path / "inc1.qcow2", backing=full if absolute else Path("full.qcow2"))
+    _write(inc1, MiB, b"B" * 65536)
+    inc2 = _image(tmp_path / "inc2.qcow2", backing=inc1 if absolute else Path("inc1.qcow2"))
+    _write(inc2, 2 * MiB, b"C" * 65536)
+    return full, inc1, inc2
+
+
+@pytest.mark.parametrize(
+    ("order", "bad_layer", "says"),
+    [
+        (("full", "inc2"), 1, "does not fit: it sits on 'inc1.qcow2'"),
+        (("inc1", "full"), 0, "is an incremental layer on 'full.qcow2'"),
+        (("inc2",), 0, "is an incremental layer on 'inc1.qcow2'"),
+        (("full", "inc2", "inc1"), 1, "does not fit"),
+        (("full", "full"), 1, "records no base image"),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_restore_refuses_a_chain_that_does_not_fit(
+    tmp_path: Path, order: tuple[str, ...], bad_layer: int, says: str, fmt: str
+) -> None:
+    """A gap, a wrong order or a lone incremental is a UsageError naming the layer (index
+    and path) that does not fit, raised before anything is written: no destination, no
+    partial file; verify() refuses the same chain."""
+    layers = dict(zip(("full", "inc1", "inc2"), _three_layers(tmp_path), strict=True))
+    chain = [layers[name] for name in order]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    dest = tmp_path / f"restored.{fmt}"
+    with pytest.raises(UsageError) as info:
+        restore_disk(chain, dest, format=fmt)
+    message = str(info.value)
+    assert f"layer {bad_layer} of the chain ({chain[bad_layer]})" in message
+    assert says in message
+    assert not os.path.lexists(dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with pytest.raises(UsageError, match=f"layer {bad_layer} "):
+        verify(chain, layers["full"])
+
+
+def test_restore_checks_absolute_and_relative_backing_names(tmp_path: Path) -> None:
+    """Absolute backing paths and relative names both resolve against the layer's directory;
+    a chain moved as a whole (relative names) still fits, and restores the same content."""
+    absolute = tmp_path / "abs"
+    absolute.mkdir()
+    chain = list(_three_layers(absolute, absolute=True))
+    out = restore_disk(chain, tmp_path / "abs.raw", format="raw")
+    moved = tmp_path / "moved"
+    (tmp_path / "rel").mkdir()
+    rel = list(_three_layers(tmp_path / "rel"))
+    (tmp_path / "rel").rename(moved)
+    rel = [moved / p.name for p in rel]
+    out2 = restore_disk(rel, tmp_path / "rel.raw", format="raw")
+    assert out.read_bytes() == out2.read_bytes()
+    assert out.read_bytes()[2 * MiB : 2 * MiB + 4] == b"CCCC"
+
+
+def test_restore_refuses_a_layer_of_another_chain(tmp_path: Path) -> None:
+    """A layer whose base is a different file with the same name (another chain's) or a
+    layer of another disk size is refused, naming it."""
+    full, inc1, _inc2 = _three_layers(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    o_full, o_inc1, o_inc2 = _three_layers(other)
+    with pytest.raises(UsageError, match=r"layer 2 of the chain .* does not fit"):
+        restore_disk([full, inc1, o_inc2], tmp_path / "x.qcow2")
+    big = _image(tmp_path / "big.qcow2", "16M", backing=Path("full.qcow2"))
+    with pytest.raises(UsageError, match=r"layer 1 of the chain .* virtual size"):
+        restore_disk([full, big], tmp_path / "x.qcow2")
+    raw = tmp_path / "inc.raw"
+    raw.write_bytes(bytes(8 * MiB))
+    with pytest.raises(UsageError, match=r"layer 1 of the chain .* is raw"):
+        restore_disk([full, raw], tmp_path / "x.qcow2")
+    assert not os.path.lexists(tmp_path / "x.qcow2")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_restore_never_writes_through_a_symlinked_destination(tmp_path: Path) -> None:
+    """A symlink at the destination counts as an existing file: refused, its target untouched."""
+    full, _inc1, _inc2 = _three_layers(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    link = tmp_path / "restored.qcow2"
+    link.symlink_to(victim)
+    with pytest.raises(TargetExistsError):
+        restore_disk([full], link)
+    dangling = tmp_path / "dangling.qcow2"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(TargetExistsError):
+        restore_disk([full], dangling)
+    assert victim.read_bytes() == b"keep" and not (tmp_path / "nowhere").exists()
 
 
 # ----------------------------------------------------------------------------- real tier
@@ -248,8 +344,8 @@ def test_push_full_then_two_incrementals(guest: statecapture.Domain, tmp_path: P
     assert [Path(i["filename"]).name for i in info] == [p.name for p in reversed(chain)]
     restored = restore_disk(chain, tmp_path / "push-restored.qcow2")
     assert image_digest(restored) == image_digest(refs[2])
-    # an incremental whose previous backup is not beside it becomes a standalone layer
-    # (libvirt made the live disk its backing file): restore_disk still applies it
+    # an incremental whose previous backup is not beside it names that backup by file name
+    # (libvirt made the live disk its backing file): restore_disk places it by that name
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     _guest_writes(guest, "push4")
@@ -266,7 +362,11 @@ def test_push_full_then_two_incrementals(guest: statecapture.Domain, tmp_path: P
     with job:
         lone = job.wait().disk("vda")
     assert lone.backing is None
-    assert "backing-filename" not in json.loads(_qemu_img("info", "--output=json", str(lone.file)))
+    # its header still records what it sits on (by name), so the chain check can place it
+    lone_info = json.loads(_qemu_img("info", "-U", "--output=json", str(lone.file)))
+    assert lone_info["backing-filename"] == chain[2].name
+    with pytest.raises(UsageError, match="layer 3 of the chain"):
+        verify([*chain[:2], lone.file], ref["vda"])
     assert verify([*chain, lone.file], ref["vda"]).identical
     assert {c.name for c in guest.checkpoints} == {"p1", "p2", "p3", "p4"}
 
