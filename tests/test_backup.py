@@ -212,7 +212,7 @@ def test_restore_refuses_a_layer_of_another_chain(tmp_path: Path) -> None:
     full, inc1, _inc2 = _three_layers(tmp_path)
     other = tmp_path / "other"
     other.mkdir()
-    o_full, o_inc1, o_inc2 = _three_layers(other)
+    *_rest, o_inc2 = _three_layers(other)
     with pytest.raises(UsageError, match=r"layer 2 of the chain .* does not fit"):
         restore_disk([full, inc1, o_inc2], tmp_path / "x.qcow2")
     big = _image(tmp_path / "big.qcow2", "16M", backing=Path("full.qcow2"))
