@@ -55,17 +55,75 @@ def _const(name: str, value: int) -> int:
 
 # --------------------------------------------------------------------------- errors
 
-_CONNECTION_ERRORS: Final = frozenset({5, 6, 39})
+# Connection loss (HAZARDS 22). libvirt reports a daemon that went away mostly as a generic
+# error of the RPC layer: "client socket is closed" is VIR_ERR_INTERNAL_ERROR (1) and "End of
+# file while reading data" VIR_ERR_SYSTEM_ERROR (38), both from VIR_FROM_RPC; only some paths
+# use VIR_ERR_INVALID_CONN (6) or VIR_ERR_RPC (39). VIR_ERR_NO_CONNECT (5) is *not* a loss:
+# it is what an unknown URI scheme ("no connection driver available") reports, and a failed
+# connect ("Failed to connect socket", 38) is not a loss either — nothing was connected.
+_FROM_RPC: Final = frozenset({7, 19})  # VIR_FROM_RPC, VIR_FROM_REMOTE
+_LOSS_CODES_FROM_RPC: Final = frozenset({1, 38})  # INTERNAL_ERROR, SYSTEM_ERROR
+_LOSS_MESSAGES: Final = (
+    "client socket is closed",
+    "connection closed",
+    "end of file while reading data",
+    "cannot recv data",
+    "cannot write data",
+)
+
+
+def is_connection_loss(
+    code: int | None,
+    error_domain: int | None,
+    message: str,
+    alive: Callable[[], bool] | None = None,
+) -> bool:
+    """Whether a libvirt error means the connection to libvirt is gone.
+
+    The one place that decides it: the connection codes (``VIR_ERR_INVALID_CONN``,
+    ``VIR_ERR_RPC``); a generic error of the RPC layer whose message is one of the known
+    ones ("client socket is closed", "connection closed", "End of file while reading
+    data", "Cannot recv/write data"); or any generic error (internal, system) while
+    ``alive()`` — ``virConnectIsAlive`` of the connection it came from — says the
+    connection is dead.
+    """
+    if code in errors.ConnectionLostError.codes:
+        return True
+    if code not in _LOSS_CODES_FROM_RPC:
+        return False
+    lowered = message.lower()
+    if "failed to connect" in lowered or "no connection driver" in lowered:
+        return False  # never connected: not a loss
+    if error_domain in _FROM_RPC and any(m in lowered for m in _LOSS_MESSAGES):
+        return True
+    if alive is not None:
+        try:
+            return not alive()
+        except Exception:
+            return False
+    return False
 
 
 def translate_error(
-    exc: libvirt.libvirtError, operation: str, *, domain_name: str | None = None
+    exc: libvirt.libvirtError,
+    operation: str,
+    *,
+    domain_name: str | None = None,
+    alive: Callable[[], bool] | None = None,
 ) -> errors.LibvirtError:
-    """Map one ``libvirtError`` to a statecapture error (not raised)."""
+    """Map one ``libvirtError`` to a statecapture error (not raised).
+
+    ``alive`` (the connection's ``isAlive``) lets a generic error be recognised as a lost
+    connection (:func:`is_connection_loss`).
+    """
     code = exc.get_error_code()
     code = int(code) if code is not None else None
+    err_domain = exc.get_error_domain()
+    err_domain = int(err_domain) if err_domain is not None else None
     message = exc.get_error_message() or str(exc)
     cls = errors.lookup(code) if code is not None else errors.LibvirtError
+    if is_connection_loss(code, err_domain, message, alive):
+        cls = errors.ConnectionLostError
     # "agent unresponsive", "guest agent is not configured/connected" are operation-invalid
     # (55) or argument-unsupported (74) on some paths: recognise them by text too.
     lowered = message.lower()
@@ -95,12 +153,17 @@ def translate_error(
 
 
 @contextlib.contextmanager
-def translated(operation: str, *, domain_name: str | None = None) -> Iterator[None]:
+def translated(
+    operation: str,
+    *,
+    domain_name: str | None = None,
+    alive: Callable[[], bool] | None = None,
+) -> Iterator[None]:
     """Run the block, translating any ``libvirtError`` into the statecapture hierarchy."""
     try:
         yield
     except libvirt.libvirtError as exc:
-        raise translate_error(exc, operation, domain_name=domain_name) from exc
+        raise translate_error(exc, operation, domain_name=domain_name, alive=alive) from exc
 
 
 def client_library_version() -> int:
@@ -207,7 +270,7 @@ class VirConnection:
 
     def _call(self, operation: str, fn: Callable[..., Any], *args: Any) -> Any:
         self.check_open()
-        with translated(operation):
+        with translated(operation, alive=self.is_alive):
             return fn(*args)
 
     # ---- identity and versions
@@ -242,7 +305,9 @@ class VirConnection:
             raw = self._raw.lookupByName(name_or_uuid)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                raise translate_error(exc, "look up domain", domain_name=name_or_uuid) from exc
+                raise translate_error(
+                    exc, "look up domain", domain_name=name_or_uuid, alive=self.is_alive
+                ) from exc
             try:
                 raw = self._raw.lookupByUUIDString(name_or_uuid)
             except libvirt.libvirtError as exc2:
@@ -257,7 +322,9 @@ class VirConnection:
                         domain_name=name_or_uuid,
                         libvirt_message=exc.get_error_message(),
                     ) from exc2
-                raise translate_error(exc2, "look up domain", domain_name=name_or_uuid) from exc2
+                raise translate_error(
+                    exc2, "look up domain", domain_name=name_or_uuid, alive=self.is_alive
+                ) from exc2
         return VirDomain(raw, self)
 
     def list_domains(self) -> list[VirDomain]:
@@ -391,8 +458,8 @@ class VirConnection:
                 return None, f"{api} not probed: {message}"
             if code == libvirt.VIR_ERR_RPC and "unknown procedure" in message.lower():
                 return False, f"the daemon does not know {api}"
-            if code in _CONNECTION_ERRORS:
-                raise translate_error(exc, "capability probe") from exc
+            if is_connection_loss(code, exc.get_error_domain(), message, self.is_alive):
+                raise translate_error(exc, "capability probe", alive=self.is_alive) from exc
             # INVALID_ARG ("unsupported flags"), or any answer from inside the driver.
             if "unsupported flags" in message and "in function " in message:
                 function = message.rpartition("in function ")[2].strip()
@@ -408,6 +475,8 @@ class VirConnection:
         try:
             return str(self._raw.getDomainCapabilities(None, None, None, None, 0))
         except libvirt.libvirtError as exc:
+            if not self.is_alive():
+                raise translate_error(exc, "get domain capabilities", alive=self.is_alive) from exc
             if exc.get_error_code() in (
                 libvirt.VIR_ERR_NO_SUPPORT,
                 libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
@@ -416,7 +485,7 @@ class VirConnection:
                 libvirt.VIR_ERR_INVALID_ARG,
             ):
                 return None
-            raise translate_error(exc, "get domain capabilities") from exc
+            raise translate_error(exc, "get domain capabilities", alive=self.is_alive) from exc
 
     def probe_backup_job(self, dom: VirDomain) -> tuple[bool, str | None]:
         """(backup API implemented, the running backup job's XML or ``None`` when idle).
@@ -433,7 +502,9 @@ class VirConnection:
                 return True, None
             if code in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
                 return False, None
-            raise translate_error(exc, "backup get XML", domain_name=dom.name) from exc
+            raise translate_error(
+                exc, "backup get XML", domain_name=dom.name, alive=self.is_alive
+            ) from exc
 
     def probe_listing(self, dom: VirDomain, kind: str) -> list[str] | None:
         """Names of the domain's ``snapshot``/``checkpoint`` objects; ``None``: unsupported."""
@@ -447,7 +518,9 @@ class VirConnection:
                 libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
             ):
                 return None
-            raise translate_error(exc, f"list {kind}s", domain_name=dom.name) from exc
+            raise translate_error(
+                exc, f"list {kind}s", domain_name=dom.name, alive=self.is_alive
+            ) from exc
 
     def probe_managed_save_image(self, dom: VirDomain) -> bool | None:
         """Whether a managed-save image exists; ``None`` when the driver cannot say."""
@@ -460,7 +533,9 @@ class VirConnection:
                 libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
             ):
                 return None
-            raise translate_error(exc, "has managed save", domain_name=dom.name) from exc
+            raise translate_error(
+                exc, "has managed save", domain_name=dom.name, alive=self.is_alive
+            ) from exc
 
     def probe_block_job(self, dom: VirDomain, disk: str) -> bool | None:
         """Whether a block job runs on ``disk``; ``None`` when the driver cannot say (no
@@ -477,7 +552,9 @@ class VirConnection:
                 libvirt.VIR_ERR_INVALID_ARG,
             ):
                 return None
-            raise translate_error(exc, "get block job info", domain_name=dom.name) from exc
+            raise translate_error(
+                exc, "get block job info", domain_name=dom.name, alive=self.is_alive
+            ) from exc
 
     # ---- events
     def register_events(self, sink: Callable[[Event], None]) -> None:
@@ -546,7 +623,7 @@ class VirConnection:
                     libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
                 ):
                     continue
-                raise translate_error(exc, "register domain events") from exc
+                raise translate_error(exc, "register domain events", alive=self.is_alive) from exc
             self._event_ids.append(int(cid))
 
         def closed(_c: Any, reason: int, _o: Any) -> None:
@@ -587,7 +664,7 @@ class VirDomain:
 
     def _call(self, operation: str, fn: Callable[..., Any], *args: Any) -> Any:
         self.conn.check_open()
-        with translated(operation, domain_name=self._name):
+        with translated(operation, domain_name=self._name, alive=self.conn.is_alive):
             return fn(*args)
 
     def uuid(self) -> str:
@@ -828,7 +905,9 @@ class VirDomain:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
                 return None  # deleted between the two calls
-            raise translate_error(exc, "get current snapshot", domain_name=self._name) from exc
+            raise translate_error(
+                exc, "get current snapshot", domain_name=self._name, alive=self.conn.is_alive
+            ) from exc
         return VirSnapshot(raw, self)
 
     def snapshot_preflight_checkpoint_names(self) -> list[str]:
@@ -842,7 +921,9 @@ class VirDomain:
                 libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
             ):
                 return []  # a driver without checkpoints has no bitmaps to fear
-            raise translate_error(exc, "list checkpoints", domain_name=self._name) from exc
+            raise translate_error(
+                exc, "list checkpoints", domain_name=self._name, alive=self.conn.is_alive
+            ) from exc
         return [str(r.getName()) for r in raws]
 
     # ---- guest agent, freeze
@@ -1024,7 +1105,9 @@ class VirDomain:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == _const("VIR_ERR_NO_DOMAIN_BACKUP", 104):
                 return None
-            raise translate_error(exc, "backup get XML", domain_name=self._name) from exc
+            raise translate_error(
+                exc, "backup get XML", domain_name=self._name, alive=self.conn.is_alive
+            ) from exc
 
     def backup_abort_job(self) -> None:  # backup
         """``virDomainAbortJob``: ends a pull backup, cancels a push backup."""
@@ -1047,7 +1130,9 @@ class VirDomain:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
                 return None
-            raise translate_error(exc, "read metadata", domain_name=self._name) from exc
+            raise translate_error(
+                exc, "read metadata", domain_name=self._name, alive=self.conn.is_alive
+            ) from exc
 
     def set_metadata(self, namespace_uri: str, key: str, xml: str | None) -> None:
         """Store (``None``: remove) our element in the live and persistent definitions."""

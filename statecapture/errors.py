@@ -156,9 +156,15 @@ class CheckpointInconsistentError(LibvirtError):
 
 
 class ConnectionLostError(LibvirtError):
-    """The connection to libvirt is gone (daemon restarted, socket closed, RPC failure)."""
+    """The connection to libvirt is gone (daemon restarted, socket closed, RPC failure).
 
-    codes = frozenset({5, 6, 39})
+    libvirt reports most of these as generic errors ("client socket is closed" is an
+    internal error, HAZARDS 22); statecapture recognises them by error domain, message and
+    ``virConnectIsAlive``. A connection that could not be opened at all (unknown URI scheme,
+    no daemon listening) is not a lost one.
+    """
+
+    codes = frozenset({6, 39})
 
 
 class SaveImageError(LibvirtError):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +181,75 @@ def test_unclosed_connection_warns(test_uri: str) -> None:
     with pytest.warns(ResourceWarning):
         conn.__del__()
     conn.close()
+
+
+def _private_daemon(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A libvirtd of our own, run as an unprivileged user, with its socket under ``tmp``
+    (a directory that user can reach: pytest's tmp_path sits below a 0700 directory)."""
+    libvirtd = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None or not os.path.exists(libvirtd):
+        pytest.skip("needs root, setpriv and libvirtd to run a private daemon")
+    home = tmp / "home"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "XDG_RUNTIME_DIR": str(home / "run"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+    }
+    proc = subprocess.Popen(
+        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", libvirtd, "--timeout", "60"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sock = home / "run" / "libvirt" / "libvirt-sock"
+    deadline = time.monotonic() + 120
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.skip("the private libvirtd did not start")
+        time.sleep(0.1)
+    return proc, f"test+unix:///default?socket={sock}"
+
+
+def test_daemon_going_away_is_connection_lost() -> None:
+    """HAZARDS 22: when the daemon behind a connection exits (a restart), every later call
+    raises ConnectionLostError — not a generic LibvirtError ("client socket is closed")."""
+    top = Path(tempfile.mkdtemp(prefix="sc-lvd-"))
+    top.chmod(0o711)
+    try:
+        _lose_connection(top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _lose_connection(top: Path) -> None:
+    proc, uri = _private_daemon(top)
+    try:
+        conn = statecapture.connect(uri)
+        try:
+            dom = conn.domain("test")
+            assert dom.is_active
+            proc.terminate()
+            proc.wait(timeout=60)
+            deadline = time.monotonic() + 60
+            while conn._vir.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(statecapture.ConnectionLostError) as info:
+                _ = dom.state
+            assert "socket is closed" in (info.value.libvirt_message or "")
+            with pytest.raises(statecapture.ConnectionLostError):
+                conn.domains()
+            with pytest.raises(statecapture.ConnectionLostError):
+                dom.definition  # noqa: B018
+        finally:
+            conn.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -42,16 +42,64 @@ MAPPED = {
     # timeouts, checkpoints, connection
     libvirt.VIR_ERR_OPERATION_TIMEOUT: errors.OperationTimeoutError,
     109: errors.CheckpointInconsistentError,
-    libvirt.VIR_ERR_NO_CONNECT: errors.ConnectionLostError,
     libvirt.VIR_ERR_INVALID_CONN: errors.ConnectionLostError,
     libvirt.VIR_ERR_RPC: errors.ConnectionLostError,
 }
 
 
-def _libvirt_error(code: int, message: str = "boom") -> libvirt.libvirtError:
+def _libvirt_error(code: int, message: str = "boom", domain: int = 0) -> libvirt.libvirtError:
     exc = libvirt.libvirtError(message)
-    exc.err = (code, 0, message, 2, "", "", "", 0, 0)
+    exc.err = (code, domain, message, 2, "", "", "", 0, 0)
     return exc
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "internal error: client socket is closed",
+        "internal error: connection closed due to keepalive timeout",
+        "End of file while reading data: Input/output error",
+        "Cannot recv data: Connection reset by peer",
+        "Cannot write data: Broken pipe",
+    ],
+)
+@pytest.mark.parametrize("code", [1, 38])
+def test_rpc_messages_of_a_lost_connection_are_connection_lost(code: int, message: str) -> None:
+    """HAZARDS 22: a daemon restart arrives as a generic error of the RPC layer (code 1 or
+    38, VIR_FROM_RPC); it is a ConnectionLostError, whatever the connection says."""
+    err = _adapter.translate_error(
+        _libvirt_error(code, message, libvirt.VIR_FROM_RPC), "get state", alive=lambda: True
+    )
+    assert type(err) is errors.ConnectionLostError
+    assert err.code == code and err.libvirt_message == message
+
+
+def test_generic_error_on_a_dead_connection_is_connection_lost() -> None:
+    """Any generic (internal/system) error while virConnectIsAlive() is false is a loss;
+    the same error on a live connection is not."""
+    exc = _libvirt_error(1, "internal error: something odd", libvirt.VIR_FROM_QEMU)
+    dead = _adapter.translate_error(exc, "x", alive=lambda: False)
+    assert type(dead) is errors.ConnectionLostError
+    live = _adapter.translate_error(exc, "x", alive=lambda: True)
+    assert type(live) is errors.LibvirtError
+    assert type(_adapter.translate_error(exc, "x")) is errors.LibvirtError
+
+
+def test_failed_connect_and_unknown_scheme_are_not_connection_lost() -> None:
+    """Nothing was connected: no driver for a URI scheme (VIR_ERR_NO_CONNECT) or no daemon
+    at the socket is not a lost connection, even though the alive probe says 'dead'."""
+    for exc in (
+        _libvirt_error(5, "no connection driver available for bogus:///x", libvirt.VIR_FROM_NONE),
+        _libvirt_error(
+            38, "Failed to connect socket to '/nowhere': No such file", libvirt.VIR_FROM_RPC
+        ),
+    ):
+        err = _adapter.translate_error(exc, "connect", alive=lambda: False)
+        assert not isinstance(err, errors.ConnectionLostError), err
+    assert errors.lookup(5) is errors.LibvirtError
+    with pytest.raises(errors.LibvirtError) as info:
+        statecapture.connect("bogus:///x")
+    assert not isinstance(info.value, errors.ConnectionLostError)
 
 
 @pytest.mark.parametrize(("code", "cls"), sorted(MAPPED.items()))
