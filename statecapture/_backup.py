@@ -231,7 +231,34 @@ def _unsupported(dom: Domain, exc: UnsupportedError, what: str) -> UnsupportedEr
     )
 
 
+def check_writable(directory: Path, what: str) -> None:
+    """Refuse (:class:`UsageError`) a directory this process cannot create files in.
+
+    Tried for real — a hidden probe file created exclusively (``O_EXCL|O_NOFOLLOW``) and
+    removed at once — because permission bits do not tell root about a read-only mount.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    name = f".sc-probe-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"{what} {directory} cannot be opened: {exc.strerror}") from exc
+    try:
+        try:
+            os.close(os.open(name, flags, 0o600, dir_fd=dir_fd))
+        except OSError as exc:
+            raise UsageError(
+                f"{what} {directory} is not writable ({exc.strerror}); nothing was changed"
+            ) from exc
+        os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _remove(path: Path, errors: list[str]) -> None:
+    if not os.path.lexists(path):
+        # Never created (on a read-only mount even unlinking a missing name fails: EROFS).
+        return
     try:
         path.unlink()
     except FileNotFoundError:
@@ -377,32 +404,51 @@ def _write_record(dom: Domain, record: _Record | None) -> None:
     dom._vir.set_metadata(RECORD_NS, RECORD_KEY, None if record is None else record.to_xml())
 
 
-def _recover_stale(dom: Domain) -> None:
+def _recover_stale(dom: Domain) -> list[str]:
     """Clean up after a run that died and whose job has ended since (no job runs now).
 
     A push job that completed left every target (libvirt deletes the targets of a failed
     push job); a pull run marked its record delivered after its last download. Anything
     else never delivered: its checkpoint and files go, so no incremental builds on it.
+    Returns what it did (empty when there was no record).
     """
     record = _read_record(dom)
     if record is None:
-        return
+        if dom._vir.get_metadata(RECORD_NS) is not None:  # damaged: drop it
+            _write_record(dom, None)
+            return ["cleared a damaged backup record"]
+        return []
+    actions: list[str] = []
     delivered = record.delivered or (
         record.mode == "push" and bool(record.files) and all(map(os.path.isfile, record.files))
     )
     errors: list[str] = []
-    if not delivered:
-        if record.checkpoint is not None and record.created_checkpoint:
-            _delete_checkpoint(dom, record.checkpoint, errors)
+    if delivered:
+        actions.append(
+            f"the interrupted {record.mode} backup {record.label!r} had delivered every disk; "
+            "kept its files and checkpoint"
+        )
+    else:
+        cp = record.checkpoint
+        if cp is not None and record.created_checkpoint and cp in dom.checkpoints:
+            _delete_checkpoint(dom, cp, errors)
+            actions.append(f"deleted the checkpoint {cp!r} it created")
         for f in record.files:
-            _remove(Path(f), errors)
+            if os.path.lexists(f):
+                _remove(Path(f), errors)
+                actions.append(f"removed {f}")
     for d in record.dirs:
-        shutil.rmtree(d, ignore_errors=True)
-    _write_record(dom, None)
+        if os.path.lexists(d):
+            shutil.rmtree(d, ignore_errors=True)
+            actions.append(f"removed {d}")
     if errors:
         raise CleanupError(
-            f"cleaning up after an interrupted backup of {dom.name!r} failed: {'; '.join(errors)}"
+            f"cleaning up after an interrupted backup of {dom.name!r} failed (the record is "
+            f"kept for a retry): {'; '.join(errors)}"
         )
+    _write_record(dom, None)
+    actions.append(f"cleared the stale record of the {record.mode} backup {record.label!r}")
+    return actions
 
 
 # --------------------------------------------------------------------------- the job
@@ -675,6 +721,7 @@ class BackupJob:
         dest = Path(dest_dir)
         if not dest.is_dir():
             raise UsageError(f"dest_dir {dest} is not a directory")
+        check_writable(dest, "dest_dir")
         previous = dict(previous or {})
         unknown = set(previous) - set(self.disks)
         if unknown:
@@ -730,8 +777,12 @@ class BackupJob:
             raise TargetExistsError(
                 f"{partial} exists (another download?); not overwriting it", path=str(partial)
             )
-        self._add_files(partial)  # recorded before it exists: a crash cannot orphan it
-        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        # Both names are recorded before either exists, so that whatever stops us — a crash,
+        # a lost connection — the record names every file to remove: the finished image
+        # is only linked into place once the record says it may be there. A failed record
+        # write raises (before anything is created), it is never suppressed.
+        self._add_files(partial, target)
+        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
         started = time.monotonic()
 
         def report(done: int, total: int) -> None:
@@ -748,8 +799,12 @@ class BackupJob:
                 client=client,
             )
             os.chmod(partial, 0o600)
-            os.link(partial, target)  # fails rather than replace a file that appeared
-            self._add_files(target)
+            try:
+                os.link(partial, target)  # fails rather than replace a file that appeared
+            except FileExistsError:
+                # Not ours: never let the job's cleanup remove it.
+                self._forget_file(target)
+                raise
             partial.unlink()
         except BaseException:
             errors: list[str] = []
@@ -767,11 +822,18 @@ class BackupJob:
             size=stats.size,
         )
 
+    def _forget_file(self, path: Path) -> None:
+        files = tuple(f for f in self._record.files if f != str(path))
+        record = attrs.evolve(self._record, files=files)
+        _write_record(self.domain, record)
+        self._record = record
+
     def _add_files(self, *paths: Path) -> None:
+        """Record ``paths`` as this job's files; a failed write raises (never suppressed)."""
         files = tuple(dict.fromkeys((*self._record.files, *(str(p) for p in paths))))
-        self._record = attrs.evolve(self._record, files=files)
-        with contextlib.suppress(LibvirtError):
-            _write_record(self.domain, self._record)
+        record = attrs.evolve(self._record, files=files)
+        _write_record(self.domain, record)
+        self._record = record
 
     # ------------------------------------------------------------------ ending
     def end(self, *, timeout: float = _END_TIMEOUT) -> BackupResult | None:
@@ -1052,6 +1114,7 @@ def begin_backup(
             tdir = Path(target_dir).absolute()
             if not tdir.is_dir():
                 raise UsageError(f"target_dir {tdir} is not a directory")
+            check_writable(tdir, "target_dir")
             for name in chosen:
                 store[name] = tdir / backup_file_name(dom.name, name, label)
         else:

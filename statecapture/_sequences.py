@@ -1006,6 +1006,9 @@ def direct_backup(
     tdir = Path(target_dir).absolute()
     if not tdir.is_dir():
         raise UsageError(f"target_dir {tdir} is not a directory")
+    from ._backup import check_writable
+
+    check_writable(tdir, "target_dir")  # pull and push: before any freeze, job or journal
     _checkpoint_name(checkpoint, "0" * 32)  # validates the argument
     if incremental_from is not None and not isinstance(incremental_from, str):
         raise UsageError(f"incremental_from must be a checkpoint name, got {incremental_from!r}")

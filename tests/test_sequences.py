@@ -26,7 +26,7 @@ import attrs
 import pytest
 
 import statecapture
-from statecapture import Consistency, SequenceResult, StepTiming, _journal
+from statecapture import Consistency, SequenceResult, StepTiming, UsageError, _journal
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
 
 
@@ -452,6 +452,55 @@ def test_direct_backup_rolls_back_at_every_boundary(
     _journal._fault_hook = None
     assert list(tmp_path.iterdir()) == []
     assert len(seq_guest.dom.checkpoints) == 0
+    _assert_clean(seq_guest)
+
+
+@contextlib.contextmanager
+def _read_only_dir(parent: Path) -> Iterator[Path]:
+    """A read-only mount (tmpfs, ro): even root cannot create, or unlink, a file there."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    ro = parent / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
+    try:
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+        ro.rmdir()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_direct_backup_into_read_only_dir_is_refused(
+    seq_guest: SeqGuest, tmp_path: Path, mode: str
+) -> None:
+    """A target_dir nothing can be created in is a UsageError before anything changes: no
+    freeze, no job, no checkpoint, no journal, no file (and no raw OSError)."""
+    dom = seq_guest.dom
+    with _read_only_dir(tmp_path) as ro:
+        with pytest.raises(UsageError, match="not writable"):
+            statecapture.direct_backup(dom, ro, mode=mode)
+        assert list(ro.iterdir()) == []
+    assert len(dom.checkpoints) == 0
+    _assert_clean(seq_guest)
+
+
+@pytest.mark.qemu
+def test_plain_backup_into_read_only_dir_is_refused(seq_guest: SeqGuest, tmp_path: Path) -> None:
+    """dom.backup(push) into a read-only target_dir and job.download() into a read-only
+    dest_dir raise UsageError; the pull job can still be ended cleanly and leaves nothing."""
+    dom = seq_guest.dom
+    with _read_only_dir(tmp_path) as ro:
+        with pytest.raises(UsageError, match="not writable"):
+            dom.backup(mode="push", target_dir=ro, checkpoint="ro1")
+        assert dom.active_backup() is None and len(dom.checkpoints) == 0
+        with dom.backup(mode="pull", checkpoint="ro2") as job:
+            with pytest.raises(UsageError, match="not writable"):
+                job.download(ro)
+            assert job.end() is None  # nothing delivered: checkpoint and files go
+        assert list(ro.iterdir()) == []
+    assert len(dom.checkpoints) == 0
     _assert_clean(seq_guest)
 
 
