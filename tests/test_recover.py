@@ -443,3 +443,110 @@ def test_killed_sequence_is_recovered(
         "done:remove",
     ):
         assert any("merged" in a or "removed" in a for a in result["actions"]), result["report"]
+
+
+# ----------------------------------------------------------------------------- plain backup runs
+
+
+def _abandon(job: Any) -> None:
+    """The process that ran ``job`` is gone: its handle is never used again."""
+    job.adopted = True  # no ResourceWarning from a handle nobody ends
+
+
+def _record_text(dom: statecapture.Domain) -> str | None:
+    from statecapture._backup import RECORD_NS
+
+    return dom._vir.get_metadata(RECORD_NS)
+
+
+@pytest.mark.qemu
+def test_recover_after_a_failed_record_update_leaves_no_orphan_image(
+    guest: statecapture.Domain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost connection right after a pull download linked its finished image into place
+    (the backup record can no longer be written): recover() in a later run never reports
+    clean while leaving an image tied to a checkpoint it deleted — the image and the
+    checkpoint go together."""
+    from statecapture._adapter import VirDomain
+    from statecapture._backup import RECORD_NS
+
+    dom = guest
+    dest = tmp_path / "pull"
+    dest.mkdir()
+    real = VirDomain.set_metadata
+
+    def lose_connection_once_the_image_exists(
+        self: VirDomain, namespace_uri: str, key: str, xml: str | None
+    ) -> None:
+        if namespace_uri == RECORD_NS and any(p.suffix == ".qcow2" for p in dest.iterdir()):
+            raise statecapture.ConnectionLostError(
+                "set metadata failed: internal error: client socket is closed",
+                code=1,
+                operation="set metadata",
+            )
+        real(self, namespace_uri, key, xml)
+
+    job = dom.backup(mode="pull", checkpoint="r1")
+    monkeypatch.setattr(VirDomain, "set_metadata", lose_connection_once_the_image_exists)
+    with pytest.raises(statecapture.ConnectionLostError):
+        job.download(dest)
+    monkeypatch.undo()
+    _abandon(job)
+    report = statecapture.recover(dom)
+    assert report.clean, str(report)
+    images = sorted(p.name for p in dest.iterdir())
+    has_cp = "r1" in dom.checkpoints
+    assert not has_cp and images == [], (str(report), images, has_cp)
+    assert dom.active_backup() is None
+    assert _record_text(dom) is None
+    again = statecapture.recover(dom)
+    assert again.nothing_found and again.clean
+
+
+@pytest.mark.qemu
+def test_recover_cleans_the_stale_record_of_a_job_that_ended_without_its_run(
+    guest: statecapture.Domain, tmp_path: Path
+) -> None:
+    """A backup job ends while its run is gone (a daemon restart ends running jobs; here
+    the run's process "dies" and the job ends behind its back): recover() finds the stale
+    record. A push job that completed delivered its images: they and its checkpoint stay.
+    A job that never delivered (a pull job ended before its download): its checkpoint
+    goes. Either way the record is cleared, and the next backup starts clean."""
+    dom = guest
+    out = tmp_path / "push"
+    out.mkdir()
+    events = dom.connection.events
+    # 1. push: the job completes by itself, nobody is left to wait() for it
+    with events.expect(kind=statecapture.EventKind.JOB_COMPLETED, domain_uuid=dom.uuid) as done:
+        _abandon(dom.backup(mode="push", target_dir=out, checkpoint="s1"))
+        done.wait(120, what="JOB_COMPLETED")
+    _wait_no_job(dom)
+    assert _record_text(dom) is not None  # the run never cleared it
+    report = statecapture.recover(dom)
+    assert report.clean, str(report)
+    assert any("record of a backup job" in f for f in report.found), str(report)
+    assert _record_text(dom) is None
+    assert "s1" in dom.checkpoints
+    assert sorted(p.name for p in out.iterdir()) == [f"{dom.name}.vda.s1.qcow2"]
+    # 2. pull: the job ends (abortJob, as a restart would) before anything was downloaded
+    with events.expect(kind=statecapture.EventKind.JOB_COMPLETED, domain_uuid=dom.uuid) as done:
+        job = dom.backup(mode="pull", checkpoint="s2", incremental_from="s1")
+        _abandon(job)
+        dom._vir._raw.abortJob()
+        done.wait(120, what="JOB_COMPLETED")
+    _wait_no_job(dom)
+    assert _record_text(dom) is not None
+    report = statecapture.recover(dom)
+    assert report.clean, str(report)
+    assert "s2" not in dom.checkpoints and "s1" in dom.checkpoints, str(report)
+    assert _record_text(dom) is None
+    assert statecapture.recover(dom).nothing_found
+    with dom.backup(mode="push", target_dir=out, checkpoint="s3", incremental_from="s1") as j:
+        assert j.wait().disk("vda").file.exists()
+
+
+def _wait_no_job(dom: statecapture.Domain) -> None:
+    deadline = time.monotonic() + 120
+    while dom.active_backup() is not None:
+        assert time.monotonic() < deadline, "the backup job did not end"
+        time.sleep(0.1)
