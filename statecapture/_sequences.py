@@ -981,7 +981,8 @@ def direct_backup(
     running backup job (:class:`InvalidStateError`), a driver without backup jobs
     (:class:`UnsupportedError`), an unknown ``incremental_from`` (:class:`NotFoundError`),
     an existing checkpoint name or image file (:class:`InvalidStateError`,
-    :class:`TargetExistsError`).
+    :class:`TargetExistsError`), a ``target_dir`` nothing can be created in — a read-only
+    mount, for example (:class:`UsageError`).
 
     Args:
         dom: a running domain.
