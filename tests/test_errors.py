@@ -157,6 +157,7 @@ def test_unknown_checkpoint_and_snapshot_errors_list_what_exists(
     assert "existing checkpoints: nightly-1, nightly-2" in str(info.value)
     assert "did you mean" in str(info.value)
     assert isinstance(info.value.__cause__, libvirt.libvirtError)
+    assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)  # hint survives
     with pytest.raises(errors.NotFoundError, match="there are no snapshots"):
         test_domain.snapshots["before-upgrade"]
     assert "nightly-3" not in test_domain.checkpoints  # __contains__ is unchanged
