@@ -255,16 +255,28 @@ def check_writable(directory: Path, what: str) -> None:
         os.close(dir_fd)
 
 
-def _remove(path: Path, errors: list[str]) -> None:
+def _remove(path: Path, errors: list[str]) -> bool:
+    """Remove ``path``; ``True`` when a file was there and is gone now."""
     if not os.path.lexists(path):
         # Never created (on a read-only mount even unlinking a missing name fails: EROFS).
-        return
+        return False
     try:
         path.unlink()
     except FileNotFoundError:
-        pass
+        return False
     except OSError as exc:
         errors.append(f"remove {path}: {exc}")
+        return False
+    return True
+
+
+def _rolled_back_note(dom: Domain, exc: BaseException, undone: list[str]) -> None:
+    """Tell the caller, on the error itself, what the rollback undid (a Ctrl-C included)."""
+    if undone:
+        exc.add_note(
+            f"statecapture: rolled back the backup of {dom.name!r} after "
+            f"{type(exc).__name__}: {'; '.join(undone)}"
+        )
 
 
 def _checkpoint_bitmap_disks(dom: Domain, name: str) -> set[str]:
@@ -282,8 +294,8 @@ def _job_xml(dom: Domain) -> str | None:
         raise
 
 
-def _delete_checkpoint(dom: Domain, name: str, errors: list[str]) -> None:
-    """Delete checkpoint ``name`` if it exists, bitmaps included.
+def _delete_checkpoint(dom: Domain, name: str, errors: list[str]) -> bool:
+    """Delete checkpoint ``name`` if it exists, bitmaps included; ``True`` when deleted.
 
     On a running domain libvirt deletes the bitmaps. When a shutdown ended the job (HAZARDS
     7) QEMU is gone and libvirt 9.0 cannot: the bitmaps (written into the qcow2 images at the
@@ -292,11 +304,11 @@ def _delete_checkpoint(dom: Domain, name: str, errors: list[str]) -> None:
     """
     try:
         if name not in dom.checkpoints:
-            return
+            return False
         cp = dom.checkpoints[name]
         if dom.is_active:
             cp.delete()
-            return
+            return True
         definition = dom.definition
         for disk in cp.definition.tracked_disks:
             try:
@@ -313,6 +325,8 @@ def _delete_checkpoint(dom: Domain, name: str, errors: list[str]) -> None:
         cp.delete(metadata_only=True)
     except StateCaptureError as exc:
         errors.append(f"delete checkpoint {name!r}: {exc}")
+        return False
+    return True
 
 
 def _wait_usable(path: Path, timeout: float) -> None:
@@ -484,6 +498,7 @@ class BackupJob:
     _result: BackupResult | None = attrs.field(default=None, repr=False)
     _downloads: dict[str, DiskBackup] = attrs.field(factory=dict, repr=False)
     _transfer: dict[str, tuple[int, int]] = attrs.field(factory=dict, repr=False)
+    _undone: list[str] = attrs.field(factory=list, init=False, repr=False)
     adopted: bool = False
     """Whether the job was found by :meth:`Domain.active_backup` rather than started here."""
 
@@ -886,6 +901,7 @@ class BackupJob:
             if _job_xml(self.domain) is not None:
                 raise
             return
+        self._undone.append(f"ended the running {self.mode.value} backup job (abortJob)")
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(OperationTimeoutError):
@@ -920,18 +936,25 @@ class BackupJob:
         """Remove what a job that did not deliver left: checkpoint, files, scratch."""
         self._state = "failed"
         errors = self._remove_scratch_and_dirs()
-        for f in self._record.files:
-            _remove(Path(f), errors)
+        removed = [f for f in self._record.files if _remove(Path(f), errors)]
         if self.mode is BackupMode.PUSH:
             for bd in self.xml.backed_up:
-                if bd.store and bd.type == "file":
-                    _remove(Path(bd.store), errors)
-        if self.checkpoint is not None and self._record.created_checkpoint:
-            _delete_checkpoint(self.domain, self.checkpoint, errors)
+                if bd.store and bd.type == "file" and _remove(Path(bd.store), errors):
+                    removed.append(bd.store)
+        if (
+            self.checkpoint is not None
+            and self._record.created_checkpoint
+            and _delete_checkpoint(self.domain, self.checkpoint, errors)
+        ):
+            self._undone.append(f"deleted the checkpoint {self.checkpoint!r} it created")
+        if removed:
+            self._undone.append(f"removed {', '.join(removed)}")
         try:
             _write_record(self.domain, None)
         except LibvirtError as exc:
             errors.append(f"clear the backup record: {exc}")
+        if error is not None:
+            _rolled_back_note(self.domain, error, self._undone)
         if errors:
             cleanup = CleanupError(
                 f"backup of {self.domain.name!r} ended without delivering every disk and "
@@ -964,6 +987,7 @@ class BackupJob:
         try:
             if e is not None:
                 self.discard()
+                _rolled_back_note(self.domain, e, self._undone)
             elif self.mode is BackupMode.PUSH:
                 self.wait()
             else:
@@ -1213,25 +1237,36 @@ def _rollback_begin(
     files: Iterable[Path],
     private_dirs: list[Path],
 ) -> None:
-    """Undo a failed start: any job, the checkpoint if it was made, files, the record."""
+    """Undo a failed start: any job, the checkpoint if it was made, files, the record.
+
+    What was undone is noted on ``exc`` (a ``KeyboardInterrupt`` too).
+    """
     errors: list[str] = []
+    undone: list[str] = []
     try:
         if _job_xml(dom) is not None:
             dom._vir.backup_abort_job()
+            undone.append("ended the half-started backup job (abortJob)")
             with contextlib.suppress(OperationTimeoutError):
                 exp.wait(_END_TIMEOUT, what="JOB_COMPLETED")
     except LibvirtError as e:
         errors.append(f"end the half-started job: {e}")
     exp.close()
-    if cp_name is not None and cp_name not in existing_cps:
-        _delete_checkpoint(dom, cp_name, errors)
-    for f in files:
-        _remove(f, errors)
+    if (
+        cp_name is not None
+        and cp_name not in existing_cps
+        and _delete_checkpoint(dom, cp_name, errors)
+    ):
+        undone.append(f"deleted the checkpoint {cp_name!r} made with it")
+    removed = [str(f) for f in files if _remove(f, errors)]
+    if removed:
+        undone.append(f"removed {', '.join(removed)}")
     for d in private_dirs:
         shutil.rmtree(d, ignore_errors=True)
     try:
         _write_record(dom, None)
     except LibvirtError as e:
         errors.append(f"clear the backup record: {e}")
+    _rolled_back_note(dom, exc, undone)
     if errors:
         exc.add_note(f"cleanup after the failed start left something behind: {'; '.join(errors)}")

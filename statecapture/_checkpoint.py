@@ -29,6 +29,7 @@ import attrs
 from lxml import etree
 
 from . import _adapter
+from ._hints import add_names_hint
 from .errors import (
     CheckpointInconsistentError,
     InvalidStateError,
@@ -301,8 +302,9 @@ class CheckpointCollection:
     """The checkpoints of one domain: ``dom.checkpoints``.
 
     ``dom.checkpoints["c1"]`` looks one up (:class:`NotFoundError`, a ``LookupError``, when
-    there is none), ``"c1" in dom.checkpoints`` tests, ``len()`` counts, iteration yields
-    :meth:`list`. Every call queries libvirt.
+    there is none; its message lists the checkpoints that exist, or the closest names),
+    ``"c1" in dom.checkpoints`` tests, ``len()`` counts, iteration yields :meth:`list`.
+    Every call queries libvirt.
     """
 
     domain: Domain
@@ -312,7 +314,14 @@ class CheckpointCollection:
     def __getitem__(self, name: str) -> Checkpoint:
         if not isinstance(name, str):
             raise UsageError(f"checkpoint names are strings, got {name!r}")
-        return Checkpoint._from_vir(self.domain, self.domain._vir.checkpoint_lookup(name))
+        vir = self.domain._vir
+        try:
+            found = vir.checkpoint_lookup(name)
+        except NotFoundError as exc:
+            names = lambda: (c.name for c in vir.list_checkpoints())  # noqa: E731
+            add_names_hint(exc, name, names, "checkpoint")
+            raise
+        return Checkpoint._from_vir(self.domain, found)
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):

@@ -280,13 +280,22 @@ class _PauseWatch:
 def _push_undo(
     stack: ExitStack, what: str, undo: Callable[[], object], failures: list[str]
 ) -> None:
-    """Register ``undo`` so that its failure never masks the error being unwound."""
+    """Register ``undo`` so that its failure never masks the error being unwound.
+
+    When ``undo`` returns a list of what it did, that list is noted on the error being
+    unwound (``KeyboardInterrupt`` included), so the caller learns what was rolled back.
+    """
 
     def _exit(
         et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
         try:
-            undo()
+            done = undo()
+            if exc is not None and isinstance(done, list) and done:
+                exc.add_note(
+                    f"statecapture: rolled back after {type(exc).__name__} — {what}: "
+                    + "; ".join(str(d) for d in done)
+                )
         except BaseException as cleanup:
             # Recorded first, so the journal is kept for recover() whatever happens next.
             failures.append(f"{what}: {cleanup!r}")
@@ -706,15 +715,16 @@ def backup_via_temporary_snapshot(
         writer = JournalWriter.begin(dom, SEQ_SNAPSHOT, run_id=run_id, facts=facts)
         undo.push(_journal_exit(writer, failures))
 
-        def merge_back() -> None:
+        def merge_back() -> list[str]:
             # State-driven (see merge_overlay), so it is registered before the snapshot:
             # an interrupt between "snapshot made" and "undo registered" cannot leak it.
             problems: list[str] = []
+            done: list[str] = []
             for p in reversed(plans):
                 try:
                     # The planned overlay did not exist before the run (checked), so a file
                     # there now is the run's own, even when the snapshot call failed.
-                    merge_overlay(
+                    done += merge_overlay(
                         dom,
                         p.disk,
                         original=p.original,
@@ -729,6 +739,7 @@ def backup_via_temporary_snapshot(
                     f"merging the temporary overlays of {dom.name!r} back failed: "
                     + "; ".join(problems)
                 )
+            return done
 
         _push_undo(undo, "merge the temporary overlays back", merge_back, failures)
 
@@ -838,9 +849,9 @@ def discard_backup(
             job = running
     if job is not None and job.running:
         job.discard()
-        actions.append(
-            f"ended the {job.mode.value} backup job (abortJob, JOB_COMPLETED) and removed "
-            "what it wrote"
+        # What the job's own discard did (job ended, its checkpoint deleted, files removed).
+        actions.extend(
+            job._undone or [f"ended the {job.mode.value} backup job (abortJob, JOB_COMPLETED)"]
         )
     if checkpoint is not None:
         try:
@@ -1062,9 +1073,9 @@ def direct_backup(
         writer = JournalWriter.begin(dom, SEQ_DIRECT, run_id=run_id, facts=facts)
         undo.push(_journal_exit(writer, failures))
 
-        def discard() -> None:
+        def discard() -> list[str]:
             files = _run_files(writer, holder[0] if holder else None, tdir, pull=pull)
-            discard_backup(
+            return discard_backup(
                 dom,
                 job=holder[0] if holder else None,
                 checkpoint=cp_name,

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from . import _adapter, _qemuimg
+from ._hints import add_names_hint
 from .errors import (
     CleanupError,
     GuestAgentError,
@@ -446,7 +447,8 @@ class Snapshot:
 class SnapshotCollection:
     """The snapshots of one domain: ``dom.snapshots``.
 
-    ``dom.snapshots["name"]`` looks one up (:class:`NotFoundError` when there is none),
+    ``dom.snapshots["name"]`` looks one up (:class:`NotFoundError` when there is none; its
+    message lists the snapshots that exist, or the closest names),
     ``"name" in dom.snapshots`` tests for one, ``len()`` counts them, iterating yields every
     snapshot with parents before children. :meth:`create` takes a new one after a preflight.
     """
@@ -487,7 +489,13 @@ class SnapshotCollection:
     def __getitem__(self, name: str) -> Snapshot:
         if not isinstance(name, str):
             raise UsageError(f"snapshots are looked up by name, got {name!r}")
-        return Snapshot._from_vir(self.domain, self.domain._vir.snapshot_lookup(name))
+        vir = self.domain._vir
+        try:
+            found = vir.snapshot_lookup(name)
+        except NotFoundError as exc:
+            add_names_hint(exc, name, lambda: (s.name for s in vir.snapshot_list()), "snapshot")
+            raise
+        return Snapshot._from_vir(self.domain, found)
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):

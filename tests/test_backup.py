@@ -517,6 +517,42 @@ def test_one_job_per_domain_and_failed_jobs_leave_nothing(guest_factory, tmp_pat
     assert [b["name"] for b in bitmaps] == []
 
 
+@pytest.mark.qemu
+def test_interrupted_backup_notes_what_was_rolled_back(
+    guest_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt that rolls a backup back carries a note saying what was undone:
+    inside the job's block and right after libvirt started the job, the job is ended and
+    its checkpoint deleted, and the note says so; nothing is left behind (libvirt removes the
+    target file of a cancelled push job itself)."""
+    dom = guest_factory(agent=False, start=False)
+    dom.start(paused=True)  # a backup needs a QEMU process, not a booted guest
+    with pytest.raises(KeyboardInterrupt) as info, dom.backup(mode="pull", checkpoint="k1"):
+        raise KeyboardInterrupt
+    note = "\n".join(info.value.__notes__)
+    assert f"rolled back the backup of {dom.name!r} after KeyboardInterrupt" in note
+    assert "ended the running pull backup job" in note
+    assert "deleted the checkpoint 'k1'" in note
+    assert len(dom.checkpoints) == 0 and dom.active_backup() is None
+
+    vir = dom._vir
+    real_begin = vir.backup_begin
+
+    def begin_then_interrupt(*args: object, **kwargs: object) -> None:
+        real_begin(*args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C the moment libvirt returns
+
+    monkeypatch.setattr(vir, "backup_begin", begin_then_interrupt)
+    with pytest.raises(KeyboardInterrupt) as info:
+        dom.backup(mode="push", target_dir=tmp_path, checkpoint="k2")
+    monkeypatch.undo()
+    note = "\n".join(info.value.__notes__)
+    assert "deleted the checkpoint 'k2' made with it" in note
+    assert "ended the half-started backup job" in note
+    assert list(tmp_path.glob("*.k2.*")) == []
+    assert len(dom.checkpoints) == 0 and dom.active_backup() is None
+
+
 # ----------------------------------------------------------------------------- killed process
 
 _CHILD_PRELUDE = """

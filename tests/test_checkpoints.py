@@ -569,6 +569,31 @@ def test_real_export_undefine_define_import_continues_chain(
     assert set(c3.dirty_bytes()) == {"vda"}
 
 
+@pytest.mark.qemu
+def test_real_unknown_checkpoint_and_undefine_refusal_name_the_way_out(guest_factory: Any) -> None:
+    """On QEMU: looking up an unknown checkpoint names the ones that exist (closest first);
+    undefining a shut-off domain that has checkpoints is refused with an error naming
+    undefine(checkpoints_metadata=True), which then succeeds."""
+    dom = guest_factory(agent=False, start=False)
+    dom.start(paused=True)  # checkpoints need a QEMU process, not a booted guest
+    dom.checkpoints.create("nightly-1")
+    dom.checkpoints.create("nightly-2")
+    with pytest.raises(statecapture.NotFoundError) as info:
+        dom.checkpoints["nightly-3"]
+    assert "did you mean 'nightly-1' or 'nightly-2'?" in str(info.value) or (
+        "did you mean 'nightly-2' or 'nightly-1'?" in str(info.value)
+    )
+    assert "existing checkpoints: nightly-1, nightly-2" in str(info.value)
+    dom.destroy()
+    with pytest.raises(InvalidStateError, match=r"undefine\(checkpoints_metadata=True\)") as ref:
+        dom.undefine()
+    assert "2 checkpoints" in str(ref.value)  # libvirt's own words are kept
+    assert dom.is_persistent and len(dom.checkpoints) == 2
+    dom.undefine(checkpoints_metadata=True)
+    with pytest.raises(statecapture.NotFoundError):
+        dom.connection.domain(dom.name)
+
+
 def _with_raw_disk(xml: str, image: Path) -> str:
     disk = (
         "<disk type='file' device='disk'><driver name='qemu' type='raw'/>"

@@ -253,3 +253,25 @@ def _lose_connection(top: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_unknown_uri_scheme_is_unsupported_not_connection_lost(tmp_path: Path) -> None:
+    """A URI no libvirt driver handles raises UnsupportedError naming the URI: no connection
+    existed, so it is not a ConnectionLostError (libvirt reports it as NO_CONNECT)."""
+    uri = f"bogus:///embed?root={tmp_path}"
+    with pytest.raises(statecapture.UnsupportedError, match="no libvirt driver handles") as info:
+        statecapture.connect(uri)
+    assert not isinstance(info.value, statecapture.ConnectionLostError)
+    assert uri in str(info.value)
+    assert info.value.code == 5  # VIR_ERR_NO_CONNECT
+    assert "no connection driver available" in (info.value.libvirt_message or "")
+
+
+def test_unknown_domain_error_lists_what_exists(test_conn: statecapture.Connection) -> None:
+    """NotFoundError for an unknown domain lists the domains that exist and suggests the
+    closest name."""
+    with pytest.raises(statecapture.NotFoundError) as info:
+        test_conn.domain("alpah")
+    message = str(info.value)
+    assert "did you mean 'alpha'?" in message
+    assert "existing domains: alpha, beta" in message
