@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from . import _adapter, _qemuimg
+from . import _adapter, _bitmaps, _qemuimg
 from .errors import (
     CleanupError,
     GuestAgentError,
@@ -44,6 +44,7 @@ from .errors import (
     UsageError,
 )
 from .xml import Disk, DomainXML, parse
+from .xml._checkpoint import METADATA_NAME_MAX
 from .xml._snapshot import (
     SnapshotDisk,
     SnapshotDiskMode,
@@ -73,6 +74,7 @@ EXTERNAL_DELETE_SINCE: Final = (9, 0, 0)
 
 _AGENT_CHANNEL: Final = "org.qemu.guest_agent.0"
 _BAD_NAME: Final = re.compile(r"[/\x00-\x1f\x7f]")
+_FILE_NAME_MAX: Final = 255
 
 PathLike = str | os.PathLike[str]
 
@@ -134,6 +136,12 @@ def _agent_connected(dom: Domain) -> bool:
 def _dirty_bitmap_problems(dom: Domain, disks: Iterable[Disk]) -> builtins.list[str]:
     """Reasons why the disks hold (or will hold) persistent dirty bitmaps."""
     problems: builtins.list[str] = []
+    # QEMU's own view first (HAZARDS 19): a bitmap that lives only in the running QEMU
+    # (metadata-only checkpoint delete, a failed checkpoint create, another tool) is in
+    # neither libvirt's checkpoint list nor the image file yet.
+    live = _bitmaps.query_or_none(dom)
+    if live:
+        problems.extend(_bitmaps.describe(live))
     checkpoints = dom._vir.snapshot_preflight_checkpoint_names()
     if checkpoints:
         problems.append(
@@ -168,12 +176,13 @@ def _refuse_bitmaps(dom: Domain, problems: builtins.list[str], action: str, oper
         return
     raise UnsupportedError(
         f"refusing to {action} of domain {dom.name!r}: " + "; ".join(problems) + ". "
-        "QEMU cannot load an internal snapshot on a disk with persistent dirty bitmaps: it "
+        "QEMU cannot load an internal snapshot on a disk with dirty bitmaps: it "
         "exits with 'Device has active dirty bitmaps' and the running domain dies (seen with "
         "QEMU 7.2). Nothing was changed. To proceed, take an external snapshot instead "
         "(create(disk_only=True) or create(external=True)), or remove the bitmaps first: "
-        "delete the checkpoints with their bitmaps, and remove bitmaps left in an image with "
-        "'qemu-img bitmap --remove IMAGE NAME' while the domain is shut off.",
+        "delete the checkpoints with their bitmaps, and remove a bitmap no checkpoint uses "
+        "with 'qemu-img bitmap --remove IMAGE NAME' once the domain is shut off (QEMU writes "
+        "a persistent bitmap into the image when it closes it).",
         operation=operation,
         domain_name=dom.name,
     )
@@ -184,6 +193,24 @@ def _check_name(name: str) -> None:
         raise UsageError(
             f"snapshot name must be a non-empty string without '/' or control characters, "
             f"got {name!r}"
+        )
+    size = len(name.encode("utf-8"))
+    if size > METADATA_NAME_MAX:
+        raise UsageError(
+            f"snapshot name is {size} bytes long; libvirt keeps at most {METADATA_NAME_MAX} "
+            "(its metadata file is named after it and file names have at most 255 bytes): "
+            f"{name[:40]}…"
+        )
+
+
+def _check_file_name(path: str, what: str) -> None:
+    """Refuse a file whose name (not path) exceeds the file system's 255 bytes."""
+    base = os.path.basename(path)
+    if len(os.fsencode(base)) > _FILE_NAME_MAX:
+        raise UsageError(
+            f"cannot create {what} {path}: its name is {len(os.fsencode(base))} bytes long and "
+            f"file names have at most {_FILE_NAME_MAX}. Choose a shorter snapshot name, or "
+            "name the file (external={'vda': '/path/short.qcow2'}, memory='/path/file')."
         )
 
 
@@ -609,6 +636,8 @@ class SnapshotCollection:
                 operation="snapshot create",
                 domain_name=dom.name,
             )
+        for path in plan.new_files:
+            _check_file_name(path, "snapshot file")
         if _is_local(dom.connection):
             check_dir = _writes_host_files(dom.connection)
             for path in plan.new_files:
