@@ -19,8 +19,9 @@ Two levels, one key (the domain's UUID):
 * within the process, a re-entrant ``threading.RLock`` per domain (the thread that holds
   it may take it again: a failed backup begin deletes its checkpoint under the same lock);
 * across processes, ``fcntl.flock`` on ``<dir>/<uuid>.lock``, taken by the outermost holder
-  in this process. ``<dir>`` is ``/run/statecapture`` for root, else
-  ``$XDG_RUNTIME_DIR/statecapture``, else ``<tmp>/statecapture-<uid>``. The directory is
+  in this process, and unlinked by it when it lets go (no file stays behind). ``<dir>`` is
+  ``/run/statecapture`` for root, else ``$XDG_RUNTIME_DIR/statecapture``, else
+  ``<tmp>/statecapture-<uid>``. The directory is
   made 0700 and must be owned by us and not group/world-writable; files are opened with
   ``O_NOFOLLOW`` and made 0600 — a lock file never follows a planted link.
 
@@ -87,28 +88,59 @@ def _open_dir(path: str) -> int:
     return fd
 
 
-def _open_lock_file(uuid: str) -> int:
-    if not uuid or "/" in uuid or uuid.startswith("."):
-        raise UsageError(f"cannot lock a domain with UUID {uuid!r}")
-    dfd = _open_dir(lock_dir())
+def _open_lock_file(dfd: int, name: str) -> int:
     try:
-        fd = os.open(
-            f"{uuid}.lock",
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=dfd,
-        )
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
     except OSError as exc:
         raise UsageError(
-            f"cannot open the lock file of domain {uuid} in {lock_dir()}: {exc.strerror}"
+            f"cannot open the lock file {name} in {lock_dir()}: {exc.strerror}"
         ) from exc
-    finally:
-        os.close(dfd)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
         os.close(fd)
-        raise UsageError(f"the lock file of domain {uuid} in {lock_dir()} is not ours")
+        raise UsageError(f"the lock file {name} in {lock_dir()} is not ours")
     return fd
+
+
+def _acquire_file(uuid: str, deadline: float, what: str) -> tuple[int, int]:
+    """flock ``<uuid>.lock``; returns (dir fd, file fd). The holder unlinks the file when
+    it lets go (nothing stays behind), so a waiter that locked a file already unlinked
+    opens the name again."""
+    if not uuid or "/" in uuid or uuid.startswith("."):
+        raise UsageError(f"cannot lock a domain with UUID {uuid!r}")
+    name = f"{uuid}.lock"
+    dfd = _open_dir(lock_dir())
+    try:
+        while True:
+            fd = _open_lock_file(dfd, name)
+            try:
+                _flock(fd, deadline, what)
+                try:
+                    current = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    current = None
+                mine = os.fstat(fd)
+                if current is not None and (current.st_dev, current.st_ino) == (
+                    mine.st_dev,
+                    mine.st_ino,
+                ):
+                    return dfd, fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # the previous holder unlinked it: take the new file
+    except BaseException:
+        os.close(dfd)
+        raise
+
+
+def _release_file(uuid: str, dfd: int, fd: int) -> None:
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{uuid}.lock", dir_fd=dfd)
+    finally:
+        os.close(fd)  # releases the flock
+        os.close(dfd)
 
 
 def _flock(fd: int, deadline: float, what: str) -> None:
@@ -135,7 +167,7 @@ class _DomainLock:
         self.uuid = uuid
         self._mutex = threading.RLock()
         self._depth = 0
-        self._fd: int | None = None
+        self._fds: tuple[int, int] | None = None
 
     @contextlib.contextmanager
     def hold(self, what: str, timeout: float) -> Iterator[None]:
@@ -147,21 +179,15 @@ class _DomainLock:
             )
         try:
             if self._depth == 0:
-                fd = _open_lock_file(self.uuid)
-                try:
-                    _flock(fd, deadline, what)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                self._fd = fd
+                self._fds = _acquire_file(self.uuid, deadline, what)
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
-                if self._depth == 0 and self._fd is not None:
-                    fd, self._fd = self._fd, None
-                    os.close(fd)  # releases the flock
+                if self._depth == 0 and self._fds is not None:
+                    (dfd, fd), self._fds = self._fds, None
+                    _release_file(self.uuid, dfd, fd)
         finally:
             self._mutex.release()
 
