@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final, NoReturn
 
@@ -110,20 +111,25 @@ def client_library_version() -> int:
     return int(libvirt.getVersion())
 
 
+_LISTING_TRIES: Final = 10
+
+
 def _listing(operation: str, fn: Callable[..., Any], *args: Any, domain_name: str | None) -> Any:
     """Call a libvirt listing API, retrying libvirt 9.0's spurious answer to a listing that
     raced a concurrent delete ("name in virGetDomainCheckpoint must not be NULL", HAZARDS
-    21): the list is simply taken again."""
-    for attempt in range(5):
+    21): the list is taken again after a short pause. statecapture's own checkpoint
+    changes hold the domain's lock, as do its listings; this covers other clients."""
+    for attempt in range(_LISTING_TRIES):
         try:
             return fn(*args)
         except libvirt.libvirtError as exc:
             message = exc.get_error_message() or ""
             if (
-                attempt < 4
+                attempt < _LISTING_TRIES - 1
                 and exc.get_error_code() == libvirt.VIR_ERR_INVALID_ARG
                 and "must not be NULL" in message
             ):
+                time.sleep(0.01 * (attempt + 1))
                 continue
             raise translate_error(exc, operation, domain_name=domain_name) from exc
     raise AssertionError("unreachable")  # pragma: no cover
@@ -461,14 +467,16 @@ class VirConnection:
         self.check_open()
         fn = dom._raw.listAllSnapshots if kind == "snapshot" else dom._raw.listAllCheckpoints
         try:
-            return [str(o.getName()) for o in fn(0)]
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() in (
+            return [
+                str(o.getName()) for o in _listing(f"list {kind}s", fn, 0, domain_name=dom.name)
+            ]
+        except errors.UnsupportedError as exc:
+            if exc.code in (
                 libvirt.VIR_ERR_NO_SUPPORT,
                 libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
             ):
                 return None
-            raise translate_error(exc, f"list {kind}s", domain_name=dom.name) from exc
+            raise
 
     def probe_managed_save_image(self, dom: VirDomain) -> bool | None:
         """Whether a managed-save image exists; ``None`` when the driver cannot say."""
@@ -856,14 +864,16 @@ class VirDomain:
         """Names of the domain's checkpoints (each one means dirty bitmaps in its disks)."""
         self.conn.check_open()
         try:
-            raws = self._raw.listAllCheckpoints(0)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() in (
+            raws = _listing(
+                "list checkpoints", self._raw.listAllCheckpoints, 0, domain_name=self._name
+            )
+        except errors.UnsupportedError as exc:
+            if exc.code in (
                 libvirt.VIR_ERR_NO_SUPPORT,
                 libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
             ):
                 return []  # a driver without checkpoints has no bitmaps to fear
-            raise translate_error(exc, "list checkpoints", domain_name=self._name) from exc
+            raise
         return [str(r.getName()) for r in raws]
 
     # ---- guest agent, freeze

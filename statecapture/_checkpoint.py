@@ -181,7 +181,9 @@ class Checkpoint:
     @property
     def children(self) -> tuple[Checkpoint, ...]:
         """The direct children, sorted by name."""
-        kids = [Checkpoint._from_vir(self.domain, v) for v in self._vir.children()]
+        with _locks.domain_lock(self.domain.uuid, "list checkpoint children"):
+            found = self._vir.children()
+        kids = [Checkpoint._from_vir(self.domain, v) for v in found]
         return tuple(sorted(kids, key=lambda c: c.name))
 
     def dirty_bytes(self) -> dict[str, int]:
@@ -330,24 +332,23 @@ class CheckpointCollection:
         return True
 
     def __len__(self) -> int:
-        return len(self.domain._vir.list_checkpoints())
+        with _locks.domain_lock(self.domain.uuid, "list checkpoints"):
+            return len(self.domain._vir.list_checkpoints())
 
     def __iter__(self) -> Iterator[Checkpoint]:
         return iter(self.list())
 
     def list(self) -> builtins.list[Checkpoint]:
         """Every checkpoint, parents before their children (topological order)."""
-        return [
-            Checkpoint._from_vir(self.domain, v)
-            for v in self.domain._vir.list_checkpoints(topological=True)
-        ]
+        with _locks.domain_lock(self.domain.uuid, "list checkpoints"):
+            found = self.domain._vir.list_checkpoints(topological=True)
+        return [Checkpoint._from_vir(self.domain, v) for v in found]
 
     def roots(self) -> builtins.list[Checkpoint]:
         """The checkpoints without a parent, sorted by name."""
-        roots = [
-            Checkpoint._from_vir(self.domain, v)
-            for v in self.domain._vir.list_checkpoints(roots=True)
-        ]
+        with _locks.domain_lock(self.domain.uuid, "list checkpoints"):
+            found = self.domain._vir.list_checkpoints(roots=True)
+        roots = [Checkpoint._from_vir(self.domain, v) for v in found]
         return sorted(roots, key=lambda c: c.name)
 
     # ------------------------------------------------------------------ create
