@@ -21,6 +21,7 @@ agent, and external files that exist already or cannot be written.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import enum
 import os
 import re
@@ -33,7 +34,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from . import _adapter, _bitmaps, _qemuimg
+from . import _adapter, _bitmaps, _locks, _qemuimg
 from .errors import (
     CleanupError,
     GuestAgentError,
@@ -364,9 +365,12 @@ class Snapshot:
         * reverting to an external snapshot needs libvirt ≥ 9.9 on the daemon; older
           daemons raise :class:`UnsupportedError` (see ``docs/snapshots.md`` for a manual way);
         * an internal snapshot is refused with :class:`UnsupportedError` while any disk
-          holds persistent dirty bitmaps (checkpoints, or bitmaps left by a metadata-only
-          checkpoint delete): QEMU exits with "Device has active dirty bitmaps" and the
-          running domain dies.
+          holds dirty bitmaps (checkpoints, bitmaps in the image, or — read from the
+          running QEMU itself — bitmaps that live only in QEMU, as a metadata-only
+          checkpoint delete or a failed checkpoint create leaves them): QEMU exits with
+          "Device has active dirty bitmaps" and the running domain dies. The error names
+          the disk and the bitmap. Reading QEMU's view makes libvirt mark the domain
+          tainted (``custom-monitor``; see ``docs/hazards.md``, hazard 19).
 
         QEMU figures seen here: reverting an internal snapshot of a small TCG guest takes
         about 3.5 s, during which the guest is stopped.
@@ -388,7 +392,11 @@ class Snapshot:
                     operation="snapshot revert",
                     domain_name=dom.name,
                 )
-        else:
+            self._vir.revert(running=running, paused=paused, force=force)
+            return
+        # Held from the bitmap check through the revert: no checkpoint made by statecapture
+        # can slip in between (hazard 21).
+        with _locks.domain_lock(dom.uuid, "snapshot revert"):
             disks: builtins.list[Disk] = builtins.list(dom.definition.disks)
             if definition.domain is not None:
                 disks.extend(definition.domain.disks)
@@ -398,7 +406,7 @@ class Snapshot:
                 f"revert to internal snapshot {self.name!r}",
                 "snapshot revert",
             )
-        self._vir.revert(running=running, paused=paused, force=force)
+            self._vir.revert(running=running, paused=paused, force=force)
 
     def delete(
         self,
@@ -619,41 +627,45 @@ class SnapshotCollection:
                 f"domain {dom.name!r} already has a snapshot named {name!r}; pick another "
                 "name or delete that snapshot first"
             )
-        if plan.internal:
-            _refuse_bitmaps(
-                dom,
-                _dirty_bitmap_problems(dom, dom.definition.disks),
-                "create an internal snapshot",
-                "snapshot create",
-            )
-        if quiesce and not _agent_connected(dom):
-            raise GuestAgentError(
-                f"refusing to create a quiesced snapshot of domain {dom.name!r}: its guest "
-                "agent is not connected (no running domain, no org.qemu.guest_agent.0 "
-                "channel, or qemu-ga not answering yet). Nothing was changed. Start qemu-ga "
-                "in the guest (right after boot, wait for it to connect), or snapshot "
-                "without quiesce=True for crash-consistent disks.",
-                operation="snapshot create",
-                domain_name=dom.name,
-            )
-        for path in plan.new_files:
-            _check_file_name(path, "snapshot file")
-        if _is_local(dom.connection):
-            check_dir = _writes_host_files(dom.connection)
+        with contextlib.ExitStack() as guard:
+            if plan.internal:
+                # Held from the bitmap check through the savevm: no checkpoint made by
+                # statecapture can slip in between (hazard 21).
+                guard.enter_context(_locks.domain_lock(dom.uuid, "snapshot create"))
+                _refuse_bitmaps(
+                    dom,
+                    _dirty_bitmap_problems(dom, dom.definition.disks),
+                    "create an internal snapshot",
+                    "snapshot create",
+                )
+            if quiesce and not _agent_connected(dom):
+                raise GuestAgentError(
+                    f"refusing to create a quiesced snapshot of domain {dom.name!r}: its guest "
+                    "agent is not connected (no running domain, no org.qemu.guest_agent.0 "
+                    "channel, or qemu-ga not answering yet). Nothing was changed. Start qemu-ga "
+                    "in the guest (right after boot, wait for it to connect), or snapshot "
+                    "without quiesce=True for crash-consistent disks.",
+                    operation="snapshot create",
+                    domain_name=dom.name,
+                )
             for path in plan.new_files:
-                _check_target(path, "snapshot file", check_dir=check_dir)
-        vir = dom._vir.snapshot_create(
-            plan.xml.to_xml(),
-            disk_only=plan.disk_only_flag,
-            quiesce=quiesce,
-            atomic=atomic,
-            live=live,
-            no_metadata=not metadata,
-            # No VALIDATE: libvirt 9.0 reloads its RelaxNG schema for every validated call
-            # (35-60 ms, spent inside a freeze for quiesced snapshots). The XML is ours,
-            # built by SnapshotXML, and the test suite checks it against that schema.
-            validate=False,
-        )
+                _check_file_name(path, "snapshot file")
+            if _is_local(dom.connection):
+                check_dir = _writes_host_files(dom.connection)
+                for path in plan.new_files:
+                    _check_target(path, "snapshot file", check_dir=check_dir)
+            vir = dom._vir.snapshot_create(
+                plan.xml.to_xml(),
+                disk_only=plan.disk_only_flag,
+                quiesce=quiesce,
+                atomic=atomic,
+                live=live,
+                no_metadata=not metadata,
+                # No VALIDATE: libvirt 9.0 reloads its RelaxNG schema for every validated call
+                # (35-60 ms, spent inside a freeze for quiesced snapshots). The XML is ours,
+                # built by SnapshotXML, and the test suite checks it against that schema.
+                validate=False,
+            )
         snapshot = Snapshot._from_vir(dom, vir, None if metadata else plan.xml)
         if _writes_host_files(dom.connection):
             _owner_only(plan.new_files)
