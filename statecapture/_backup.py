@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from lxml import etree
 
-from . import _locks, _nbd
+from . import _bitmaps, _locks, _nbd
 from ._events import EventKind, Expectation
 from .errors import (
     CleanupError,
@@ -1120,6 +1120,9 @@ def begin_backup(
     # The start window holds the domain's lock: checkpoint operations and block-node
     # queries must not overlap it (HAZARDS 21).
     with _locks.domain_lock(dom.uuid, "backup begin"):
+        # A checkpoint made with the job must leave no bitmap if the start fails (HAZARDS
+        # 19): note QEMU's bitmaps first (one QMP query, a few ms).
+        before = _bitmaps.query_or_none(dom) if cp_xml is not None else None
         try:
             _write_record(dom, record)
             try:
@@ -1131,6 +1134,10 @@ def begin_backup(
             _rollback_begin(
                 dom, exc, exp, record, cp_name, existing_cps, store.values(), private_dirs
             )
+            if before is not None:
+                from ._checkpoint import remove_orphan_bitmaps
+
+                remove_orphan_bitmaps(dom, before, exc)
             raise
     if push:
         for path in store.values():

@@ -145,8 +145,8 @@ def remove_new_orphans(
     keep = set(known)
     for disk, bms in now.items():
         for bm in bms:
-            if (bm.node, bm.name) in old or bm.name in keep:
-                continue
+            if (bm.node, bm.name) in old or bm.name in keep or bm.busy:
+                continue  # there before, libvirt's, or a job's own
             try:
                 dom._vir.remove_block_dirty_bitmap(bm.node, bm.name)
             except NotFoundError:
