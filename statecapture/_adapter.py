@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final, NoReturn
 
+import attrs
 import libvirt
 
 from . import errors
 from ._events import Event, EventKind
 
 __all__ = [
+    "NodeBitmap",
     "VirConnection",
     "VirDomain",
     "ensure_event_loop",
@@ -169,6 +172,36 @@ def translated(
 def client_library_version() -> int:
     """The version of the libvirt library loaded in this process (``major*1e6+minor*1e3+micro``)."""
     return int(libvirt.getVersion())
+
+
+_LISTING_TRIES: Final = 10
+
+
+def _listing(
+    operation: str,
+    fn: Callable[..., Any],
+    *args: Any,
+    domain_name: str | None,
+    alive: Callable[[], bool] | None = None,
+) -> Any:
+    """Call a libvirt listing API, retrying libvirt 9.0's spurious answer to a listing that
+    raced a concurrent delete ("name in virGetDomainCheckpoint must not be NULL", HAZARDS
+    21): the list is taken again after a short pause. statecapture's own checkpoint
+    changes hold the domain's lock, as do its listings; this covers other clients."""
+    for attempt in range(_LISTING_TRIES):
+        try:
+            return fn(*args)
+        except libvirt.libvirtError as exc:
+            message = exc.get_error_message() or ""
+            if (
+                attempt < _LISTING_TRIES - 1
+                and exc.get_error_code() == libvirt.VIR_ERR_INVALID_ARG
+                and "must not be NULL" in message
+            ):
+                time.sleep(0.01 * (attempt + 1))
+                continue
+            raise translate_error(exc, operation, domain_name=domain_name, alive=alive) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- event loop
@@ -511,16 +544,17 @@ class VirConnection:
         self.check_open()
         fn = dom._raw.listAllSnapshots if kind == "snapshot" else dom._raw.listAllCheckpoints
         try:
-            return [str(o.getName()) for o in fn(0)]
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() in (
+            return [
+                str(o.getName())
+                for o in _listing(f"list {kind}s", fn, 0, domain_name=dom.name, alive=self.is_alive)
+            ]
+        except errors.UnsupportedError as exc:
+            if exc.code in (
                 libvirt.VIR_ERR_NO_SUPPORT,
                 libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
             ):
                 return None
-            raise translate_error(
-                exc, f"list {kind}s", domain_name=dom.name, alive=self.is_alive
-            ) from exc
+            raise
 
     def probe_managed_save_image(self, dom: VirDomain) -> bool | None:
         """Whether a managed-save image exists; ``None`` when the driver cannot say."""
@@ -914,16 +948,20 @@ class VirDomain:
         """Names of the domain's checkpoints (each one means dirty bitmaps in its disks)."""
         self.conn.check_open()
         try:
-            raws = self._raw.listAllCheckpoints(0)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() in (
+            raws = _listing(
+                "list checkpoints",
+                self._raw.listAllCheckpoints,
+                0,
+                domain_name=self._name,
+                alive=self.conn.is_alive,
+            )
+        except errors.UnsupportedError as exc:
+            if exc.code in (
                 libvirt.VIR_ERR_NO_SUPPORT,
                 libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
             ):
                 return []  # a driver without checkpoints has no bitmaps to fear
-            raise translate_error(
-                exc, "list checkpoints", domain_name=self._name, alive=self.conn.is_alive
-            ) from exc
+            raise
         return [str(r.getName()) for r in raws]
 
     # ---- guest agent, freeze
@@ -1087,7 +1125,14 @@ class VirDomain:
             (roots, libvirt.VIR_DOMAIN_CHECKPOINT_LIST_ROOTS),
             (topological, libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL),
         )
-        raws = self._call("list checkpoints", self._raw.listAllCheckpoints, flags)
+        self.conn.check_open()
+        raws = _listing(
+            "list checkpoints",
+            self._raw.listAllCheckpoints,
+            flags,
+            domain_name=self._name,
+            alive=self.conn.is_alive,
+        )
         return [VirCheckpoint(r, self) for r in raws]
 
     # backup: begin / describe / end a backup job (libvirt has no BackupEnd: abortJob ends it)
@@ -1180,6 +1225,119 @@ class VirDomain:
             ) from exc
         return str(status)
 
+    # ---- dirty bitmaps: QEMU's live view (monitor commands; see docs/hazards.md)
+    def _qmp(self, operation: str, command: str, arguments: dict[str, Any] | None) -> Any:
+        """Run one QMP command through ``qemuMonitorCommand``; its ``return`` value.
+
+        libvirt marks the domain tainted (``custom-monitor``: one log line, listed by
+        ``virDomainGetMessages``); nothing else changes. QMP's own errors become
+        :class:`~statecapture.NotFoundError` (a node or bitmap that is not there) or
+        :class:`~statecapture.LibvirtError`.
+        """
+        import json
+
+        import libvirt_qemu
+
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        with VirDomain._flags_unsupported(operation, self._name):
+            reply = self._call(
+                operation, libvirt_qemu.qemuMonitorCommand, self._raw, json.dumps(request), 0
+            )
+        try:
+            decoded = json.loads(str(reply))
+        except ValueError as exc:
+            raise errors.LibvirtError(
+                f"{operation} on domain {self._name!r}: QEMU answered no JSON ({reply!r})",
+                operation=operation,
+                domain_name=self._name,
+            ) from exc
+        if isinstance(decoded, dict) and "error" in decoded:
+            err = decoded["error"] if isinstance(decoded["error"], dict) else {}
+            desc = str(err.get("desc", decoded["error"]))
+            lowered = desc.lower()
+            cls: type[errors.LibvirtError] = errors.LibvirtError
+            if "not found" in lowered or "cannot find" in lowered:
+                cls = errors.NotFoundError
+            raise cls(
+                f"{operation} on domain {self._name!r} failed: QEMU said: {desc}",
+                operation=operation,
+                domain_name=self._name,
+                libvirt_message=desc,
+            )
+        if not isinstance(decoded, dict) or "return" not in decoded:
+            raise errors.LibvirtError(
+                f"{operation} on domain {self._name!r}: unexpected QEMU reply {reply!r}",
+                operation=operation,
+                domain_name=self._name,
+            )
+        return decoded["return"]
+
+    def block_dirty_bitmaps(self) -> list[NodeBitmap]:
+        """Every dirty bitmap QEMU holds, on every block node (QMP
+        ``query-named-block-nodes``, ``flat``), persistent or not, written to an image yet
+        or not. The domain must run (:class:`~statecapture.InvalidStateError` otherwise);
+        drivers without a QEMU monitor raise :class:`~statecapture.UnsupportedError`.
+        """
+        nodes = self._qmp("query dirty bitmaps", "query-named-block-nodes", {"flat": True})
+        out: list[NodeBitmap] = []
+        for node in nodes if isinstance(nodes, list) else ():
+            if not isinstance(node, dict):
+                continue
+            name = str(node.get("node-name") or "")
+            filename = node.get("file")
+            for bm in node.get("dirty-bitmaps") or ():
+                if not isinstance(bm, dict) or "name" not in bm:
+                    continue
+                out.append(
+                    NodeBitmap(
+                        node=name,
+                        driver=str(node.get("drv") or ""),
+                        filename=str(filename) if filename else None,
+                        name=str(bm["name"]),
+                        persistent=bool(bm.get("persistent", False)),
+                        recording=bool(bm.get("recording", True)),
+                        busy=bool(bm.get("busy", False)),
+                        granularity=int(bm.get("granularity", 0)),
+                        count=int(bm.get("count", 0)),
+                    )
+                )
+        return out
+
+    def remove_block_dirty_bitmap(self, node: str, name: str) -> None:
+        """Remove one dirty bitmap from a block node (QMP ``block-dirty-bitmap-remove``).
+
+        A persistent bitmap is removed from the image as well. Only for bitmaps libvirt
+        does not know (no checkpoint names them): libvirt's own go through checkpoint
+        delete. :class:`~statecapture.NotFoundError` when the node or bitmap is not there.
+        """
+        self._qmp("remove dirty bitmap", "block-dirty-bitmap-remove", {"node": node, "name": name})
+
+
+# --------------------------------------------------------------------------- dirty bitmaps
+
+
+@attrs.frozen
+class NodeBitmap:
+    """One dirty bitmap as QEMU sees it (``query-named-block-nodes``)."""
+
+    node: str
+    """The block node holding it (libvirt 9.0 names them ``libvirt-<index>-format``)."""
+    driver: str
+    """The node's driver (``qcow2``, ``file`` ...)."""
+    filename: str | None
+    """The image the node opened, when QEMU reports it."""
+    name: str
+    persistent: bool
+    """Whether QEMU writes it into the qcow2 image when it closes the image."""
+    recording: bool
+    busy: bool
+    """In use by a job (a backup): it cannot be removed or changed now."""
+    granularity: int
+    count: int
+    """Dirty bytes counted so far."""
+
 
 # --------------------------------------------------------------------------- snapshot handles
 
@@ -1263,7 +1421,14 @@ class VirCheckpoint:  # checkpoints
 
     def children(self) -> list[VirCheckpoint]:
         """Direct children."""
-        raws = self._call("list checkpoint children", self._raw.listAllChildren, 0)
+        self.domain.conn.check_open()
+        raws = _listing(
+            "list checkpoint children",
+            self._raw.listAllChildren,
+            0,
+            domain_name=self.domain.name,
+            alive=self.domain.conn.is_alive,
+        )
         return [VirCheckpoint(r, self.domain) for r in raws]
 
     def delete(self, *, children: bool = False, metadata_only: bool = False) -> None:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from lxml import etree
 
-from . import _nbd
+from . import _bitmaps, _locks, _nbd
 from ._events import EventKind, Expectation
 from .errors import (
     CleanupError,
@@ -890,6 +890,12 @@ class BackupJob:
         return None
 
     def _abort_and_wait(self, timeout: float) -> None:
+        # The end window (abortJob up to JOB_COMPLETED, when libvirt removes the job's
+        # scratch nodes) holds the domain's lock (HAZARDS 21).
+        with _locks.domain_lock(self.domain.uuid, "backup end"):
+            self._abort_and_wait_locked(timeout)
+
+    def _abort_and_wait_locked(self, timeout: float) -> None:
         vir = self.domain._vir
         exp = self._expectation()
         if _job_xml(self.domain) is None:
@@ -1199,16 +1205,28 @@ def begin_backup(
         raise
     # -- start: record first (so a crash right after begin can be cleaned up), then begin
     exp = dom.connection.events.expect(kind=EventKind.JOB_COMPLETED, domain_uuid=dom.uuid)
-    try:
-        _write_record(dom, record)
+    # The start window holds the domain's lock: checkpoint operations and block-node
+    # queries must not overlap it (HAZARDS 21).
+    with _locks.domain_lock(dom.uuid, "backup begin"):
+        # A checkpoint made with the job must leave no bitmap if the start fails (HAZARDS
+        # 19): note QEMU's bitmaps first (one QMP query, a few ms).
+        before = _bitmaps.query_or_none(dom) if cp_xml is not None else None
         try:
-            dom._vir.backup_begin(bxml.to_xml(), cp_xml)
-        except UnsupportedError as exc:
-            raise _unsupported(dom, exc, "backup") from exc
-        text = _job_xml(dom)
-    except BaseException as exc:
-        _rollback_begin(dom, exc, exp, record, cp_name, existing_cps, store.values(), private_dirs)
-        raise
+            _write_record(dom, record)
+            try:
+                dom._vir.backup_begin(bxml.to_xml(), cp_xml)
+            except UnsupportedError as exc:
+                raise _unsupported(dom, exc, "backup") from exc
+            text = _job_xml(dom)
+        except BaseException as exc:
+            _rollback_begin(
+                dom, exc, exp, record, cp_name, existing_cps, store.values(), private_dirs
+            )
+            if before is not None:
+                from ._checkpoint import remove_orphan_bitmaps
+
+                remove_orphan_bitmaps(dom, before, exc)
+            raise
     if push:
         for path in store.values():
             with contextlib.suppress(FileNotFoundError):

@@ -85,7 +85,18 @@ def connect(uri: str | None = None, *, readonly: bool = False) -> Connection:
 
 @attrs.define(eq=False)
 class Connection:
-    """A live connection to a libvirt driver. Built by :func:`connect`."""
+    """A live connection to a libvirt driver. Built by :func:`connect`.
+
+    Thread safety: a connection may be shared by any number of threads, and so may the
+    :class:`Domain`, :class:`Checkpoint` and :class:`Snapshot` handles made from it (they
+    keep only their identity and query libvirt on every access). Operations that QEMU or
+    libvirt cannot run side by side on one domain — checkpoint create/delete/listing and
+    dirty-size queries, a backup job's start and end, QEMU block-node queries — are
+    serialized per domain, within the process and across processes (``docs/hazards.md``,
+    hazard 21). Objects that track one operation (:class:`BackupJob`, :class:`BlockJob`, an
+    ``fs_frozen`` scope) belong to one thread at a time. :meth:`close` ends the connection
+    for every thread; event callbacks run on libvirt's event thread.
+    """
 
     _vir: _adapter.VirConnection = attrs.field(repr=False)
     events: EventBus = attrs.field(factory=EventBus, repr=False)

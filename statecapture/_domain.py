@@ -59,6 +59,12 @@ class Domain:
     Properties query libvirt each time (nothing is cached but the name and UUID), so a
     handle always shows the domain as it is now. Two handles on the same domain are
     different objects; compare :attr:`uuid` to tell whether they name the same domain.
+
+    Thread safety: a handle may be used from several threads at once (see
+    :class:`Connection`); statecapture serializes per domain the operations QEMU/libvirt
+    cannot overlap (checkpoint changes and a backup job's start and end, hazard 21). What one
+    thread read may be stale when it acts: a checkpoint listed by one thread may be deleted
+    by another (:class:`NotFoundError`).
     """
 
     connection: Connection
