@@ -515,9 +515,10 @@ def test_leftover_job_after_killed_process_is_found_and_ended(kit: object, tmp_p
     recorded (it never delivered), and proves the next job starts without a stale lock. A
     second killed run whose job then ends unobserved is cleaned up by the next backup().
     """
+    from tests._harness import isolation
     from tests._harness.guestkit import prepare_embed_root
 
-    root = Path(f"/tmp/sc-kill-{os.getpid()}")
+    root = isolation.track(f"/tmp/sc-kill-{os.getpid()}")
     prepare_embed_root(root)
     fmt = {
         "repo": str(Path(__file__).resolve().parents[1]),

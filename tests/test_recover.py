@@ -34,6 +34,7 @@ import pytest
 
 import statecapture
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
+from tests._harness import isolation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -318,7 +319,8 @@ class KillEnv:
         self.images = work / "images"
         self.target = work / "target"
         self.after = work / "after"
-        self.tmp = Path(tempfile.mkdtemp(prefix="sckt-", dir="/tmp"))  # short: NBD sockets
+        # short (NBD sockets); the session-end isolation check verifies it is removed
+        self.tmp = isolation.track(tempfile.mkdtemp(prefix="sckt-", dir="/tmp"))
         for d in (self.images, self.target, self.after):
             d.mkdir()
         self.kit = kit
