@@ -749,12 +749,27 @@ def fguest(
 
 @pytest.fixture
 def guest2(fguest: statecapture.Domain) -> Iterator[statecapture.Domain]:
-    """The shared guest; fails the test (and thaws) when it is left frozen."""
+    """The shared guest, reset and verified after each test so no state leaks into the
+    next: it runs, its agent is connected and answering (tests stop or kill qemu-ga), the
+    agent response timeout is libvirt's default again (tests change it), and it is thawed
+    (fails the test, after thawing, when it was left frozen)."""
     yield fguest
-    status = _guest_freeze_status(fguest)
+    assert fguest.is_active, "the test left the shared guest stopped"
+    fguest.wait_for_agent(120)
+    deadline = time.monotonic() + 60
+    while True:  # qemu-ga may still be SIGSTOPped for a moment
+        try:
+            status = _guest_freeze_status(fguest)
+            break
+        except statecapture.LibvirtError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    fguest._vir.set_agent_timeout(None)
     if status != "thawed":
         fguest.fs_thaw()
     assert status == "thawed", "the test left the guest frozen"
+    assert fguest.block_jobs() == () and fguest.active_backup() is None
 
 
 @pytest.mark.qemu
