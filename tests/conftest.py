@@ -180,7 +180,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if not left:
             with contextlib.suppress(OSError):
                 private.rmdir()
-    lines.extend(isolation.problems())
+    lines.extend(isolation.problems(search=_SESSION_TMP))
     summary = f"statecapture real tier: ran {_REAL_TIER['ran']}, skipped {_REAL_TIER['skipped']}"
     if _in_ci() and _REAL_TIER["skipped"]:
         lines.append(f"CI=true: real-tier tests were skipped ({summary})")

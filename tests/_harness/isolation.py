@@ -93,9 +93,10 @@ def qemu_processes(paths: list[Path] | None = None) -> list[tuple[int, str]]:
     return found
 
 
-def problems(extra_paths: list[Path] | None = None) -> list[str]:
-    """Everything the session left behind; ``extra_paths`` are checked like tracked ones."""
-    paths = tracked() + list(extra_paths or ())
+def problems(search: list[Path] | None = None) -> list[str]:
+    """Everything the session left behind; processes mentioning a path in ``search`` (for
+    example the session's temporary directory, which may itself remain) count too."""
+    paths = tracked()
     out: list[str] = []
     with _lock:
         out.extend(_leaks)
@@ -104,5 +105,8 @@ def problems(extra_paths: list[Path] | None = None) -> list[str]:
         for path in paths
         if path.exists() or path.is_symlink()
     )
-    out.extend(f"process {pid} still runs: {cmdline}" for pid, cmdline in qemu_processes(paths))
+    out.extend(
+        f"process {pid} still runs: {cmdline}"
+        for pid, cmdline in qemu_processes(paths + list(search or ()))
+    )
     return out
