@@ -247,3 +247,28 @@ def test_adapter_error_code_literals_equal_the_header_values(table: dict[str, in
     """The error-code literals in the adapter are the libvirt codes they are meant to be."""
     assert _adapter_code_literals() == {table[n] for n in ADAPTER_CODE_LITERALS}
     assert {table[n] for n in ADAPTER_CONNECTION_ERRORS} == _adapter._CONNECTION_ERRORS
+
+
+#: The adapter's integer -> name tables, with the libvirt enum prefix each integer comes from.
+ENUM_TABLES = {
+    "_LIFECYCLE_EVENTS": ("VIR_DOMAIN_EVENT_", _adapter._LIFECYCLE_EVENTS),
+    "_BLOCK_JOB_STATUS": ("VIR_DOMAIN_BLOCK_JOB_", _adapter._BLOCK_JOB_STATUS),
+    "_STATE_NAMES": ("VIR_DOMAIN_", _adapter._STATE_NAMES),
+    "_BLOCK_JOB_KINDS": ("VIR_DOMAIN_BLOCK_JOB_TYPE_", _adapter.VirDomain._BLOCK_JOB_KINDS),
+}
+
+
+@pytest.mark.parametrize("table_name", sorted(ENUM_TABLES))
+def test_adapter_enum_tables_match_the_headers(table: dict[str, int], table_name: str) -> None:
+    """Each integer the adapter maps to a name is libvirt's value for that name (e.g.
+    ``_STATE_NAMES[5] == "shutoff"`` because ``VIR_DOMAIN_SHUTOFF = 5``)."""
+    prefix, mapping = ENUM_TABLES[table_name]
+    wrong = {}
+    for value, name in mapping.items():
+        if name == "unknown" and value == 0:
+            header = f"{prefix}UNKNOWN"
+        else:
+            header = prefix + name.upper().replace("-", "_")
+        if table.get(header) != value:
+            wrong[value] = (name, header, table.get(header))
+    assert wrong == {}
