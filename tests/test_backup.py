@@ -422,6 +422,20 @@ def test_pull_full_then_two_incrementals_with_added_disk(
                 assert exports["vda"].bitmap_context == "qemu:dirty-bitmap:backup-vda"
                 assert exports["vdb"].mode is DiskBackupMode.FULL
                 assert exports["vdb"].bitmap_context is None
+            if i == 2:
+                # never overwrite: an existing file with a target's name is refused up
+                # front, before any disk is copied, and the job can still be downloaded
+                from statecapture._backup import backup_file_name
+
+                clash = dest / backup_file_name(guest.name, "vdb", job.label)
+                clash.write_bytes(b"precious")
+                with pytest.raises(statecapture.TargetExistsError) as refused:
+                    job.download(dest, client=client)
+                assert refused.value.path == str(clash)
+                assert clash.read_bytes() == b"precious"
+                assert not (dest / backup_file_name(guest.name, "vda", job.label)).exists()
+                assert not list(dest.glob(".*.partial"))
+                clash.unlink()
             result = job.download(dest, progress=progress.append, client=client)
             assert job.progress().bytes_done > 0
         assert not sock.exists() and not sock.parent.exists()
@@ -446,7 +460,7 @@ def test_pull_full_then_two_incrementals_with_added_disk(
     # a pull incremental is a real qcow2 layer over the previous backup
     info = json.loads(_qemu_img("info", "--output=json", str(results[2].disk("vda").file)))
     assert info["backing-filename"] == results[1].disk("vda").file.name
-    # never overwrite: a second download target with the same name is refused up front
+    # no partial file of any download is left
     assert not list(dest.glob(".*.partial"))
 
 
@@ -651,9 +665,10 @@ def test_leftover_job_after_killed_process_is_found_and_ended(kit: object, tmp_p
     recorded (it never delivered), and proves the next job starts without a stale lock. A
     second killed run whose job then ends unobserved is cleaned up by the next backup().
     """
+    from tests._harness import isolation
     from tests._harness.guestkit import prepare_embed_root
 
-    root = Path(f"/tmp/sc-kill-{os.getpid()}")
+    root = isolation.track(f"/tmp/sc-kill-{os.getpid()}")
     prepare_embed_root(root)
     fmt = {
         "repo": str(Path(__file__).resolve().parents[1]),

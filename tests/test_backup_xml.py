@@ -245,7 +245,7 @@ def _documents(draw: st.DrawFn) -> BackupXML:
     )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)  # examples: the dev/ci profile (tests/conftest.py)
 @given(_documents())
 def test_round_trip_and_schema(doc: BackupXML) -> None:
     """Any BackupXML we can build serialises to schema-valid XML that parses back equal."""

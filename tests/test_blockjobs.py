@@ -239,6 +239,30 @@ def test_context_manager_abort_failure_is_a_cleanup_error(
 
 # ----------------------------------------------------------------------------- real tier
 
+
+@pytest.mark.qemu
+def test_qemu_readiness_comes_only_from_this_disks_ready_event(
+    guest_factory: Callable[..., statecapture.Domain], tmp_path: Path
+) -> None:
+    """Real run of what the event-driven test above shows with published events: two copies
+    at once, one held back by a 1 byte/s limit; the other disk's READY event does not make
+    the held-back job ready; it becomes ready on its own READY once the limit is lifted, and
+    leaving the blocks aborts both jobs."""
+    dom = guest_factory(disks=2)
+    with (
+        dom.block_copy("vda", tmp_path / "vda.copy.qcow2", bandwidth=1) as slow,
+        dom.block_copy("vdb", tmp_path / "vdb.copy.qcow2") as fast,
+    ):
+        fast.wait_ready(timeout=120)
+        assert fast.ready and fast.status is BlockJobStatus.READY
+        assert not slow.ready and slow.status is BlockJobStatus.RUNNING
+        slow.set_bandwidth(0)
+        slow.wait_ready(timeout=120)
+        assert slow.ready and slow.status is BlockJobStatus.READY
+    assert slow.status is BlockJobStatus.CANCELED and fast.status is BlockJobStatus.CANCELED
+    assert dom.block_jobs() == ()
+
+
 GuestFactory = Callable[..., statecapture.Domain]
 
 MiB = 1024 * 1024

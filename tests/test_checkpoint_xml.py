@@ -209,7 +209,7 @@ def _checkpoints(draw: st.DrawFn) -> CheckpointXML:
     )
 
 
-@settings(max_examples=100, deadline=None)
+@settings(deadline=None)  # examples: the dev/ci profile (tests/conftest.py)
 @given(_checkpoints())
 def test_round_trip_property(cp: CheckpointXML) -> None:
     """Any valid CheckpointXML survives to_xml → from_xml and validates against the schema."""

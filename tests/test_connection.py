@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -159,9 +160,13 @@ def test_events_are_dispatched_to_subscribers(test_conn: statecapture.Connection
     assert seen[:2] == ["suspended", "resumed"]
 
 
-def test_failing_subscriber_does_not_stop_others(test_conn: statecapture.Connection) -> None:
-    """A subscriber that raises is logged; the other subscribers still get the event."""
+def test_failing_subscriber_does_not_stop_others(
+    test_conn: statecapture.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subscriber that raises is logged (with its traceback); the other subscribers still
+    get the event."""
     alpha = test_conn.domain("alpha")
+    caplog.set_level(logging.ERROR, logger="statecapture.events")
 
     def broken(_e: statecapture.Event) -> None:
         raise RuntimeError("subscriber bug")
@@ -173,6 +178,13 @@ def test_failing_subscriber_does_not_stop_others(test_conn: statecapture.Connect
         alpha.suspend()
         assert exp.wait(10).detail["event"] == "suspended"
         alpha.resume()
+    failures = [r for r in caplog.records if r.name == "statecapture.events"]
+    assert failures, "the subscriber's failure was not logged"
+    assert all(r.levelno == logging.ERROR for r in failures)
+    assert "event subscriber" in failures[0].getMessage()
+    assert failures[0].exc_info is not None
+    assert isinstance(failures[0].exc_info[1], RuntimeError)
+    assert str(failures[0].exc_info[1]) == "subscriber bug"
 
 
 def test_unclosed_connection_warns(test_uri: str) -> None:

@@ -258,9 +258,18 @@ def test_ctrl_c_during_thaw_call_is_delivered_after(
     assert _thaw_count(test_domain) == 0
 
 
-@pytest.mark.skipif(
-    signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, reason="SIGTERM handled already"
-)
+@pytest.fixture
+def default_sigterm() -> Iterator[None]:
+    """SIGTERM at its default action for the test (whatever the runner installed), restored
+    afterwards: the SIGTERM tests always run instead of skipping under such a runner."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.usefixtures("default_sigterm")
 def test_sigterm_in_block_thaws_and_exits(test_domain: statecapture.Domain) -> None:
     """SIGTERM inside the block becomes SystemExit(143) there; the exit path thaws and the
     default handler is back afterwards."""
@@ -280,9 +289,7 @@ def _terminate_self(_scope: FreezeScope) -> None:
     pytest.fail("SIGTERM did not interrupt the block")
 
 
-@pytest.mark.skipif(
-    signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, reason="SIGTERM handled already"
-)
+@pytest.mark.usefixtures("default_sigterm")
 @pytest.mark.parametrize("call", ["fs_freeze", "fs_thaw"])
 def test_sigterm_during_freeze_or_thaw_call_is_held(
     test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch, call: str
@@ -741,12 +748,27 @@ def fguest(
 
 @pytest.fixture
 def guest2(fguest: statecapture.Domain) -> Iterator[statecapture.Domain]:
-    """The shared guest; fails the test (and thaws) when it is left frozen."""
+    """The shared guest, reset and verified after each test so no state leaks into the
+    next: it runs, its agent is connected and answering (tests stop or kill qemu-ga), the
+    agent response timeout is libvirt's default again (tests change it), and it is thawed
+    (fails the test, after thawing, when it was left frozen)."""
     yield fguest
-    status = _guest_freeze_status(fguest)
+    assert fguest.is_active, "the test left the shared guest stopped"
+    fguest.wait_for_agent(120)
+    deadline = time.monotonic() + 60
+    while True:  # qemu-ga may still be SIGSTOPped for a moment
+        try:
+            status = _guest_freeze_status(fguest)
+            break
+        except statecapture.LibvirtError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    fguest._vir.set_agent_timeout(None)
     if status != "thawed":
         fguest.fs_thaw()
     assert status == "thawed", "the test left the guest frozen"
+    assert fguest.block_jobs() == () and fguest.active_backup() is None
 
 
 @pytest.mark.qemu
@@ -802,6 +824,7 @@ def test_qemu_subset_freezes_only_those(guest2: statecapture.Domain) -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.usefixtures("default_sigterm")
 def test_qemu_every_exit_path_thaws(guest2: statecapture.Domain) -> None:
     """Exception, KeyboardInterrupt (a real SIGINT) and SIGTERM inside the block all thaw."""
     dom = guest2
@@ -818,12 +841,11 @@ def test_qemu_every_exit_path_thaws(guest2: statecapture.Domain) -> None:
     with pytest.raises(KeyboardInterrupt):
         _inside(scope, lambda _s: signal.raise_signal(signal.SIGINT))
     assert scope.status is FreezeStatus.THAWED and _guest_freeze_status(dom) == "thawed"
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        scope = fs_frozen(dom)
-        with pytest.raises(SystemExit):
-            _inside(scope, _terminate_self)
-        assert scope.status is FreezeStatus.THAWED and _guest_freeze_status(dom) == "thawed"
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    scope = fs_frozen(dom)
+    with pytest.raises(SystemExit):
+        _inside(scope, _terminate_self)
+    assert scope.status is FreezeStatus.THAWED and _guest_freeze_status(dom) == "thawed"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 @pytest.mark.qemu

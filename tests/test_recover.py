@@ -12,7 +12,9 @@ following ``direct_backup`` succeeds and that a second ``recover()`` is a no-op.
 libvirt's embedded driver allows one root per process and the pytest process holds its own
 (``qemu_conn``), so the kill matrix uses a separate root that this process never opens:
 every action there runs in a child (``tests/_kill_child.py``). One guest serves the whole
-matrix — recovering it to a clean state after every kill is exactly what is proven.
+matrix — recovering it to a clean state after every kill is exactly what is proven — and
+after every case a ``reset`` child restores and verifies that clean state (agent timeout
+included), failing the case that left anything behind, so no case runs on another's state.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import pytest
 
 import statecapture
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
+from tests._harness import isolation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -318,7 +321,8 @@ class KillEnv:
         self.images = work / "images"
         self.target = work / "target"
         self.after = work / "after"
-        self.tmp = Path(tempfile.mkdtemp(prefix="sckt-", dir="/tmp"))  # short: NBD sockets
+        # short (NBD sockets); the session-end isolation check verifies it is removed
+        self.tmp = isolation.track(tempfile.mkdtemp(prefix="sckt-", dir="/tmp"))
         for d in (self.images, self.target, self.after):
             d.mkdir()
         self.kit = kit
@@ -396,6 +400,25 @@ def kill_env(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kil
         (tmp_path_factory.getbasetemp() / "kill-matrix-timings.txt").write_text(summary + "\n")
 
 
+@pytest.fixture
+def kill_guest(kill_env: KillEnv) -> Iterator[KillEnv]:
+    """The matrix's shared guest, reset after each case and verified: whatever a case left
+    behind (a job, a checkpoint, a file, a frozen or stopped guest, a changed agent timeout)
+    is repaired before the next case starts, and fails the case that left it."""
+    yield kill_env
+    result = kill_env.child(
+        "reset",
+        {
+            "originals": kill_env.originals,
+            "image_dir": str(kill_env.images),
+            "image_files": sorted(Path(p).name for p in kill_env.originals.values()),
+            "target_dir": str(kill_env.target),
+            "after_dir": str(kill_env.after),
+        },
+    )
+    assert result["repaired"] == [], "the case left state behind for the next one"
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize(
     ("sequence", "kill", "mode", "extra"),
@@ -403,7 +426,7 @@ def kill_env(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kil
     ids=["-".join(filter(None, (s, m, k, *e))) for s, k, m, e in MATRIX],
 )
 def test_killed_sequence_is_recovered(
-    kill_env: KillEnv, sequence: str, kill: str, mode: str, extra: dict[str, Any]
+    kill_guest: KillEnv, sequence: str, kill: str, mode: str, extra: dict[str, Any]
 ) -> None:
     """SIGKILL at this boundary, then recover() from a fresh process: the domain is back on
     its original files with the guest's data intact, nothing is left behind, and the next
@@ -413,26 +436,26 @@ def test_killed_sequence_is_recovered(
         "sequence": sequence,
         "kill": kill,
         "mode": mode,
-        "target_dir": str(kill_env.target),
+        "target_dir": str(kill_guest.target),
     }
     if "checkpoint" in extra:
         args["checkpoint"] = extra["checkpoint"]
-    facts = kill_env.child("run", args, killed=True)
+    facts = kill_guest.child("run", args, killed=True)
     assert "completed" not in facts
     assert {"known", "ticks_md5"} <= facts.keys()
     if extra.get("power_cut"):
-        kill_env.child("destroy", {})
+        kill_guest.child("destroy", {})
     check = {
-        "originals": kill_env.originals,
-        "image_dir": str(kill_env.images),
-        "image_files": sorted(Path(p).name for p in kill_env.originals.values()),
-        "target_dir": str(kill_env.target),
-        "after_dir": str(kill_env.after),
+        "originals": kill_guest.originals,
+        "image_dir": str(kill_guest.images),
+        "image_files": sorted(Path(p).name for p in kill_guest.originals.values()),
+        "target_dir": str(kill_guest.target),
+        "after_dir": str(kill_guest.after),
         "facts": facts,
         "start": bool(extra.get("power_cut")),
     }
-    result = kill_env.child("check", check)
-    kill_env.timings.append((f"{sequence}-{mode}-{kill}", time.monotonic() - started))
+    result = kill_guest.child("check", check)
+    kill_guest.timings.append((f"{sequence}-{mode}-{kill}", time.monotonic() - started))
     assert result["problems"] == [], result["report"]
     if kill.startswith(("in:snapshot:", "in:begin:")):
         assert any("frozen" in f for f in result["found"]), result["report"]
