@@ -64,7 +64,7 @@ def _const(name: str, value: int) -> int:
 # use VIR_ERR_INVALID_CONN (6) or VIR_ERR_RPC (39). VIR_ERR_NO_CONNECT (5) is *not* a loss:
 # it is what an unknown URI scheme ("no connection driver available") reports, and a failed
 # connect ("Failed to connect socket", 38) is not a loss either — nothing was connected.
-_FROM_RPC: Final = frozenset({7, 19})  # VIR_FROM_RPC, VIR_FROM_REMOTE
+_FROM_RPC: Final = frozenset({libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE})
 _LOSS_CODES_FROM_RPC: Final = frozenset({1, 38})  # INTERNAL_ERROR, SYSTEM_ERROR
 _LOSS_MESSAGES: Final = (
     "client socket is closed",

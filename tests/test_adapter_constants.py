@@ -9,7 +9,8 @@ whenever the binding has the constant:
 * every ``_const("VIR_…", literal)`` fallback anywhere in ``statecapture/``;
 * the error codes each class of ``statecapture/errors.py`` maps (``cls.codes``), against the
   libvirt names they are meant to be;
-* the error-code literals the adapter compares with (``code == 8``, ``_CONNECTION_ERRORS``).
+* the error-code literals the adapter compares with (``code == 8``, the connection-loss
+  rule's error domains and codes).
 
 Codes newer than the installed headers are pinned in :data:`NEWER_THAN_HEADERS` (with the
 libvirt release that added them); when the headers do have them, the headers win.
@@ -58,6 +59,7 @@ CLASS_CODES: dict[type[errors.LibvirtError], set[str]] = {
         "VIR_ERR_CONFIG_UNSUPPORTED",
         "VIR_ERR_ARGUMENT_UNSUPPORTED",
         "VIR_ERR_OPERATION_UNSUPPORTED",
+        "VIR_ERR_NO_CONNECT",  # an unknown URI scheme: no driver, nothing was connected
     },
     errors.InvalidStateError: {
         "VIR_ERR_OPERATION_INVALID",
@@ -74,12 +76,14 @@ CLASS_CODES: dict[type[errors.LibvirtError], set[str]] = {
     },
     errors.OperationTimeoutError: {"VIR_ERR_OPERATION_TIMEOUT"},
     errors.CheckpointInconsistentError: {"VIR_ERR_CHECKPOINT_INCONSISTENT"},
-    errors.ConnectionLostError: {"VIR_ERR_NO_CONNECT", "VIR_ERR_INVALID_CONN", "VIR_ERR_RPC"},
+    errors.ConnectionLostError: {"VIR_ERR_INVALID_CONN", "VIR_ERR_RPC"},
 }
 
 #: Error names behind the integer literals the adapter compares error codes with.
 ADAPTER_CODE_LITERALS = {"VIR_ERR_INVALID_ARG"}
-ADAPTER_CONNECTION_ERRORS = {"VIR_ERR_NO_CONNECT", "VIR_ERR_INVALID_CONN", "VIR_ERR_RPC"}
+#: The connection-loss rule's error domains and generic codes (``is_connection_loss``).
+ADAPTER_LOSS_DOMAINS = {"VIR_FROM_RPC", "VIR_FROM_REMOTE"}
+ADAPTER_LOSS_CODES = {"VIR_ERR_INTERNAL_ERROR", "VIR_ERR_SYSTEM_ERROR"}
 
 _ENUM = re.compile(r"typedef\s+enum\s*(?:\w+\s*)?\{(.*?)\}\s*\w+\s*;", re.S)
 _ENTRY = re.compile(r"^\s*(VIR_\w+)\s*(?:=\s*(.+?))?\s*$", re.S)
@@ -246,7 +250,8 @@ def _adapter_code_literals() -> set[int]:
 def test_adapter_error_code_literals_equal_the_header_values(table: dict[str, int]) -> None:
     """The error-code literals in the adapter are the libvirt codes they are meant to be."""
     assert _adapter_code_literals() == {table[n] for n in ADAPTER_CODE_LITERALS}
-    assert {table[n] for n in ADAPTER_CONNECTION_ERRORS} == _adapter._CONNECTION_ERRORS
+    assert {table[n] for n in ADAPTER_LOSS_DOMAINS} == _adapter._FROM_RPC
+    assert {table[n] for n in ADAPTER_LOSS_CODES} == _adapter._LOSS_CODES_FROM_RPC
 
 
 #: The adapter's integer -> name tables, with the libvirt enum prefix each integer comes from.

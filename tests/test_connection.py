@@ -232,7 +232,8 @@ def _private_daemon(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
 def test_daemon_going_away_is_connection_lost() -> None:
     """HAZARDS 22: when the daemon behind a connection exits (a restart), every later call
     raises ConnectionLostError — not a generic LibvirtError ("client socket is closed")."""
-    top = Path(tempfile.mkdtemp(prefix="sc-lvd-"))
+    # Under /tmp itself: the daemon runs as nobody and must reach its socket directory.
+    top = Path(tempfile.mkdtemp(prefix="sc-lvd-", dir="/tmp"))
     top.chmod(0o711)
     try:
         _lose_connection(top)
