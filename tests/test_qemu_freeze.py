@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import statecapture
-from statecapture import FreezeExpiredError, FreezeStatus, UsageError, fs_frozen
+from statecapture import FreezeExpiredError, FreezeScope, FreezeStatus, UsageError, fs_frozen
 from statecapture._adapter import VirDomain
 from statecapture._freeze import _held_freezes
 from tests._proof import agent, guest_frozen, raw, sh, spawn
@@ -66,6 +66,12 @@ def fg(fguest1: statecapture.Domain) -> Iterator[statecapture.Domain]:
     assert status == "thawed", "the test left the guest frozen"
 
 
+def _inside(scope: FreezeScope, body: Any) -> None:
+    """Run ``body(scope)`` inside the scope's ``with`` block."""
+    with scope:
+        body(scope)
+
+
 def _wait(predicate: Any, limit: float) -> float:
     start = time.monotonic()
     while not predicate() and time.monotonic() - start < limit:
@@ -77,11 +83,15 @@ def test_thaw_from_outside_raises_freeze_expired_external(fg: statecapture.Domai
     """Another libvirt client thawing the guest while the block runs is noticed: leaving the
     block raises FreezeExpiredError(reason='external') and the scope reports EXPIRED (not a
     silent THAWED: the capture may be crash-consistent only)."""
-    scope = fs_frozen(fg, max_frozen=60)
-    with pytest.raises(FreezeExpiredError) as info, scope:
+
+    def thaw_from_outside(scope: FreezeScope) -> None:
         assert guest_frozen(fg) == "frozen"
         assert raw(fg).fsThaw(None, 0) == scope.frozen_count >= 1  # another client thaws
         assert guest_frozen(fg) == "thawed"
+
+    scope = fs_frozen(fg, max_frozen=60)
+    with pytest.raises(FreezeExpiredError) as info:
+        _inside(scope, thaw_from_outside)
     assert info.value.reason == "external"
     assert scope.status is FreezeStatus.EXPIRED and scope.expired
     assert scope.frozen_for < 60  # the watchdog had nothing to do with it
@@ -147,13 +157,21 @@ def test_nested_budget_out_of_order_exit_and_other_thread(fg: statecapture.Domai
     thaws, and both exits raise UsageError; a scope entered from another thread is refused
     (UsageError) and leaves the owner's freeze in place."""
     # 1. nested budget
-    with pytest.raises(FreezeExpiredError) as outer_info, fs_frozen(fg, max_frozen=60) as outer:
-        inner = fs_frozen(fg, max_frozen=1.5)
-        with pytest.raises(FreezeExpiredError), inner:
-            assert inner.joined and guest_frozen(fg) == "frozen"
-            assert _wait(lambda: outer.expired, 30) < 30
-            assert guest_frozen(fg) == "thawed"  # the guest says so while the block runs
+    inner = fs_frozen(fg, max_frozen=1.5)
+
+    def hang_until_the_watchdog_thaws(outer: FreezeScope) -> None:
+        assert inner.joined and guest_frozen(fg) == "frozen"
+        assert _wait(lambda: outer.expired, 30) < 30
+        assert guest_frozen(fg) == "thawed"  # the guest says so while the block runs
+
+    def nested(outer: FreezeScope) -> None:
+        with pytest.raises(FreezeExpiredError):
+            _inside(inner, lambda _inner: hang_until_the_watchdog_thaws(outer))
         assert inner.status is FreezeStatus.EXPIRED
+
+    outer = fs_frozen(fg, max_frozen=60)
+    with pytest.raises(FreezeExpiredError) as outer_info:
+        _inside(outer, nested)
     assert outer_info.value.reason == "watchdog"
     assert outer.status is FreezeStatus.EXPIRED and outer.frozen_for < 30
 
@@ -216,11 +234,13 @@ def test_sigint_during_the_freeze_or_thaw_call_is_held(
         signal.raise_signal(signal.SIGINT)  # Ctrl-C before the thaw reached the guest
         return real_thaw(self)
 
-    scope = fs_frozen(fg)
-    with pytest.raises(KeyboardInterrupt), scope:
-        monkeypatch.setattr(VirDomain, "fs_thaw", sigint_then_thaw)
+    def arm(_scope: FreezeScope) -> None:
         assert guest_frozen(fg) == "frozen"
+        monkeypatch.setattr(VirDomain, "fs_thaw", sigint_then_thaw)
+
+    scope = fs_frozen(fg)
+    with pytest.raises(KeyboardInterrupt):
+        _inside(scope, arm)
     monkeypatch.undo()
     assert scope.status is FreezeStatus.THAWED
     assert guest_frozen(fg) == "thawed"
-
