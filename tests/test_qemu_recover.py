@@ -156,7 +156,7 @@ def test_overlay_on_an_unexpected_base_is_not_merged(g: G, tmp_path: Path) -> No
     the guest wrote on the overlay is then in the original) and removes it."""
     dom = g.dom
     overlay = g.image_dir / "disk0.qcow2.sc-0123456789ab.overlay.qcow2"
-    dom.snapshots.create("tmp", external={"vda": overlay}, metadata=False)
+    dom.snapshots.create("tmp", disk_only=True, external={"vda": overlay}, metadata=False)
     assert dom.disk("vda").source == str(overlay)
     on_overlay = write_known(dom, "on-overlay")
     other = tmp_path / "other.qcow2"
