@@ -170,9 +170,16 @@ def sequence_then_wait(conn: statecapture.Connection, args: dict[str, Any]) -> N
 
 
 def push_then_die(conn: statecapture.Connection, args: dict[str, Any]) -> None:
-    """Start a push job with a new checkpoint, then SIGKILL this process."""
+    """Start a push job with a new checkpoint; once QEMU finished it (libvirt reports no
+    job) but before this process called wait() or end(), SIGKILL this process."""
+    from statecapture._backup import _job_xml
+
     dom = conn.domain(NAME)
     job = dom.backup(mode="push", target_dir=args["target_dir"], checkpoint=args["checkpoint"])
+    deadline = time.monotonic() + 120
+    while _job_xml(dom) is not None:
+        assert time.monotonic() < deadline, "the push job never ended"
+        time.sleep(0.05)
     emit(files=[str(p) for p in job.targets.values()])
     os.kill(os.getpid(), signal.SIGKILL)
 

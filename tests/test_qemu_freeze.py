@@ -105,7 +105,8 @@ def test_exit_thaw_is_retried_while_the_agent_is_stopped(
     is retried until the agent wakes up; the scope ends THAWED without error.
 
     The stop is made by a script started in the guest before the freeze: it waits for
-    qemu-ga's frozen-state marker (``/run/qemu-ga/qga.state.isfrozen``), stops qemu-ga, and
+    qemu-ga's frozen-state marker (``/run/qemu-ga/qga.state.isfrozen``, made just before
+    the freeze), lets the freeze's answer reach libvirt (1.5 s), stops qemu-ga, and
     continues it 4 s later. The spy on the adapter's thaw only counts the attempts.
     """
     attempts: list[str] = []
@@ -123,7 +124,7 @@ def test_exit_thaw_is_retried_while_the_agent_is_stopped(
     spawn(
         fg,
         "while [ ! -e /run/qemu-ga/qga.state.isfrozen ]; do sleep 0.05; done; "
-        "p=$(pidof qemu-ga); kill -STOP $p; sleep 4; kill -CONT $p",
+        "sleep 1.5; p=$(pidof qemu-ga); kill -STOP $p; sleep 4; kill -CONT $p",
     )
     monkeypatch.setattr(VirDomain, "fs_thaw", counting_thaw)
     try:

@@ -265,7 +265,7 @@ def _restart_agent_without_freeze(dom: statecapture.Domain) -> None:
     ) as gone:
         spawn(
             dom,
-            "p=$(pidof qemu-ga); pp=$(awk '/^PPid/{print $2}' /proc/$p/status); "
+            "sleep 0.5; p=$(pidof qemu-ga); pp=$(awk '/^PPid/{print $2}' /proc/$p/status); "
             "kill -STOP $pp; kill $p; sleep 1; "
             "LD_LIBRARY_PATH=/lib/x86_64-linux-gnu /usr/sbin/qemu-ga -d -m virtio-serial "
             "-p /dev/virtio-ports/org.qemu.guest_agent.0 -f /run/qemu-ga2.pid "
@@ -328,7 +328,7 @@ def test_expired_freeze_rolls_back(g: G, tmp_path: Path) -> None:
 
     def hold(name: str) -> None:
         if name.endswith(":frozen"):
-            time.sleep(2.5)  # past max_frozen=0.5: the watchdog thaws
+            time.sleep(3)  # well past max_frozen=0.5: the watchdog thaws
             thawed_while_held.append(guest_frozen(dom))
 
     _journal._fault_hook = hold
@@ -367,7 +367,9 @@ def test_incremental_direct_backup_restores_byte_for_byte(g: G, tmp_path: Path) 
             qemu_img("convert", "-U", "-O", "raw", g.image, str(reference))
 
     _journal._fault_hook = take_reference
-    inc = statecapture.direct_backup(dom, out, incremental_from="full", checkpoint="inc")
+    inc = statecapture.direct_backup(
+        dom, out, incremental_from="full", checkpoint="inc", max_frozen=120
+    )
     _journal._fault_hook = None
     assert reference.is_file()
     info = qemu_img("info", "--output=json", str(inc.files["vda"]))
