@@ -928,11 +928,12 @@ class BackupJob:
                 if bd.store and bd.type == "file":
                     _remove(Path(bd.store), errors)
         for d in self._record.dirs:
-            with contextlib.suppress(FileNotFoundError):
-                try:
-                    shutil.rmtree(d)
-                except OSError as exc:
-                    errors.append(f"remove {d}: {exc}")
+            try:
+                shutil.rmtree(d)
+            except FileNotFoundError:  # gone already (e.g. recover() removed it)
+                pass
+            except OSError as exc:
+                errors.append(f"remove {d}: {exc}")
         if self._expect is not None:
             self._expect.close()
             self._expect = None

@@ -458,10 +458,14 @@ class _Freeze:
     def start_watchdog(self) -> None:
         """Start the (unarmed) watchdog thread, before the freeze: its start-up then does
         not count against the frozen time."""
+        # Not a daemon — explicitly: a thread inherits the daemon flag of the thread that
+        # starts it, and an interpreter shutting down must wait for it to thaw the guest
+        # even when the block runs (and hangs) in a daemon thread.
         thread = threading.Thread(
-            target=self._watch, name=f"statecapture-freeze-watchdog-{self.dom.name}"
+            target=self._watch,
+            name=f"statecapture-freeze-watchdog-{self.dom.name}",
+            daemon=False,
         )
-        # Not a daemon: an interpreter shutting down waits for it to thaw the guest.
         thread.start()
         self.watchdog = thread
 

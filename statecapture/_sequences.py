@@ -988,8 +988,8 @@ def direct_backup(
     does the same from the journal.
 
     Refused before anything changes: a domain that is not running, ``quiesce=True`` without
-    a connected guest agent (:class:`GuestAgentError`), an unfinished earlier run or a
-    running backup job (:class:`InvalidStateError`), a driver without backup jobs
+    a connected guest agent (:class:`GuestAgentError`), an unfinished earlier run, a
+    running backup job or block job (:class:`InvalidStateError`), a driver without backup jobs
     (:class:`UnsupportedError`), an unknown ``incremental_from`` (:class:`NotFoundError`),
     an existing checkpoint name or image file (:class:`InvalidStateError`,
     :class:`TargetExistsError`), a ``target_dir`` nothing can be created in — a read-only
@@ -1036,6 +1036,7 @@ def direct_backup(
             operation=SEQ_DIRECT,
             domain_name=dom.name,
         )
+    _refuse_jobs(dom, SEQ_DIRECT)  # a block job: libvirt would refuse only after the freeze
     if incremental_from is not None:
         if incremental_from not in dom.checkpoints:
             raise NotFoundError(
