@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import attrs
 from lxml import etree
 
-from . import _journal
+from . import _files, _journal
 from ._advisor import Consistency
 from ._blockjob import BlockJob, BlockJobKind
 from ._events import Event, EventKind
@@ -60,7 +60,6 @@ from .errors import (
     InvalidStateError,
     LibvirtError,
     NotFoundError,
-    TargetExistsError,
     ThawError,
     UnsupportedError,
     UsageError,
@@ -569,12 +568,13 @@ def _plan_overlays(dom: Domain, overlay_dir: Path | None, run_id: str) -> tuple[
         raise UsageError(f"domain {dom.name!r} has no writable disk to back up")
     for plan in plans:
         path = Path(plan.overlay)
-        if os.path.lexists(path):
-            raise TargetExistsError(f"{path} exists; not overwriting it", path=str(path))
+        _files.check_free(path, "overlay")
         if not path.parent.is_dir():
             raise UsageError(f"the overlay directory {path.parent} does not exist")
         if not os.access(path.parent, os.W_OK | os.X_OK):
             raise UsageError(f"the overlay directory {path.parent} is not writable")
+        # libvirtd/QEMU create the overlay by this path (HAZARDS 20)
+        _files.require_trusted(path.parent, staged=False, what=f"overlay {path}")
     return tuple(plans)
 
 
@@ -788,9 +788,8 @@ def backup_via_temporary_snapshot(
 
 
 def _owner_only(paths: Any) -> None:
-    for path in paths:
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o600)
+    """Make the overlays owner-only; a failure raises :class:`CleanupError` (never ignored)."""
+    _files.owner_only(paths, what="snapshot overlays")
 
 
 def _as_files(returned: object, bases: Mapping[str, Path]) -> Mapping[str, Path]:
@@ -900,8 +899,7 @@ def _plan_backup_files(
         if pull:
             planned[f"partial:{disk.target}"] = str(target_dir / f".{name}.partial")
     for path in planned.values():
-        if os.path.lexists(path):
-            raise TargetExistsError(f"{path} exists; not overwriting it", path=path)
+        _files.check_free(path, "backup file")
     return planned
 
 
