@@ -202,7 +202,7 @@ def test_owner_only_fixes_modes_skips_links_and_raises_on_failure(
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(_files.os, "fchmod", refuse)
-    with pytest.raises(CleanupError, match="owner-only.*not permitted"):
+    with pytest.raises(CleanupError, match=r"owner-only.*not permitted"):
         _files.owner_only([f], what="backup target")
 
 
