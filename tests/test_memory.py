@@ -535,6 +535,22 @@ def test_qemu_save_restore_round_trip(
     with pytest.raises(TargetExistsError):
         guest.save(target)
     assert target.read_bytes() == b"older"
+    # A dangling symlink at the image name: refused, left alone, nothing created where it
+    # points; a directory others can rename entries in is refused (libvirtd writes by path).
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    planted = tmp_path / "planted.save"
+    planted.symlink_to(outside / "image")
+    with pytest.raises(TargetExistsError):
+        guest.save(planted)
+    assert os.readlink(planted) == str(outside / "image") and list(outside.iterdir()) == []
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UsageError, match="not sticky"):
+        guest.save(shared / "guest.save")
+    assert list(shared.iterdir()) == [] and guest.state is DomainState.RUNNING
+    planted.unlink()
 
     if os.geteuid() != 0:  # pragma: no cover - CI runs as root
         pytest.skip("mounting a full tmpfs needs root")
