@@ -617,7 +617,7 @@ class BackupJob:
     def _push_result(self) -> BackupResult:
         duration = time.time() - self._record.started
         disks: list[DiskBackup] = []
-        staged: list[tuple[Path, Path]] = []
+        staged: list[tuple[str, Path, Path, DiskBackupMode, str | None, Path | None]] = []
         for bd in self.xml.backed_up:
             target = Path(bd.store or "")
             final = _final_path(target)
@@ -636,21 +636,8 @@ class BackupJob:
                     _nbd.qemu_img("rebase", "-u", "-F", "qcow2", "-b", prev.name, str(target))
                 else:
                     _nbd.qemu_img("rebase", "-u", "-b", "", str(target))
-            staged.append((target, final))
-            disks.append(
-                DiskBackup(
-                    disk=bd.name,
-                    file=final,
-                    mode=mode,
-                    bytes_written=_data_bytes(target),
-                    duration=duration,
-                    checkpoint=self.checkpoint,
-                    incremental_from=inc_from,
-                    backing=backing,
-                    size=_virtual_size(target),
-                )
-            )
-        for target, final in staged:
+            staged.append((bd.name, target, final, mode, inc_from, backing))
+        for _disk, target, final, *_rest in staged:
             if target == final:  # a job begun by an older statecapture: no staging
                 continue
             self._add_files(final)  # recorded first: a crash cannot orphan it
@@ -659,6 +646,21 @@ class BackupJob:
             except BaseException:
                 self._drop_files(final)  # not ours (it appeared meanwhile): left alone
                 raise
+        # Measured in place: a relative backing name resolves beside the final file.
+        for disk, _target, final, mode, inc_from, backing in staged:
+            disks.append(
+                DiskBackup(
+                    disk=disk,
+                    file=final,
+                    mode=mode,
+                    bytes_written=_data_bytes(final),
+                    duration=duration,
+                    checkpoint=self.checkpoint,
+                    incremental_from=inc_from,
+                    backing=backing,
+                    size=_virtual_size(final),
+                )
+            )
         return BackupResult(
             self.domain.name,
             self.mode,
