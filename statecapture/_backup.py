@@ -405,6 +405,28 @@ def _write_record(dom: Domain, record: _Record | None) -> None:
     dom._vir.set_metadata(RECORD_NS, RECORD_KEY, None if record is None else record.to_xml())
 
 
+def discard_stale_record(dom: Domain) -> list[str]:
+    """Remove what a dead run's record names — files and private directories — and the
+    record itself, delivered or not (a discarded run keeps nothing). Returns the problems."""
+    record = _read_record(dom)
+    errors: list[str] = []
+    if record is not None:
+        for f in record.files:
+            _remove(Path(f), errors)
+        for d in record.dirs:
+            try:
+                shutil.rmtree(d)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                errors.append(f"remove {d}: {exc}")
+    try:
+        _write_record(dom, None)
+    except LibvirtError as exc:
+        errors.append(f"clear the backup record: {exc}")
+    return errors
+
+
 def _recover_stale(dom: Domain) -> None:
     """Clean up after a run that died and whose job has ended since (no job runs now).
 

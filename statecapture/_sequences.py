@@ -818,7 +818,7 @@ def discard_backup(
     job when its checkpoint is ``adopt_checkpoint``, or any running job when that is
     ``None``). ``checkpoint`` and ``files`` must be the run's own (made by it).
     """
-    from ._backup import RECORD_KEY, RECORD_NS
+    from ._backup import RECORD_NS
 
     actions: list[str] = []
     if job is None and dom.is_active:
@@ -863,8 +863,11 @@ def discard_backup(
             with contextlib.suppress(UnsupportedError):
                 still = dom.active_backup()
         if still is None:
-            dom._vir.set_metadata(RECORD_NS, RECORD_KEY, None)
-            actions.append("cleared the stale backup record")
+            from ._backup import discard_stale_record
+
+            for problem in discard_stale_record(dom):
+                problems.append(problem)
+            actions.append("cleared the stale backup record (and removed its private directories)")
     if problems:
         raise CleanupError(f"backup clean-up on {dom.name!r} failed: {'; '.join(problems)}")
     return actions
