@@ -440,8 +440,9 @@ def test_planted_symlinks_never_redirect_backup_files(
     is a TargetExistsError raised before anything changes; the link is left as it was and
     nothing is created where it points. Scratch files live in a private directory inside
     scratch_dir, so a link at the name they used to get is never followed either; the
-    directory is gone after the job. A shared directory others can rename entries in is
-    refused for push targets (QEMU creates them by path)."""
+    directory is gone after the job. A link planted at a push target's name while the job
+    runs is never written through or replaced. A shared directory others can rename entries
+    in is refused for push targets (QEMU creates them by path)."""
     out = tmp_path / "out"
     out.mkdir()
     outside = tmp_path / "outside"
@@ -453,6 +454,18 @@ def test_planted_symlinks_never_redirect_backup_files(
     _untouched(link, outside)
     assert "s1" not in guest.checkpoints and guest.active_backup() is None
     link.unlink()
+    # A name planted while the job runs: QEMU writes into the job's private directory, and
+    # the finished image is never moved over (or through) the planted name: the job fails
+    # cleanly, its checkpoint and files go, and the link stays.
+    job = guest.backup(mode="push", target_dir=out, checkpoint="s1")
+    assert all(Path(d.store).parent.parent == out.resolve() for d in job.xml.backed_up)
+    late = _plant(out, f"{guest.name}.vda.s1.qcow2", outside)
+    with pytest.raises(TargetExistsError):
+        job.wait()
+    _untouched(late, outside)
+    assert job.state == "failed" and "s1" not in guest.checkpoints
+    assert list(out.iterdir()) == [late]
+    late.unlink()
 
     shared = tmp_path / "shared"
     shared.mkdir()
