@@ -441,7 +441,8 @@ def test_planted_symlinks_never_redirect_backup_files(
     nothing is created where it points. Scratch files live in a private directory inside
     scratch_dir, so a link at the name they used to get is never followed either; the
     directory is gone after the job. A link planted at a push target's name while the job
-    runs is never written through or replaced. A shared directory others can rename entries
+    runs is never written through or replaced; a completed job whose process died has its
+    image moved into place by the next backup. A shared directory others can rename entries
     in is refused for push targets (QEMU creates them by path)."""
     out = tmp_path / "out"
     out.mkdir()
@@ -466,6 +467,25 @@ def test_planted_symlinks_never_redirect_backup_files(
     assert job.state == "failed" and "s1" not in guest.checkpoints
     assert list(out.iterdir()) == [late]
     late.unlink()
+
+    # A process that died after its push job completed (simulated: the handle is dropped
+    # without wait()): the next backup's clean-up moves the completed image from the private
+    # directory to its final name and removes the directory.
+    from statecapture import _backup
+
+    job = guest.backup(mode="push", target_dir=out, checkpoint="s0")
+    job.adopted = True  # dropped on purpose: no "never ended" warning
+    deadline = time.monotonic() + 120
+    while _backup._job_xml(guest) is not None:
+        assert time.monotonic() < deadline, "the push job did not finish"
+        time.sleep(0.2)
+    time.sleep(1)  # HAZARDS 14: QEMU releases the file just after the job ends
+    _backup._recover_stale(guest)
+    done = out / f"{guest.name}.vda.s0.qcow2"
+    assert list(out.iterdir()) == [done] and done.is_file() and not done.is_symlink()
+    assert "s0" in guest.checkpoints
+    done.unlink()
+    guest.checkpoints["s0"].delete()
 
     shared = tmp_path / "shared"
     shared.mkdir()
