@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from lxml import etree
 
-from . import _bitmaps, _locks, _nbd
+from . import _bitmaps, _files, _locks, _nbd
 from ._events import EventKind, Expectation
 from .errors import (
     CleanupError,
@@ -55,7 +55,6 @@ from .errors import (
     NotFoundError,
     OperationTimeoutError,
     StateCaptureError,
-    TargetExistsError,
     UnsupportedError,
     UsageError,
 )
@@ -92,6 +91,10 @@ _END_TIMEOUT: Final = 60.0
 _UNLOCK_TIMEOUT: Final = 15.0
 """Seconds to wait for QEMU to release a push target after the job completed."""
 _SOCKET_MAX: Final = 107
+_PUSH_STAGING: Final = ".sc-push-"
+"""Prefix of the private directory QEMU writes push targets into (inside target_dir)."""
+_SCRATCH_STAGING: Final = ".sc-scratch-"
+"""Prefix of the private directory holding a pull job's scratch files (inside scratch_dir)."""
 
 
 # --------------------------------------------------------------------------- values
@@ -279,6 +282,32 @@ def _rolled_back_note(dom: Domain, exc: BaseException, undone: list[str]) -> Non
         )
 
 
+def _partial_name(name: str) -> str:
+    """The name a download is written under until it is complete."""
+    return f".{name}.partial"
+
+
+def _final_path(store: Path) -> Path:
+    """Where the push target QEMU wrote at ``store`` goes: beside its staging directory."""
+    if store.parent.name.startswith(_PUSH_STAGING):
+        return store.parent.parent / store.name
+    return store
+
+
+def _publish(store: Path, final: Path) -> None:
+    """Move a finished push target from its staging directory to its final name.
+
+    Relative to both directories' descriptors, with ``RENAME_NOREPLACE``: a name that
+    appeared meanwhile raises :class:`TargetExistsError` and is left untouched.
+    """
+    with (
+        _files.Directory.open(final.parent, what="target_dir") as tdir,
+        _files.Directory.open(store.parent, what="staging directory") as stage,
+    ):
+        tdir.rename_from(stage, store.name, final.name)
+        tdir.fsync()
+
+
 def _checkpoint_bitmap_disks(dom: Domain, name: str) -> set[str]:
     """Disks that have a bitmap for checkpoint ``name`` (others need a full backup)."""
     return {d.name for d in dom.checkpoints[name].definition.tracked_disks}
@@ -418,6 +447,28 @@ def _write_record(dom: Domain, record: _Record | None) -> None:
     dom._vir.set_metadata(RECORD_NS, RECORD_KEY, None if record is None else record.to_xml())
 
 
+def discard_stale_record(dom: Domain) -> list[str]:
+    """Remove what a dead run's record names — files and private directories — and the
+    record itself, delivered or not (a discarded run keeps nothing). Returns the problems."""
+    record = _read_record(dom)
+    errors: list[str] = []
+    if record is not None:
+        for f in record.files:
+            _remove(Path(f), errors)
+        for d in record.dirs:
+            try:
+                shutil.rmtree(d)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                errors.append(f"remove {d}: {exc}")
+    try:
+        _write_record(dom, None)
+    except LibvirtError as exc:
+        errors.append(f"clear the backup record: {exc}")
+    return errors
+
+
 def _recover_stale(dom: Domain) -> list[str]:
     """Clean up after a run that died and whose job has ended since (no job runs now).
 
@@ -451,6 +502,15 @@ def _recover_stale(dom: Domain) -> list[str]:
             if os.path.lexists(f):
                 _remove(Path(f), errors)
                 actions.append(f"removed {f}")
+    if delivered and record.mode == "push":
+        for f in record.files:  # completed targets still in their staging directory
+            final = _final_path(Path(f))
+            if final != Path(f) and os.path.isfile(f):
+                try:
+                    _publish(Path(f), final)
+                    actions.append(f"moved {f} to {final}")
+                except (OSError, StateCaptureError) as exc:
+                    errors.append(f"move {f} to {final}: {exc}")
     for d in record.dirs:
         if os.path.lexists(d):
             shutil.rmtree(d, ignore_errors=True)
@@ -642,10 +702,12 @@ class BackupJob:
     def _push_result(self) -> BackupResult:
         duration = time.time() - self._record.started
         disks: list[DiskBackup] = []
+        staged: list[tuple[str, Path, Path, DiskBackupMode, str | None, Path | None]] = []
         for bd in self.xml.backed_up:
             target = Path(bd.store or "")
+            final = _final_path(target)
             _wait_usable(target, _UNLOCK_TIMEOUT)  # HAZARDS 14: the event comes first
-            os.chmod(target, 0o600)
+            _files.owner_only([target], what="backup target")
             mode = self.xml.disk_mode(bd.name)
             inc_from = self.xml.disk_checkpoint(bd.name)
             backing: Path | None = None
@@ -655,21 +717,33 @@ class BackupJob:
                 # When that file is not beside it, the name still records what the layer
                 # sits on, so restore_disk() can refuse a chain it does not fit.
                 assert inc_from is not None
-                prev = target.parent / backup_file_name(self.domain.name, bd.name, inc_from)
+                prev = final.parent / backup_file_name(self.domain.name, bd.name, inc_from)
                 if prev.is_file():
                     backing = prev
                 _nbd.qemu_img("rebase", "-u", "-F", "qcow2", "-b", prev.name, str(target))
+            staged.append((bd.name, target, final, mode, inc_from, backing))
+        for _disk, target, final, *_rest in staged:
+            if target == final:  # a job begun by an older statecapture: no staging
+                continue
+            self._add_files(final)  # recorded first: a crash cannot orphan it
+            try:
+                _publish(target, final)
+            except BaseException:
+                self._drop_files(final)  # not ours (it appeared meanwhile): left alone
+                raise
+        # Measured in place: a relative backing name resolves beside the final file.
+        for disk, _target, final, mode, inc_from, backing in staged:
             disks.append(
                 DiskBackup(
-                    disk=bd.name,
-                    file=target,
+                    disk=disk,
+                    file=final,
                     mode=mode,
-                    bytes_written=_data_bytes(target),
+                    bytes_written=_data_bytes(final),
                     duration=duration,
                     checkpoint=self.checkpoint,
                     incremental_from=inc_from,
                     backing=backing,
-                    size=_virtual_size(target),
+                    size=_virtual_size(final),
                 )
             )
         return BackupResult(
@@ -733,19 +807,30 @@ class BackupJob:
                 f"the backup job has {self._state}; nothing left to download",
                 operation="backup download",
             )
-        dest = Path(dest_dir)
-        if not dest.is_dir():
-            raise UsageError(f"dest_dir {dest} is not a directory")
-        check_writable(dest, "dest_dir")
+        if not Path(dest_dir).is_dir():
+            raise UsageError(f"dest_dir {dest_dir} is not a directory")
+        check_writable(Path(dest_dir), "dest_dir")
         previous = dict(previous or {})
         unknown = set(previous) - set(self.disks)
         if unknown:
             raise UsageError(f"previous= names disks the job does not copy: {sorted(unknown)}")
+        with _files.Directory.open(dest_dir, what="dest_dir") as ddir:
+            return self._download_into(ddir, progress, previous, client)
+
+    def _download_into(
+        self,
+        ddir: _files.Directory,
+        progress: ProgressCallback | None,
+        previous: Mapping[str, str | os.PathLike[str]],
+        client: str | None,
+    ) -> BackupResult:
+        dest = Path(ddir.path)
         plan: list[tuple[BackupExport, Path, Path | None]] = []
         for export in self.exports:
-            target = dest / backup_file_name(self.domain.name, export.disk, self.label)
-            if target.exists():
-                raise TargetExistsError(f"{target} exists; not overwriting it", path=str(target))
+            name = backup_file_name(self.domain.name, export.disk, self.label)
+            # One rule (a dangling symlink exists too), checked before anything changes.
+            ddir.check_free(name, _partial_name(name), what="backup file")
+            target = dest / name
             backing: Path | None = None
             if export.mode is DiskBackupMode.INCREMENTAL:
                 assert export.incremental_from is not None
@@ -765,7 +850,7 @@ class BackupJob:
                     )
             plan.append((export, target, backing))
         for export, target, backing in plan:
-            self._download_one(export, target, backing, progress, client)
+            self._download_one(ddir, export, target, backing, progress, client)
         result = BackupResult(
             self.domain.name,
             self.mode,
@@ -781,23 +866,23 @@ class BackupJob:
 
     def _download_one(
         self,
+        ddir: _files.Directory,
         export: BackupExport,
         target: Path,
         backing: Path | None,
         progress: ProgressCallback | None,
         client: str | None,
     ) -> None:
-        partial = target.with_name(f".{target.name}.partial")
-        if partial.exists():
-            raise TargetExistsError(
-                f"{partial} exists (another download?); not overwriting it", path=str(partial)
-            )
-        # Both names are recorded before either exists, so that whatever stops us — a crash,
-        # a lost connection — the record names every file to remove: the finished image
-        # is only linked into place once the record says it may be there. A failed record
-        # write raises (before anything is created), it is never suppressed.
-        self._add_files(partial, target)
-        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
+        partial_name = _partial_name(target.name)
+        partial = ddir.join(partial_name)
+        self._add_files(partial)  # recorded before it exists: a crash cannot orphan it
+        try:
+            # O_EXCL | O_NOFOLLOW relative to the directory opened once; every tool gets
+            # the descriptor path, so a name swapped meanwhile redirects nothing.
+            fd = ddir.create(partial_name)
+        except BaseException:
+            self._drop_files(partial)  # not ours: never remove what is at that name
+            raise
         started = time.monotonic()
 
         def report(done: int, total: int) -> None:
@@ -806,25 +891,35 @@ class BackupJob:
                 progress(BackupProgress(done, total, time.monotonic() - started, disk=export.disk))
 
         try:
+            backing_name = None
+            if backing is not None:
+                same_dir = backing.parent.resolve() == Path(ddir.path).resolve()
+                backing_name = backing.name if same_dir else str(backing.absolute())
             stats = _nbd.copy_export(
                 _nbd.ExportSource(export.socket, export.export_name, export.bitmap_context),
-                partial,
+                Path(_files.fd_path(fd)),
                 backing=backing,
+                backing_name=backing_name,
                 progress=report,
                 client=client,
             )
-            os.chmod(partial, 0o600)
+            os.fchmod(fd, _files.FILE_MODE)
+            os.fsync(fd)
+            self._add_files(target)
             try:
-                os.link(partial, target)  # fails rather than replace a file that appeared
-            except FileExistsError:
-                # Not ours: never let the job's cleanup remove it.
-                self._forget_file(target)
+                ddir.link_fd(fd, target.name)  # the file we wrote; never replaces a name
+            except BaseException:
+                self._drop_files(target)
                 raise
-            partial.unlink()
+            ddir.remove_if_same(partial_name, fd)
+            self._drop_files(partial)
+            ddir.fsync()
         except BaseException:
-            errors: list[str] = []
-            _remove(partial, errors)
+            ddir.remove_if_same(partial_name, fd)  # only our file; a swapped-in name stays
+            self._drop_files(partial)
             raise
+        finally:
+            os.close(fd)
         self._downloads[export.disk] = DiskBackup(
             disk=export.disk,
             file=target,
@@ -837,11 +932,12 @@ class BackupJob:
             size=stats.size,
         )
 
-    def _forget_file(self, path: Path) -> None:
-        files = tuple(f for f in self._record.files if f != str(path))
-        record = attrs.evolve(self._record, files=files)
-        _write_record(self.domain, record)
-        self._record = record
+    def _drop_files(self, *paths: Path) -> None:
+        gone = {str(p) for p in paths}
+        files = tuple(f for f in self._record.files if f not in gone)
+        self._record = attrs.evolve(self._record, files=files)
+        with contextlib.suppress(LibvirtError):
+            _write_record(self.domain, self._record)
 
     def _add_files(self, *paths: Path) -> None:
         """Record ``paths`` as this job's files; a failed write raises (never suppressed)."""
@@ -1134,7 +1230,10 @@ def begin_backup(
     label = cp_name or time.strftime(
         f"{'inc' if incremental_from else 'full'}-%Y%m%dT%H%M%SZ", time.gmtime()
     )
-    # -- files and directories
+    # -- files and directories. QEMU/libvirtd create the push targets and scratch files by
+    # path: they go into a private 0700 staging directory made inside the caller's
+    # directory (no one else can plant or swap a name there), and finished push targets
+    # are moved to their final names with renameat2(RENAME_NOREPLACE).
     private_dirs: list[Path] = []
     server: NBDServer | None = None
     store: dict[str, Path] = {}
@@ -1142,12 +1241,15 @@ def begin_backup(
         if push:
             if target_dir is None:
                 raise UsageError("a push backup needs target_dir= (where the images go)")
-            tdir = Path(target_dir).absolute()
-            if not tdir.is_dir():
-                raise UsageError(f"target_dir {tdir} is not a directory")
-            check_writable(tdir, "target_dir")
-            for name in chosen:
-                store[name] = tdir / backup_file_name(dom.name, name, label)
+            with _files.Directory.open(target_dir, what="target_dir") as tdir:
+                _files.require_trusted(tdir.path, staged=True, what="push backup target_dir")
+                check_writable(Path(tdir.path), "target_dir")
+                names = {name: backup_file_name(dom.name, name, label) for name in chosen}
+                tdir.check_free(*names.values(), what="backup target")
+                with tdir.staging(_PUSH_STAGING) as stage:
+                    private_dirs.append(stage.path)
+                    for name, fname in names.items():
+                        store[name] = stage.path / fname
         else:
             if target_dir is not None:
                 raise UsageError("a pull backup writes nowhere by itself: use download(dest_dir)")
@@ -1155,9 +1257,11 @@ def begin_backup(
                 sdir = Path(tempfile.mkdtemp(prefix="sc-scratch-"))
                 private_dirs.append(sdir)
             else:
-                sdir = Path(scratch_dir).absolute()
-                if not sdir.is_dir():
-                    raise UsageError(f"scratch_dir {sdir} is not a directory")
+                with _files.Directory.open(scratch_dir, what="scratch_dir") as sd:
+                    _files.require_trusted(sd.path, staged=True, what="backup scratch_dir")
+                    with sd.staging(_SCRATCH_STAGING) as stage:
+                        sdir = stage.path
+                        private_dirs.append(sdir)
             for name in chosen:
                 store[name] = sdir / f".{backup_file_name(dom.name, name, label)}.scratch"
             if socket is None:
@@ -1166,14 +1270,11 @@ def begin_backup(
                 sock = sock_dir / "nbd.sock"
             else:
                 sock = Path(socket).absolute()
-                if sock.exists():
-                    raise TargetExistsError(f"socket path {sock} exists", path=str(sock))
+                _files.check_free(sock, "socket path")
+                _files.require_trusted(sock.parent, staged=True, what="NBD socket directory")
             if len(str(sock)) > _SOCKET_MAX:
                 raise UsageError(f"socket path {sock} is longer than {_SOCKET_MAX} bytes")
             server = NBDServer.unix(str(sock))
-        for path in store.values():
-            if path.exists():
-                raise TargetExistsError(f"{path} exists; not overwriting it", path=str(path))
         disk_entries = []
         for d in definition.disks:
             if d.target in chosen:
@@ -1229,9 +1330,13 @@ def begin_backup(
                 remove_orphan_bitmaps(dom, before, exc)
             raise
     if push:
-        for path in store.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(path, 0o600)
+        try:
+            _files.owner_only(store.values(), what="backup target")
+        except CleanupError as exc:
+            _rollback_begin(
+                dom, exc, exp, record, cp_name, existing_cps, store.values(), private_dirs
+            )
+            raise
     if text is None:
         # A push job of tiny disks can end before we ask; the event is queued in exp.
         text = bxml.to_xml()

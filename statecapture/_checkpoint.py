@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final
 import attrs
 from lxml import etree
 
-from . import _adapter, _bitmaps, _locks
+from . import _adapter, _bitmaps, _files, _locks
 from ._hints import add_names_hint
 from .errors import (
     CheckpointInconsistentError,
@@ -481,8 +481,8 @@ class CheckpointCollection:
         the dirty bitmaps stay in the images. An existing file raises
         :class:`TargetExistsError` unless ``overwrite``.
         """
-        target = Path(path)
-        if target.exists() and not overwrite:
+        target = Path(os.path.abspath(path))
+        if _files.lexists(target) and not overwrite:  # a dangling symlink exists too
             raise TargetExistsError(
                 f"{target} exists; pass overwrite=True to replace it", path=str(target)
             )
@@ -630,25 +630,35 @@ def _import_order(
 
 
 def _write_private(target: Path, data: str, *, overwrite: bool) -> None:
-    """Write ``data`` owner-only; never replace a file unless ``overwrite``."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)  # fails if target appeared meanwhile
-            except FileExistsError:
-                raise TargetExistsError(
-                    f"{target} exists; pass overwrite=True to replace it", path=str(target)
-                ) from None
-            os.unlink(tmp)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` owner-only; never replace a file unless ``overwrite``.
+
+    Created relative to the opened directory (``O_EXCL | O_NOFOLLOW``), written through the
+    descriptor, and put in place from that descriptor: a name swapped meanwhile redirects
+    nothing (see :mod:`statecapture._files`).
+    """
+    with _files.Directory.open(target.parent, what="export directory") as d:
+        if not overwrite:
+            d.check_free(target.name)
+        tmp = f".{target.name}.{os.getpid()}.tmp"
+        fd = d.create(tmp, flags=os.O_WRONLY)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(fd)
+            if overwrite:
+                if not d.same_file(tmp, fd):
+                    raise TargetExistsError(
+                        f"{d.join(tmp)} was replaced while statecapture wrote it",
+                        path=str(d.join(tmp)),
+                    )
+                os.replace(tmp, target.name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+            else:
+                d.link_fd(fd, target.name)  # fails if target appeared meanwhile
+                d.remove_if_same(tmp, fd)
+            d.fsync()
+        except BaseException:
+            d.remove_if_same(tmp, fd)  # only our file; a swapped-in name stays
+            raise
+        finally:
+            os.close(fd)

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import attrs
 from lxml import etree
 
-from . import _journal
+from . import _files, _journal
 from ._advisor import Consistency
 from ._blockjob import BlockJob, BlockJobKind
 from ._events import Event, EventKind
@@ -60,7 +60,6 @@ from .errors import (
     InvalidStateError,
     LibvirtError,
     NotFoundError,
-    TargetExistsError,
     ThawError,
     UnsupportedError,
     UsageError,
@@ -578,12 +577,13 @@ def _plan_overlays(dom: Domain, overlay_dir: Path | None, run_id: str) -> tuple[
         raise UsageError(f"domain {dom.name!r} has no writable disk to back up")
     for plan in plans:
         path = Path(plan.overlay)
-        if os.path.lexists(path):
-            raise TargetExistsError(f"{path} exists; not overwriting it", path=str(path))
+        _files.check_free(path, "overlay")
         if not path.parent.is_dir():
             raise UsageError(f"the overlay directory {path.parent} does not exist")
         if not os.access(path.parent, os.W_OK | os.X_OK):
             raise UsageError(f"the overlay directory {path.parent} is not writable")
+        # libvirtd/QEMU create the overlay by this path (HAZARDS 20)
+        _files.require_trusted(path.parent, staged=False, what=f"overlay {path}")
     return tuple(plans)
 
 
@@ -799,9 +799,8 @@ def backup_via_temporary_snapshot(
 
 
 def _owner_only(paths: Any) -> None:
-    for path in paths:
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o600)
+    """Make the overlays owner-only; a failure raises :class:`CleanupError` (never ignored)."""
+    _files.owner_only(paths, what="snapshot overlays")
 
 
 def _as_files(returned: object, bases: Mapping[str, Path]) -> Mapping[str, Path]:
@@ -830,7 +829,7 @@ def discard_backup(
     job when its checkpoint is ``adopt_checkpoint``, or any running job when that is
     ``None``). ``checkpoint`` and ``files`` must be the run's own (made by it).
     """
-    from ._backup import RECORD_KEY, RECORD_NS
+    from ._backup import RECORD_NS
 
     actions: list[str] = []
     if job is None and dom.is_active:
@@ -875,8 +874,11 @@ def discard_backup(
             with contextlib.suppress(UnsupportedError):
                 still = dom.active_backup()
         if still is None:
-            dom._vir.set_metadata(RECORD_NS, RECORD_KEY, None)
-            actions.append("cleared the stale backup record")
+            from ._backup import discard_stale_record
+
+            for problem in discard_stale_record(dom):
+                problems.append(problem)
+            actions.append("cleared the stale backup record (and removed its private directories)")
     if problems:
         raise CleanupError(f"backup clean-up on {dom.name!r} failed: {'; '.join(problems)}")
     return actions
@@ -911,8 +913,7 @@ def _plan_backup_files(
         if pull:
             planned[f"partial:{disk.target}"] = str(target_dir / f".{name}.partial")
     for path in planned.values():
-        if os.path.lexists(path):
-            raise TargetExistsError(f"{path} exists; not overwriting it", path=path)
+        _files.check_free(path, "backup file")
     return planned
 
 

@@ -25,7 +25,6 @@ import contextlib
 import enum
 import os
 import re
-import stat
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from html import escape
@@ -34,7 +33,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from . import _adapter, _bitmaps, _locks, _qemuimg
+from . import _adapter, _bitmaps, _files, _locks, _qemuimg
 from ._hints import add_names_hint
 from .errors import (
     CleanupError,
@@ -225,7 +224,7 @@ def _abs_path(value: PathLike, what: str) -> str:
 
 def _check_target(path: str, what: str, *, check_dir: bool) -> None:
     """Refuse a target file that exists or whose directory cannot take a new file."""
-    if os.path.lexists(path):
+    if _files.lexists(path):
         raise TargetExistsError(
             f"{what} {path} already exists; statecapture never overwrites a file. Pick another "
             "snapshot name or path (external={'vda': '/path/new.qcow2'}), or move the file away.",
@@ -246,25 +245,17 @@ def _check_target(path: str, what: str, *, check_dir: bool) -> None:
             "process (or is on a read-only file system). Choose a writable directory "
             "(external={'vda': '/path/new.qcow2'}, memory='/path/file')."
         )
+    # libvirtd/QEMU create the file by this path and it keeps that path: no one else may
+    # be able to plant or swap a name on the way (HAZARDS 20).
+    _files.require_trusted(parent, staged=False, what=f"{what} {path}")
 
 
 def _owner_only(paths: Iterable[str]) -> None:
-    """chmod 0600 the files a snapshot just created; failures are a :class:`CleanupError`."""
-    failed: builtins.list[str] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
-                os.chmod(path, 0o600)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            failed.append(f"{path}: {exc.strerror}")
-    if failed:
-        raise CleanupError(
-            "the snapshot was created, but these files could not be made owner-only (0600): "
-            + "; ".join(failed)
-        )
+    """Make the files a snapshot just created owner-only; failures are a :class:`CleanupError`."""
+    try:
+        _files.owner_only(paths, what="snapshot files")
+    except CleanupError as exc:
+        raise CleanupError(f"the snapshot was created, but {exc}") from None
 
 
 @attrs.frozen

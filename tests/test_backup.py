@@ -567,6 +567,163 @@ def test_interrupted_backup_notes_what_was_rolled_back(
     assert len(dom.checkpoints) == 0 and dom.active_backup() is None
 
 
+# ----------------------------------------------------------------------------- planted names
+
+
+def _plant(directory: Path, name: str, outside: Path) -> Path:
+    """A dangling symlink at ``directory/name`` pointing to ``outside/name``."""
+    link = directory / name
+    link.symlink_to(outside / name)
+    return link
+
+
+def _untouched(link: Path, outside: Path) -> None:
+    assert link.is_symlink() and os.readlink(link) == str(outside / link.name)
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.qemu
+def test_planted_symlinks_never_redirect_backup_files(
+    guest: statecapture.Domain, tmp_path: Path
+) -> None:
+    """A dangling symlink at a push target name, a pull download's final or ``.partial`` name
+    is a TargetExistsError raised before anything changes; the link is left as it was and
+    nothing is created where it points. Scratch files live in a private directory inside
+    scratch_dir, so a link at the name they used to get is never followed either; the
+    directory is gone after the job. A link planted at a push target's name while the job
+    runs is never written through or replaced; a completed job whose process died has its
+    image moved into place by the next backup. A shared directory others can rename entries
+    in is refused for push targets (QEMU creates them by path)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = _plant(out, f"{guest.name}.vda.s1.qcow2", outside)
+    with pytest.raises(TargetExistsError) as info:
+        guest.backup(mode="push", target_dir=out, checkpoint="s1")
+    assert info.value.path == str(link)
+    _untouched(link, outside)
+    assert "s1" not in guest.checkpoints and guest.active_backup() is None
+    link.unlink()
+    # A name planted while the job runs: QEMU writes into the job's private directory, and
+    # the finished image is never moved over (or through) the planted name: the job fails
+    # cleanly, its checkpoint and files go, and the link stays.
+    job = guest.backup(mode="push", target_dir=out, checkpoint="s1")
+    assert all(Path(d.store).parent.parent == out.resolve() for d in job.xml.backed_up)
+    late = _plant(out, f"{guest.name}.vda.s1.qcow2", outside)
+    with pytest.raises(TargetExistsError):
+        job.wait()
+    _untouched(late, outside)
+    assert job.state == "failed" and "s1" not in guest.checkpoints
+    assert list(out.iterdir()) == [late]
+    late.unlink()
+
+    # A process that died after its push job completed (simulated: the handle is dropped
+    # without wait()): the next backup's clean-up moves the completed image from the private
+    # directory to its final name and removes the directory.
+    from statecapture import _backup
+
+    job = guest.backup(mode="push", target_dir=out, checkpoint="s0")
+    job.adopted = True  # dropped on purpose: no "never ended" warning
+    deadline = time.monotonic() + 120
+    while _backup._job_xml(guest) is not None:
+        assert time.monotonic() < deadline, "the push job did not finish"
+        time.sleep(0.2)
+    time.sleep(1)  # HAZARDS 14: QEMU releases the file just after the job ends
+    _backup._recover_stale(guest)
+    done = out / f"{guest.name}.vda.s0.qcow2"
+    assert list(out.iterdir()) == [done] and done.is_file() and not done.is_symlink()
+    assert "s0" in guest.checkpoints
+    done.unlink()
+    guest.checkpoints["s0"].delete()
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UsageError, match="not sticky"):
+        guest.backup(mode="push", target_dir=shared, checkpoint="s1")
+    assert list(shared.iterdir()) == [] and "s1" not in guest.checkpoints
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    old_scratch = _plant(scratch, f".{guest.name}.vda.s2.qcow2.scratch", outside)
+    with guest.backup(mode="pull", checkpoint="s2", scratch_dir=scratch) as job:
+        stores = [Path(d.store) for d in job.xml.backed_up if d.store]
+        assert stores
+        for store in stores:
+            assert store.parent.parent == scratch.resolve()
+            assert store.is_file() and not store.is_symlink()
+            assert _mode(store.parent) == 0o700
+        final = _plant(out, f"{guest.name}.vda.s2.qcow2", outside)
+        with pytest.raises(TargetExistsError):
+            job.download(out)
+        _untouched(final, outside)
+        final.unlink()
+        partial = _plant(out, f".{guest.name}.vda.s2.qcow2.partial", outside)
+        with pytest.raises(TargetExistsError):
+            job.download(out)
+        _untouched(partial, outside)
+        partial.unlink()
+        result = job.download(out)
+    _untouched(old_scratch, outside)
+    assert list(scratch.iterdir()) == [old_scratch]
+    backup = result.disk("vda").file
+    assert backup.parent == out.resolve() and backup.is_file() and not backup.is_symlink()
+    assert _mode(backup) == 0o600
+    assert sorted(p.name for p in out.iterdir()) == [backup.name]
+
+
+@pytest.mark.qemu
+def test_partial_swapped_for_a_symlink_never_redirects_the_download(
+    guest: statecapture.Domain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone who can write dest_dir swaps the fresh ``.partial`` file for a symlink right
+    after statecapture created it (fault injected between creation and the copy): every
+    tool still writes the file statecapture created, the file the link points to keeps its
+    bytes, the result is a regular file inside dest_dir holding the backup, and the
+    swapped-in link is left alone. Then the same for an incremental layer (its backing
+    opened by path, its header naming the previous backup)."""
+    from statecapture import _nbd
+
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    real_copy = _nbd.copy_export
+    swapped: list[Path] = []
+
+    def swap_then_copy(source: _nbd.ExportSource, dest: Path, **kw: object) -> object:
+        (partial,) = out.glob(".*.partial")
+        partial.rename(out / f"stolen-{len(swapped)}")
+        partial.symlink_to(victim)
+        swapped.append(partial)
+        return real_copy(source, dest, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_nbd, "copy_export", swap_then_copy)
+    results, refs = [], []
+    for cp, prev, client in (("w1", None, "libnbd"), ("w2", "w1", "qemu-img")):
+        if prev:
+            _guest_writes(guest, "swap")
+        job, ref, _dirty = _start_paused(
+            guest, ["vda"], tmp_path, cp, mode="pull", checkpoint=cp, incremental_from=prev
+        )
+        with job:
+            results.append(job.download(out, client=client))
+        refs.append(ref["vda"])
+        assert victim.read_bytes() == b"precious"
+        link = swapped[-1]
+        assert link.is_symlink() and os.readlink(link) == str(victim)
+        link.unlink()
+    full, inc = (r.disk("vda").file for r in results)
+    for i, f in enumerate((full, inc)):
+        assert f.parent == out.resolve() and f.is_file() and not f.is_symlink()
+        assert _mode(f) == 0o600
+        assert f.stat().st_ino == (out / f"stolen-{i}").stat().st_ino
+    info = json.loads(_qemu_img("info", "--output=json", str(inc)))
+    assert info["backing-filename"] == full.name
+    assert verify([full], refs[0]).identical and verify([full, inc], refs[1]).identical
+
+
 # ----------------------------------------------------------------------------- killed process
 
 _CHILD_PRELUDE = """

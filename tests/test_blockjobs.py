@@ -8,6 +8,7 @@ libvirt proves a check came too late). Real tier: QEMU 7.2 under TCG, three gues
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -407,6 +408,22 @@ def test_block_copy_pivot_abort_context_manager_and_reconnect(
     # 2. Bad input on a real domain.
     with pytest.raises(statecapture.TargetExistsError):
         dom.block_copy("vda", keep)
+    # A dangling symlink at the destination: refused, left alone, nothing created where it
+    # points; a directory others can rename entries in is refused (libvirt creates by path).
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    planted = tmp_path / "planted.qcow2"
+    planted.symlink_to(outside / "copy.qcow2")
+    with pytest.raises(statecapture.TargetExistsError):
+        dom.block_copy("vda", planted)
+    assert os.readlink(planted) == str(outside / "copy.qcow2")
+    assert list(outside.iterdir()) == []
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(statecapture.UsageError, match="not sticky"):
+        dom.block_copy("vda", shared / "copy.qcow2")
+    assert list(shared.iterdir()) == [] and dom.disk("vda").source == original
     with pytest.raises(statecapture.NotFoundError):
         dom.block_copy("vdq", tmp_path / "q.qcow2")
 

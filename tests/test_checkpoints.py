@@ -233,6 +233,13 @@ def test_export_import_round_trip(test_domain: statecapture.Domain, tmp_path: Pa
     assert cps.export_metadata(path, overwrite=True) == 3
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files
+    # a dangling symlink at the name is refused and left alone, nothing written through it
+    planted = tmp_path / "planted.xml"
+    planted.symlink_to(tmp_path / "elsewhere.xml")
+    with pytest.raises(TargetExistsError):
+        cps.export_metadata(planted)
+    assert planted.is_symlink() and not (tmp_path / "elsewhere.xml").exists()
+    planted.unlink()
     for cp in reversed(cps.list()):
         cp.delete(metadata_only=True)
     assert len(cps) == 0
