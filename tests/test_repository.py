@@ -1,0 +1,193 @@
+"""Backup repositories on real QEMU (embedded driver, TCG guests).
+
+References are taken as in ``test_backup.py``: the domain is paused, its disks flushed
+through QEMU and copied raw, and the backup starts while it is still paused, so a point is
+correct iff its restore is byte-identical to the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+import statecapture
+from statecapture import PointKind, Repository, RestorePoint
+
+MiB = 1 << 20
+
+
+def _qemu_img(*args: str) -> str:
+    return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True).stdout
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _aliases(dom: statecapture.Domain) -> dict[str, str]:
+    root = etree.fromstring(dom.definition.raw.encode())
+    out = {}
+    for disk in root.iter("disk"):
+        target, alias = disk.find("target"), disk.find("alias")
+        if target is not None and alias is not None:
+            out[target.get("dev", "")] = alias.get("name", "")
+    return out
+
+
+def _references(dom: statecapture.Domain, tmp: Path, tag: str) -> dict[str, Path]:
+    import libvirt_qemu
+
+    refs = {}
+    for disk, alias in _aliases(dom).items():
+        libvirt_qemu.qemuMonitorCommand(dom._vir._raw, f'qemu-io -d {alias} "flush"', 1)
+        ref = tmp / f"ref-{tag}-{disk}.raw"
+        _qemu_img("convert", "-U", "-O", "raw", str(dom.disk(disk).source), str(ref))
+        refs[disk] = ref
+    return refs
+
+
+def _guest_writes(dom: statecapture.Domain, name: str, mib: int = 2) -> None:
+    from tests._harness.agent import guest_exec
+
+    code, _out, err = guest_exec(
+        dom._vir._raw,
+        ["sh", "-c", f"dd if=/dev/urandom of=/data/{name} bs=64k count={16 * mib} && sync"],
+        timeout=120,
+    )
+    assert code == 0, err
+
+
+def _paused_backup(
+    repo: Repository, dom: statecapture.Domain, tmp: Path, tag: str, **kw: object
+) -> tuple[RestorePoint, dict[str, Path]]:
+    dom.suspend()
+    try:
+        refs = _references(dom, tmp, tag)
+        point = repo.backup(dom, quiesce=False, **kw)  # type: ignore[arg-type]
+    finally:
+        dom.resume()
+    return point, refs
+
+
+def _restore_equals(
+    repo: Repository, point: RestorePoint, refs: dict[str, Path], out: Path
+) -> None:
+    files = repo.restore(point, out, format="raw")
+    assert set(files) == set(refs)
+    for disk, path in files.items():
+        assert _sha(path) == _sha(refs[disk]), (point.id, disk)
+        assert (path.stat().st_mode & 0o777) == 0o600
+
+
+def _flip_byte_in_layer(image: Path) -> int:
+    extents = json.loads(_qemu_img("map", "--output=json", str(image)))
+    ext = next(e for e in extents if e["depth"] == 0 and e["data"])
+    with open(image, "r+b") as f:
+        f.seek(ext["offset"] + 100)
+        b = f.read(1)
+        f.seek(ext["offset"] + 100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    return int(ext["start"])
+
+
+@pytest.mark.qemu
+def test_full_and_incrementals_restore_verify_prune(
+    guest: statecapture.Domain, tmp_path: Path
+) -> None:
+    """1 full + 3 incrementals with guest writes between: each point restores byte for byte
+    to the disk at its instant; ``qemu-img convert TOP`` alone gives the same image; the
+    next point is incremental from this repository's checkpoint; a second repository keeps
+    an independent chain; verify passes, then finds one flipped byte in a middle
+    incremental; prune keeps every remaining point restorable and deletes checkpoints no
+    kept point needs."""
+    repo = Repository.create(tmp_path / "repo")
+    points, refs = [], []
+    for i in range(4):
+        if i:
+            _guest_writes(guest, f"round{i}")
+        p, r = _paused_backup(repo, guest, tmp_path, f"r{i}")
+        points.append(p)
+        refs.append(r)
+    print(*points, sep="\n")
+    assert [p.kind for p in points] == [PointKind.FULL] + [PointKind.INCREMENTAL] * 3
+    assert points[0].reason == "first backup"
+    assert [p.parent for p in points[1:]] == [p.id for p in points[:3]]
+    for p in points:
+        assert p.checkpoint is not None and p.checkpoint.startswith(repo.checkpoint_prefix)
+        assert "inactive.xml" in p.config and "live.xml" in p.config
+    disk_size = points[0].disks["vda"].size
+    for p in points[1:]:
+        assert 0 < p.bytes_copied < disk_size / 4  # about the dirtied data, not the disk
+    assert [p.id for p in repo.points(guest)] == [p.id for p in reversed(points)]
+    assert [p.id for p in repo.points(guest.name, newest_first=False)] == [p.id for p in points]
+    assert repo.point(points[2].id) == points[2]
+    # every point restores to its instant; qemu-img alone agrees
+    for i, p in enumerate(points):
+        _restore_equals(repo, p, refs[i], tmp_path / f"restore{i}")
+    top = points[3].files["vda"]
+    plain = tmp_path / "plain.raw"
+    _qemu_img("convert", "-O", "raw", str(top), str(plain))
+    assert _sha(plain) == _sha(refs[3]["vda"])
+    for p in points:
+        mode = os.stat(p.files["vda"]).st_mode & 0o777
+        assert mode == 0o600
+    # a second repository: an independent chain (its first point is full)
+    other = Repository.create(tmp_path / "offsite")
+    o1 = other.backup(guest, quiesce=False)
+    _guest_writes(guest, "offsite")
+    o2, oref = _paused_backup(other, guest, tmp_path, "o2")
+    assert o1.kind is PointKind.FULL and o2.kind is PointKind.INCREMENTAL
+    assert o2.checkpoint is not None and o2.checkpoint.startswith(other.checkpoint_prefix)
+    _restore_equals(other, o2, oref, tmp_path / "restore-o2")
+    p5 = repo.backup(guest, quiesce=False)  # still incremental on this repository's chain
+    assert p5.kind is PointKind.INCREMENTAL and p5.parent == points[3].id
+    # verify: clean, then one flipped byte in the middle incremental
+    report = repo.verify()
+    assert report.ok, str(report)
+    assert report.bytes_read > 0
+    assert repo.check().ok
+    copy = tmp_path / "flipcopy"
+    repo_copy_root = tmp_path / "repo-copy"
+    subprocess.run(["cp", "-a", str(repo.path), str(repo_copy_root)], check=True)
+    flipped = Repository(repo_copy_root)
+    mid = flipped.point(points[2].id)
+    start = _flip_byte_in_layer(mid.files["vda"])
+    bad = flipped.verify()
+    assert not bad.ok
+    assert {(d.point, d.disk) for d in bad.differences} >= {(points[2].id, "vda")}
+    assert any(d.offset <= start < d.offset + d.length for d in bad.differences)
+    del copy
+    # prune: keep the newest two; the others merge away, every kept point still restores
+    before = {c.name for c in guest.checkpoints}
+    pruned = repo.prune(guest, keep_last=2)
+    assert [p.id for p in pruned.removed] == [p.id for p in points[:3]]
+    kept = repo.points(guest, newest_first=False)
+    assert [p.id for p in kept] == [points[3].id, p5.id]
+    assert kept[0].kind is PointKind.FULL and kept[0].parent is None
+    _restore_equals(repo, kept[0], refs[3], tmp_path / "after-prune")
+    assert repo.verify().ok
+    assert repo.check().ok
+    after = {c.name for c in guest.checkpoints}
+    mine = {c for c in after if c.startswith(repo.checkpoint_prefix)}
+    assert mine == {p5.checkpoint}
+    assert set(pruned.checkpoints_deleted) == {
+        c for c in before if c.startswith(repo.checkpoint_prefix)
+    } - {p5.checkpoint}
+    assert {c for c in after if c.startswith(other.checkpoint_prefix)} == {
+        o1.checkpoint,
+        o2.checkpoint,
+    }
+    p6 = repo.backup(guest, quiesce=False)
+    assert p6.kind is PointKind.INCREMENTAL and p6.parent == p5.id
+    for cp in reversed(guest.checkpoints.list()):
+        cp.delete()
