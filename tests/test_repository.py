@@ -7,6 +7,7 @@ correct iff its restore is byte-identical to the reference.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -191,3 +192,98 @@ def test_full_and_incrementals_restore_verify_prune(
     assert p6.kind is PointKind.INCREMENTAL and p6.parent == p5.id
     for cp in reversed(guest.checkpoints.list()):
         cp.delete()
+
+
+# ----------------------------------------------------------------------------- kill matrix
+
+KILL_MATRIX: list[tuple[str, str | None]] = [
+    ("backup", None),
+    ("backup", None),
+    ("backup", "start:begin"),
+    ("backup", "in:begin:captured"),
+    ("backup", "mid:transfer"),
+    ("backup", "done:transfer"),
+    ("backup", "done:end"),
+    ("backup", "repo:backup:copied"),
+    ("backup", "repo:backup:digested:vda"),
+    ("backup", "repo:backup:before-manifest"),
+    ("backup", "repo:backup:listed"),
+    ("backup", None),
+    ("prune", "repo:prune:before-rebase"),
+    ("prune", "repo:prune:rebased"),
+    ("backup", None),
+    ("prune", "repo:prune:child-listed"),
+    ("backup", None),
+    ("prune", "repo:prune:unlisted"),
+    ("backup", None),
+    ("prune", "repo:prune:removed"),
+    ("backup", None),
+]
+
+
+def _kill_child(root: Path, repo: Path, action: str, **args: object) -> tuple[int, dict]:
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "tests/_repo_kill_child.py",
+            str(root),
+            str(repo),
+            action,
+            json.dumps(args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    result = json.loads(lines[-1][7:]) if lines else {}
+    if done.returncode not in (0, -9):
+        raise AssertionError(f"{action} {args} failed:\n{done.stderr[-3000:]}")
+    return done.returncode, result
+
+
+@pytest.mark.qemu
+def test_kill_matrix_backup_and_prune(kit: object, tmp_path: Path) -> None:
+    """SIGKILL at every step of repo.backup (inside direct_backup and after it) and of
+    repo.prune: afterwards every listed point restores to the same bytes as before the
+    kill and verifies; the next backup (or prune) cleans the leftovers, so at the end the
+    repository checks clean and the domain carries only checkpoints a point references."""
+    import signal
+
+    from tests._harness.guestkit import prepare_embed_root
+
+    root = Path(f"/tmp/sc-rkill-{os.getpid()}")
+    prepare_embed_root(root)
+    repo = tmp_path / "repo"
+    try:
+        _kill_child(root, repo, "setup", tmp=str(tmp_path))
+        shas: dict[str, str] = {}
+        for n, (what, boundary) in enumerate(KILL_MATRIX):
+            rc, out = _kill_child(root, repo, "run", what=what, boundary=boundary or "-", n=n)
+            if boundary is None:
+                assert rc == 0 and out == {"reached": False}
+            else:
+                assert rc == -signal.SIGKILL, f"boundary {boundary} was never reached"
+            _rc, state = _kill_child(root, repo, "state", tmp=str(tmp_path))
+            assert state["broken"] == [], (boundary, state["check"])
+            assert state["verify_ok"], (boundary, state["verify"])
+            for pid, sha in state["shas"].items():
+                if pid in shas:
+                    assert shas[pid] == sha, (boundary, pid)
+            shas = state["shas"]
+        assert state["check_ok"], state["check"]
+        assert not state["journal"]
+        prefix = "scr-"
+        mine = {c for c in state["checkpoints"] if c.startswith(prefix)}
+        assert mine <= set(state["referenced"]), state
+        assert len(shas) >= 2
+    finally:
+        _kill_child(root, repo, "teardown")
+        for pidfile in (root / "run" / "qemu").glob("*.pid"):
+            with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        subprocess.run(["rm", "-rf", str(root)], check=False)

@@ -32,6 +32,7 @@ import attrs
 from lxml import etree
 
 from .._advisor import Consistency
+from .._journal import boundary
 from .._nbd import qemu_img
 from ..errors import (
     ChainError,
@@ -308,6 +309,7 @@ class Repository:
         ddir = self._domain_dir(dom.uuid, create=True)
         with self._lock(dom.uuid).held():
             self._clean_leftovers(dom, ddir)
+            boundary("repo:backup:cleaned")
             points = self._load(ddir)
             if not dom.is_active:
                 return self._offline_backup(dom, ddir, points, full=full, disks=disks)
@@ -383,6 +385,7 @@ class Repository:
             disks=disks,
             progress=progress,
         )
+        boundary("repo:backup:copied")
         with ExitStack() as undo:
             undo.callback(self._discard_run, dom, ddir, pid, cp_name, dict(result.files))
             entries: dict[str, DiskEntry] = {}
@@ -391,6 +394,7 @@ class Repository:
                 entries[disk] = self._record_layer(
                     ddir, pid, disk, Path(path), parent_entry, base is not None
                 )
+                boundary(f"repo:backup:digested:{disk}")
             kind = (
                 PointKind.INCREMENTAL
                 if any(e.kind is PointKind.INCREMENTAL for e in entries.values())
@@ -502,7 +506,9 @@ class Repository:
     def _commit(self, ddir: Path, point: RestorePoint) -> None:
         """List the point: its manifest, written last and atomically."""
         fsync_dir(ddir / "images")
+        boundary("repo:backup:before-manifest")
         write_atomic(ddir / "points", f"{point.id}.json", dumps(point.to_json()), replace=False)
+        boundary("repo:backup:listed")
 
     def _discard_run(
         self, dom: Domain, ddir: Path, pid: str, cp_name: str | None, files: Mapping[str, Path]
@@ -962,6 +968,7 @@ class Repository:
             removed = [p for p in order if p.id not in keep]
             for r in removed:
                 merged.extend(self._remove_point(ddir, r.id))
+            boundary("repo:prune:removed")
             kept = sorted(self._load(ddir).values(), key=lambda q: (q.time, q.id))
             deleted: list[str] = []
             if dom is not None:
@@ -1009,12 +1016,14 @@ class Repository:
                 child = images / ce.file
                 lower = self._digest_map(ddir, re_, cache)
                 upper = self._digest_map(ddir, ce, cache)
+                boundary("repo:prune:before-rebase")
                 if re_.parent_file is not None:
                     _rebase(images, child, re_.parent_file)
                     new_e = attrs.evolve(ce, parent_file=re_.parent_file)
                 else:
                     _rebase(images, child, None)
                     new_e = attrs.evolve(ce, parent_file=None, kind=PointKind.FULL)
+                boundary("repo:prune:rebased")
                 dmap = _dg.merge(lower, upper)
                 dname = f"{q.id}.{_safe(d)}.m{secrets.token_hex(3)}.json"
                 write_atomic(ddir / "digests", dname, dmap.to_json(), replace=False)
@@ -1035,12 +1044,14 @@ class Repository:
                     bytes_copied=q.bytes_copied,
                 )
                 write_atomic(ddir / "points", f"{q.id}.json", dumps(q.to_json()))
+                boundary("repo:prune:child-listed")
                 pts[q.id] = q
                 if old_digests:
                     _remove(ddir / "digests" / old_digests)
                 merged.append(f"{ce.file} <- {re_.file}")
         _remove(ddir / "points" / f"{rid}.json")
         fsync_dir(ddir / "points")
+        boundary("repo:prune:unlisted")
         for e in r.disks.values():
             _remove(images / e.file)
             if e.digests:
