@@ -287,3 +287,88 @@ def test_kill_matrix_backup_and_prune(kit: object, tmp_path: Path) -> None:
             with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
                 os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
         subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def _remove_bitmap_behind_libvirts_back(dom: statecapture.Domain, disk: str, name: str) -> None:
+    import libvirt_qemu
+
+    def qmp(command: str, **arguments: object) -> object:
+        cmd: dict[str, object] = {"execute": command}
+        if arguments:
+            cmd["arguments"] = arguments
+        raw = libvirt_qemu.qemuMonitorCommand(dom._vir._raw, json.dumps(cmd), 0)
+        return json.loads(raw)["return"]
+
+    source = dom.disk(disk).source
+    nodes = qmp("query-named-block-nodes", flat=True)
+    assert isinstance(nodes, list)
+    node = next(n["node-name"] for n in nodes if n["drv"] == "qcow2" and n["file"] == source)
+    qmp("block-dirty-bitmap-remove", node=node, name=name)
+
+
+def _attach_disk(dom: statecapture.Domain, target: str, tmp: Path) -> Path:
+    from tests._harness.guestkit import make_data_disk
+
+    path = make_data_disk(tmp / f"hotplug-{target}.qcow2", size_mib=32)
+    xml = (
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{path}'/><target dev='{target}' bus='virtio'/></disk>"
+    )
+    dom._vir._raw.attachDeviceFlags(xml, 1)  # VIR_DOMAIN_AFFECT_LIVE
+    return path
+
+
+@pytest.mark.qemu
+def test_broken_bitmap_added_disk_shut_off_and_restore_domain(
+    guest: statecapture.Domain, qemu_conn: statecapture.Connection, tmp_path: Path
+) -> None:
+    """A broken bitmap makes the next point full with the reason; a disk added since the
+    last point is copied in full while the other stays incremental (each point restores
+    byte for byte); a shut-off domain is copied in full and the next running backup is
+    full again; restore_domain defines a new domain from the captured configuration that
+    boots."""
+    repo = Repository.create(tmp_path / "repo")
+    p1 = repo.backup(guest, quiesce=False)
+    assert p1.checkpoint is not None
+    _guest_writes(guest, "b1", mib=1)
+    _remove_bitmap_behind_libvirts_back(guest, "vda", p1.checkpoint)
+    p2, r2 = _paused_backup(repo, guest, tmp_path, "b2")
+    assert p2.kind is PointKind.FULL and p2.reason.startswith("bitmap broken"), p2.reason
+    _restore_equals(repo, p2, r2, tmp_path / "rb2")
+    # a disk added: vdb full, vda incremental
+    _attach_disk(guest, "vdb", tmp_path)
+    _guest_writes(guest, "b3", mib=1)
+    p3, r3 = _paused_backup(repo, guest, tmp_path, "b3")
+    assert p3.kind is PointKind.INCREMENTAL and p3.parent == p2.id
+    assert p3.disks["vda"].kind is PointKind.INCREMENTAL
+    assert p3.disks["vdb"].kind is PointKind.FULL and p3.disks["vdb"].reason == "disk added"
+    assert "vdb" in p3.reason
+    _restore_equals(repo, p3, r3, tmp_path / "rb3")
+    assert repo.verify().ok
+    # restore_domain: a new domain on the restored images, booting
+    new = repo.restore_domain(p2, qemu_conn, name=f"{guest.name}-r", dest_dir=tmp_path / "rd")
+    try:
+        assert new.uuid != guest.uuid
+        assert Path(new.disk("vda").source or "").parent == tmp_path / "rd"
+        new.start()
+        assert new.is_active
+    finally:
+        with contextlib.suppress(Exception):
+            new.destroy()
+        new.undefine()
+    # shut off: full copy of every persistent disk, then the next running backup is full
+    guest.destroy()
+    source = Path(guest.disk("vda").source or "")
+    ref = tmp_path / "off.raw"
+    _qemu_img("convert", "-O", "raw", str(source), str(ref))
+    p4 = repo.backup(guest)
+    assert p4.kind is PointKind.FULL and p4.reason == "domain shut off"
+    assert set(p4.disks) == {"vda"}  # vdb was attached live only
+    _restore_equals(repo, p4, {"vda": ref}, tmp_path / "rb4")
+    guest.start()
+    p5 = repo.backup(guest, quiesce=False)
+    assert p5.kind is PointKind.FULL and p5.reason.startswith("checkpoint missing")
+    assert repo.verify().ok and repo.check().ok
+    for cp in reversed(guest.checkpoints.list()):
+        with contextlib.suppress(statecapture.StateCaptureError):
+            cp.delete()
