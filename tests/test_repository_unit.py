@@ -318,7 +318,7 @@ def test_failure_mid_backup_leaves_nothing_listed(
             raise RepositoryError(f"cannot write {name}: {os.strerror(errno.ENOSPC)}")
         return real(directory, name, data, replace=replace)
 
-    from statecapture._repository import repository as repo_mod
+    from statecapture._repository import backup as repo_mod
 
     monkeypatch.setattr(repo_mod, "write_atomic", full_disk)
     with pytest.raises(RepositoryError, match="No space left"):

@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 import shutil
-import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -31,12 +28,9 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from lxml import etree
 
-from .._advisor import Consistency
 from .._journal import boundary
 from .._nbd import qemu_img
 from ..errors import (
-    ChainError,
-    CheckpointInconsistentError,
     NotFoundError,
     RepositoryError,
     RepositoryFormatError,
@@ -45,26 +39,22 @@ from ..errors import (
     UnsupportedError,
     UsageError,
 )
+from . import backup as _bk
 from . import chain as _chain
-from . import digests as _dg
-from . import retention
+from . import maintenance as _maint
+from .common import _UUID, _not_found, _safe, _uuid_of
 from .manifest import (
-    DiskEntry,
-    PointKind,
     RepositoryInfo,
     RestorePoint,
     dumps,
     is_point_id,
-    new_point_id,
     now,
     parse_json,
     points_html,
 )
-from .reports import CheckReport, Difference, PruneReport, VerifyReport
+from .reports import CheckReport, PruneReport, VerifyReport
 from .store import (
     DomainLock,
-    copy_in,
-    copy_tree_in,
     fsync_dir,
     private_dir,
     read_bytes,
@@ -80,12 +70,6 @@ if TYPE_CHECKING:
 __all__ = ["Repository"]
 
 HEADER: Final = "repository.json"
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_OP: Final = "repository"
-
-
-def _not_found(what: str) -> NotFoundError:
-    return NotFoundError(what, operation=_OP)
 
 
 @attrs.define(eq=False, init=False)
@@ -312,8 +296,9 @@ class Repository:
             boundary("repo:backup:cleaned")
             points = self._load(ddir)
             if not dom.is_active:
-                return self._offline_backup(dom, ddir, points, full=full, disks=disks)
-            return self._live_backup(
+                return _bk.offline_backup(self, dom, ddir, points, full=full, disks=disks)
+            return _bk.live_backup(
+                self,
                 dom,
                 ddir,
                 points,
@@ -324,289 +309,6 @@ class Repository:
                 progress=progress,
                 max_frozen=max_frozen,
             )
-
-    def _decide(
-        self, dom: Domain, ddir: Path, points: Mapping[str, RestorePoint], full: bool
-    ) -> tuple[RestorePoint | None, str]:
-        """(the point to build on or ``None``, the reason)."""
-        if not points:
-            return None, "first backup"
-        latest = max(points.values(), key=lambda p: (p.time, p.id))
-        if full:
-            return None, "full=True"
-        cp = latest.checkpoint
-        if cp is None or cp not in dom.checkpoints:
-            return None, f"checkpoint missing ({cp or 'the last point has none'})"
-        try:
-            dom.checkpoints[cp].validate()
-        except CheckpointInconsistentError as exc:
-            return None, f"bitmap broken ({exc.disk or '?'}: {exc})"
-        except UnsupportedError:
-            pass
-        from .._backup import backup_file_name
-
-        index = _chain.file_index(points)
-        for disk, entry in latest.disks.items():
-            if entry.file != backup_file_name(dom.name, disk, cp):
-                return None, "domain renamed since the last point"
-            try:
-                _chain.validate_chain(ddir / "images", latest, disk, index)
-            except ChainError as exc:
-                return None, f"last point damaged ({exc})"
-        return latest, "incremental"
-
-    def _live_backup(
-        self,
-        dom: Domain,
-        ddir: Path,
-        points: Mapping[str, RestorePoint],
-        *,
-        mode: str,
-        quiesce: bool | str,
-        full: bool,
-        disks: list[str] | None,
-        progress: Callable[[BackupProgress], None] | None,
-        max_frozen: float,
-    ) -> RestorePoint:
-        from .._sequences import direct_backup
-
-        base, reason = self._decide(dom, ddir, points, full)
-        pid = new_point_id()
-        cp_name = self.checkpoint_prefix + pid
-        images = ddir / "images"
-        result = direct_backup(
-            dom,
-            images,
-            mode=mode,
-            incremental_from=base.checkpoint if base is not None else None,
-            checkpoint=cp_name,
-            quiesce=quiesce,  # type: ignore[arg-type]
-            max_frozen=max_frozen,
-            disks=disks,
-            progress=progress,
-        )
-        boundary("repo:backup:copied")
-        with ExitStack() as undo:
-            undo.callback(self._discard_run, dom, ddir, pid, cp_name, dict(result.files))
-            entries: dict[str, DiskEntry] = {}
-            for disk, path in sorted(result.files.items()):
-                parent_entry = base.disks.get(disk) if base is not None else None
-                entries[disk] = self._record_layer(
-                    ddir, pid, disk, Path(path), parent_entry, base is not None
-                )
-                boundary(f"repo:backup:digested:{disk}")
-            kind = (
-                PointKind.INCREMENTAL
-                if any(e.kind is PointKind.INCREMENTAL for e in entries.values())
-                else PointKind.FULL
-            )
-            if base is not None and kind is PointKind.FULL:
-                reason = "checkpoint covered no disk of this backup"
-            added = sorted(d for d, e in entries.items() if e.reason)
-            if kind is PointKind.INCREMENTAL and added:
-                reason = f"incremental; full copy of {', '.join(added)} (disk added)"
-            config = self._capture_config(dom, ddir, pid)
-            point = RestorePoint(
-                id=pid,
-                domain=dom.name,
-                domain_uuid=dom.uuid,
-                time=_time_of(pid),
-                kind=kind,
-                reason=reason,
-                checkpoint=cp_name,
-                parent=base.id if kind is PointKind.INCREMENTAL and base is not None else None,
-                disks=entries,
-                bytes_copied=sum(e.bytes_copied for e in entries.values()),
-                frozen_for=result.frozen_for,
-                consistency=result.consistency,
-                mode=mode,
-                config=config,
-                notes=result.notes,
-                root=ddir,
-            )
-            self._commit(ddir, point)
-            undo.pop_all()
-        return point
-
-    def _record_layer(
-        self,
-        ddir: Path,
-        pid: str,
-        disk: str,
-        path: Path,
-        parent: DiskEntry | None,
-        incremental: bool,
-    ) -> DiskEntry:
-        """Make the stored layer self-describing (relative backing name), digest it."""
-        images = ddir / "images"
-        os.chmod(path, 0o600)
-        layers = _dg.chain_files(path)
-        top = layers[0]
-        backing = top.get("backing-filename")
-        parent_file: str | None = None
-        if backing:
-            name = Path(str(backing)).name
-            if parent is None or name != parent.file or not (images / name).is_file():
-                raise RepositoryError(
-                    f"{path} sits on {backing}, which is not the previous point's image",
-                    path=str(path),
-                )
-            if str(backing) != name:
-                qemu_img("rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", name, str(path))
-            parent_file = name
-        size = int(top["virtual-size"])
-        extents = _dg.read_map(path)
-        files = [images / path.name] + [images / Path(str(x["filename"])).name for x in layers[1:]]
-        copied = sum(e.length for e in extents if e.depth == 0 and e.data)
-        if parent_file is None:
-            blocks = _dg.digest_blocks(path, size, extents=extents, files=files)
-            blocks = {k: v for k, v in blocks.items() if v != _dg.zero_digest(size, k)}
-            dmap = _dg.DigestMap(size, blocks, complete=True)
-        else:
-            touched = _dg.layer_blocks(extents)
-            blocks = _dg.digest_blocks(
-                path, size, touched.__contains__, extents=extents, files=files
-            )
-            dmap = _dg.DigestMap(size, blocks, complete=False)
-        dname = f"{pid}.{_safe(disk)}.json"
-        write_atomic(ddir / "digests", dname, dmap.to_json(), replace=False)
-        return DiskEntry(
-            file=path.name,
-            kind=PointKind.INCREMENTAL if parent_file else PointKind.FULL,
-            size=size,
-            bytes_copied=copied,
-            parent_file=parent_file,
-            digests=dname,
-            reason="disk added" if incremental and parent_file is None else None,
-        )
-
-    def _capture_config(self, dom: Domain, ddir: Path, pid: str) -> tuple[str, ...]:
-        cdir = private_dir(ddir / "config" / pid)
-        made: list[str] = []
-        inactive = dom.inactive_definition.raw
-        write_atomic(cdir, "inactive.xml", inactive.encode(), replace=False)
-        made.append("inactive.xml")
-        if dom.is_active:
-            write_atomic(cdir, "live.xml", dom.definition.raw.encode(), replace=False)
-            made.append("live.xml")
-        root = etree.fromstring(inactive.encode())
-        nvram = root.findtext("os/nvram")
-        if nvram and os.path.isfile(nvram.strip()):
-            copy_in(Path(nvram.strip()), cdir, "nvram")
-            made.append("nvram")
-        if root.find("devices/tpm/backend[@type='emulator']") is not None:
-            for base in (Path("/var/lib/libvirt/swtpm"), Path("/var/lib/swtpm")):
-                tpm = base / dom.uuid
-                if tpm.is_dir():
-                    copy_tree_in(tpm, cdir, "tpm")
-                    made.append("tpm")
-                    break
-        return tuple(made)
-
-    def _commit(self, ddir: Path, point: RestorePoint) -> None:
-        """List the point: its manifest, written last and atomically."""
-        fsync_dir(ddir / "images")
-        boundary("repo:backup:before-manifest")
-        write_atomic(ddir / "points", f"{point.id}.json", dumps(point.to_json()), replace=False)
-        boundary("repo:backup:listed")
-
-    def _discard_run(
-        self, dom: Domain, ddir: Path, pid: str, cp_name: str | None, files: Mapping[str, Path]
-    ) -> None:
-        """Undo a run whose point was not listed: its checkpoint and every file it made."""
-        from .._backup import _delete_checkpoint
-
-        errors: list[str] = []
-        if cp_name is not None:
-            _delete_checkpoint(dom, cp_name, errors)
-        for path in files.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        for f in (ddir / "digests").glob(f"{pid}.*"):
-            _remove(f)
-        _remove(ddir / "config" / pid)
-        if errors:
-            raise RepositoryError(f"cleaning up the failed backup left: {'; '.join(errors)}")
-
-    def _offline_backup(
-        self,
-        dom: Domain,
-        ddir: Path,
-        points: Mapping[str, RestorePoint],
-        *,
-        full: bool,
-        disks: list[str] | None,
-    ) -> RestorePoint:
-        """A shut-off domain: copy every disk with qemu-img (no job, no checkpoint)."""
-        from .._backup import backup_file_name
-
-        definition = dom.inactive_definition
-        chosen = [
-            d
-            for d in definition.disks
-            if d.device == "disk"
-            and not d.readonly
-            and d.source is not None
-            and (disks is None or d.target in disks)
-        ]
-        if not chosen:
-            raise UsageError(f"domain {dom.name!r} has no disk to back up")
-        pid = new_point_id()
-        images = ddir / "images"
-        made: dict[str, Path] = {}
-        with ExitStack() as undo:
-            undo.callback(self._discard_run, dom, ddir, pid, None, made)
-            entries: dict[str, DiskEntry] = {}
-            for d in chosen:
-                target = images / backup_file_name(dom.name, d.target, pid)
-                partial = images / f".{target.name}.partial"
-                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                os.close(fd)
-                made[f"partial:{d.target}"] = partial
-                src_fmt = d.format or "raw"
-                qemu_img(
-                    "convert",
-                    "-f",
-                    src_fmt,
-                    "-O",
-                    "qcow2",
-                    "-o",
-                    "cluster_size=65536",
-                    str(d.source),
-                    str(partial),
-                )
-                os.chmod(partial, 0o600)
-                with contextlib.suppress(OSError):
-                    fd = os.open(partial, os.O_RDONLY)
-                    os.fsync(fd)
-                    os.close(fd)
-                os.link(partial, target)
-                made[d.target] = target
-                os.unlink(partial)
-                entries[d.target] = self._record_layer(ddir, pid, d.target, target, None, False)
-            config = self._capture_config(dom, ddir, pid)
-            reason = "domain shut off" + (" (full=True)" if full else "")
-            point = RestorePoint(
-                id=pid,
-                domain=dom.name,
-                domain_uuid=dom.uuid,
-                time=_time_of(pid),
-                kind=PointKind.FULL,
-                reason=reason,
-                checkpoint=None,
-                parent=None,
-                disks=entries,
-                bytes_copied=sum(e.bytes_copied for e in entries.values()),
-                frozen_for=None,
-                consistency=Consistency.APPLICATION,
-                mode="offline",
-                config=config,
-                notes=("copied while the domain was shut off; the next backup is full",),
-                root=ddir,
-            )
-            self._commit(ddir, point)
-            undo.pop_all()
-        return point
 
     # ------------------------------------------------------------------ leftovers
     def _clean_leftovers(self, dom: Domain | None, ddir: Path) -> list[str]:
@@ -788,91 +490,7 @@ class Repository:
         every block its digest delta names) is read through the chain and compared; each
         stored byte is read about once. No guest, original disk or libvirt is needed.
         """
-        if point is None:
-            targets: list[tuple[Path, dict[str, RestorePoint], list[RestorePoint]]] = []
-            for ddir in self._domain_dirs():
-                pts = self._load(ddir)
-                targets.append((ddir, pts, sorted(pts.values(), key=lambda q: q.id)))
-        else:
-            p, ddir, pts = self._resolve(point)
-            chain = [p]
-            while chain[-1].parent is not None and chain[-1].parent in pts:
-                chain.append(pts[chain[-1].parent])
-            # full disks of an incremental point (disk added) rest on older points too
-            index = _chain.file_index(pts)
-            owner = {e.file: q for q in pts.values() for e in q.disks.values()}
-            wanted = {q.id for q in chain}
-            for q in list(chain):
-                for d in q.disks:
-                    with contextlib.suppress(ChainError):
-                        for e in _chain.expected_chain(q, d, index):
-                            wanted.add(owner[e.file].id)
-            targets = [(ddir, pts, sorted((pts[i] for i in wanted), key=lambda q: q.id))]
-        checked: list[str] = []
-        diffs: list[Difference] = []
-        errors: list[str] = []
-        read = 0
-        for ddir, pts, todo in targets:
-            cache: dict[str, _dg.DigestMap] = {}
-            index = _chain.file_index(pts)
-            for p in todo:
-                checked.append(p.id)
-                for disk in sorted(p.disks):
-                    try:
-                        n, bad = self._verify_disk(ddir, pts, index, p, disk, cache)
-                    except (RepositoryError, StateCaptureError, OSError) as exc:
-                        errors.append(f"point {p.id} disk {disk}: {exc}")
-                        continue
-                    read += n
-                    diffs.extend(bad)
-        return VerifyReport(tuple(checked), read, tuple(diffs), tuple(errors))
-
-    def _digest_map(
-        self, ddir: Path, entry: DiskEntry, cache: dict[str, _dg.DigestMap]
-    ) -> _dg.DigestMap:
-        if entry.digests is None:
-            raise RepositoryError(f"{entry.file} has no digests")
-        if entry.digests not in cache:
-            path = ddir / "digests" / entry.digests
-            cache[entry.digests] = _dg.DigestMap.from_json(read_bytes(path), str(path))
-        return cache[entry.digests]
-
-    def _verify_disk(
-        self,
-        ddir: Path,
-        pts: Mapping[str, RestorePoint],
-        index: Mapping[str, DiskEntry],
-        p: RestorePoint,
-        disk: str,
-        cache: dict[str, _dg.DigestMap],
-    ) -> tuple[int, list[Difference]]:
-        images = ddir / "images"
-        layers = _chain.validate_chain(images, p, disk, index)
-        expected_entries = _chain.expected_chain(p, disk, index)
-        maps = [self._digest_map(ddir, e, cache) for e in expected_entries]
-        own = maps[0]
-        size = expected_entries[0].size
-        extents = _dg.read_map(layers[0])
-        wanted = _dg.layer_blocks(extents) | set(own.blocks)
-        if own.complete:  # a full layer: every block it stores, and the zero ones too
-            wanted |= set(range((size + _dg.BLOCK_SIZE - 1) // _dg.BLOCK_SIZE))
-        got = _dg.digest_blocks(layers[0], size, wanted.__contains__, extents=extents, files=layers)
-        read = sum(e.length for e in extents if e.depth == 0 and e.data)
-        bad: list[Difference] = []
-        for b in sorted(wanted):
-            want = None
-            for m in maps:
-                if b in m.blocks:
-                    want = m.blocks[b]
-                    break
-                if m.complete:
-                    break
-            if want is None:
-                want = _dg.zero_digest(size, b)
-            if got.get(b) != want:
-                off = b * _dg.BLOCK_SIZE
-                bad.append(Difference(p.id, disk, off, min(_dg.BLOCK_SIZE, size - off)))
-        return read, bad
+        return _maint.verify(self, point)
 
     # ------------------------------------------------------------------ check
     def check(self, *, repair: bool = False) -> CheckReport:
@@ -882,39 +500,7 @@ class Repository:
         points that cannot be restored (their files are kept out of the listing, then
         removed as orphans). Never needs libvirt.
         """
-        orphans: list[str] = []
-        broken: list[str] = []
-        problems: list[str] = []
-        for ddir in self._domain_dirs():
-            lock = self._lock(ddir.name)
-            with lock.held() if repair else contextlib.nullcontext():
-                for _ in range(100):  # a removed point can break its children: repeat
-                    pts = self._load(ddir)
-                    index = _chain.file_index(pts)
-                    bad_now: list[str] = []
-                    for p in sorted(pts.values(), key=lambda q: q.id):
-                        for disk in sorted(p.disks):
-                            try:
-                                _chain.validate_chain(ddir / "images", p, disk, index)
-                                e = p.disks[disk]
-                                if e.digests and not (ddir / "digests" / e.digests).is_file():
-                                    problems.append(f"point {p.id} disk {disk}: digests missing")
-                            except (ChainError, RepositoryError) as exc:
-                                problems.append(str(exc))
-                                bad_now.append(p.id)
-                                break
-                    broken.extend(b for b in bad_now if b not in broken)
-                    if not repair or not bad_now:
-                        break
-                    for b in bad_now:
-                        _remove(ddir / "points" / f"{b}.json")
-                    fsync_dir(ddir / "points")
-                found = self._orphans(ddir, self._load(ddir))
-                orphans.extend(found)
-                if repair:
-                    for rel in found:
-                        _remove(self.path / rel)
-        return CheckReport(tuple(orphans), tuple(broken), tuple(problems), repaired=repair)
+        return _maint.check(self, repair=repair)
 
     # ------------------------------------------------------------------ prune
     def prune(
@@ -937,142 +523,14 @@ class Repository:
         (every one but the newest point's) are deleted, libvirt merging their bitmaps, so
         bitmaps do not pile up in the guest's images. ``dry_run=True`` changes nothing.
         """
-        from .._domain import Domain
-
-        uuid = _uuid_of(domain)
-        all_pts = self.points(domain, newest_first=False)
-        if uuid is None:
-            uuids = {p.domain_uuid for p in all_pts}
-            if len(uuids) > 1:
-                raise UsageError(f"several domains are named {domain!r}; pass the UUID")
-            if not uuids:
-                raise _not_found(f"the repository has no points of domain {domain!r}")
-            uuid = uuids.pop()
-        keep = retention.select(
-            all_pts, keep_last=keep_last, keep_daily=keep_daily, keep_weekly=keep_weekly
+        return _maint.prune(
+            self,
+            domain,
+            keep_last=keep_last,
+            keep_daily=keep_daily,
+            keep_weekly=keep_weekly,
+            dry_run=dry_run,
         )
-        if dry_run:
-            return PruneReport(
-                removed=tuple(p for p in all_pts if p.id not in keep),
-                kept=tuple(p for p in all_pts if p.id in keep),
-                dry_run=True,
-            )
-        ddir = self._domain_dir(uuid)
-        dom = domain if isinstance(domain, Domain) else None
-        merged: list[str] = []
-        notes: list[str] = []
-        with self._lock(uuid).held():
-            self._clean_leftovers(dom, ddir)
-            pts = self._load(ddir)
-            order = sorted(pts.values(), key=lambda q: (q.time, q.id))
-            removed = [p for p in order if p.id not in keep]
-            for r in removed:
-                merged.extend(self._remove_point(ddir, r.id))
-            boundary("repo:prune:removed")
-            kept = sorted(self._load(ddir).values(), key=lambda q: (q.time, q.id))
-            deleted: list[str] = []
-            if dom is not None:
-                newest = kept[-1].checkpoint if kept else None
-                deleted = self._delete_checkpoints(dom, keep={newest} if newest else set())
-                if newest:  # the next incremental starts there; older ones are not needed
-                    kept = [
-                        attrs.evolve(q, checkpoint=None) if q.checkpoint != newest else q
-                        for q in kept
-                    ]
-                    for q in kept:
-                        if q.checkpoint is None and pts.get(q.id, q).checkpoint is not None:
-                            write_atomic(ddir / "points", f"{q.id}.json", dumps(q.to_json()))
-            else:
-                notes.append("no Domain given: checkpoints on the domain were left as they are")
-        return PruneReport(
-            removed=tuple(removed),
-            kept=tuple(kept),
-            merged=tuple(merged),
-            checkpoints_deleted=tuple(deleted),
-            notes=tuple(notes),
-        )
-
-    def _remove_point(self, ddir: Path, rid: str) -> list[str]:
-        """Remove point ``rid``, merging its layers into the layers that sit on them.
-
-        Order (each step leaves every listed point restorable when the process dies):
-        rebase each child layer (its guest-visible data never changes during a safe
-        rebase) → rewrite the child's manifest → remove ``rid``'s manifest → its files.
-        """
-        images = ddir / "images"
-        merged: list[str] = []
-        pts = self._load(ddir)
-        r = pts[rid]
-        cache: dict[str, _dg.DigestMap] = {}
-        for re_ in r.disks.values():
-            children = [
-                (q, d)
-                for q in pts.values()
-                for d, e in q.disks.items()
-                if e.parent_file == re_.file and q.id != rid
-            ]
-            for q, d in children:
-                ce = q.disks[d]
-                child = images / ce.file
-                lower = self._digest_map(ddir, re_, cache)
-                upper = self._digest_map(ddir, ce, cache)
-                boundary("repo:prune:before-rebase")
-                if re_.parent_file is not None:
-                    _rebase(images, child, re_.parent_file)
-                    new_e = attrs.evolve(ce, parent_file=re_.parent_file)
-                else:
-                    _rebase(images, child, None)
-                    new_e = attrs.evolve(ce, parent_file=None, kind=PointKind.FULL)
-                boundary("repo:prune:rebased")
-                dmap = _dg.merge(lower, upper)
-                dname = f"{q.id}.{_safe(d)}.m{secrets.token_hex(3)}.json"
-                write_atomic(ddir / "digests", dname, dmap.to_json(), replace=False)
-                old_digests = ce.digests
-                new_e = attrs.evolve(new_e, digests=dname)
-                qdisks = dict(q.disks)
-                qdisks[d] = new_e
-                kind = (
-                    PointKind.INCREMENTAL
-                    if any(e.kind is PointKind.INCREMENTAL for e in qdisks.values())
-                    else PointKind.FULL
-                )
-                q = attrs.evolve(
-                    q,
-                    disks=qdisks,
-                    kind=kind,
-                    parent=r.parent if kind is PointKind.INCREMENTAL else None,
-                    bytes_copied=q.bytes_copied,
-                )
-                write_atomic(ddir / "points", f"{q.id}.json", dumps(q.to_json()))
-                boundary("repo:prune:child-listed")
-                pts[q.id] = q
-                if old_digests:
-                    _remove(ddir / "digests" / old_digests)
-                merged.append(f"{ce.file} <- {re_.file}")
-        _remove(ddir / "points" / f"{rid}.json")
-        fsync_dir(ddir / "points")
-        boundary("repo:prune:unlisted")
-        for e in r.disks.values():
-            _remove(images / e.file)
-            if e.digests:
-                _remove(ddir / "digests" / e.digests)
-        _remove(ddir / "config" / rid)
-        return merged
-
-
-def _rebase(images: Path, child: Path, new_backing: str | None) -> None:
-    """Safe ``qemu-img rebase`` of ``child`` onto ``new_backing`` (a name; ``None``: none)."""
-    argv = ["rebase", "-f", "qcow2", "-b", new_backing or ""]
-    if new_backing:
-        argv += ["-F", "qcow2"]
-    exe = shutil.which("qemu-img")
-    if exe is None:
-        raise UnsupportedError("qemu-img is not installed (Debian package qemu-utils)")
-    done = subprocess.run(
-        [exe, *argv, child.name], cwd=images, capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        raise RepositoryError(f"qemu-img rebase {child} failed: {done.stderr.strip()}")
 
 
 def _rewrite_domain(
@@ -1115,30 +573,6 @@ def _rewrite_domain(
         else:
             nv.getparent().remove(nv)  # type: ignore[union-attr]
     return etree.tostring(root, encoding="unicode")
-
-
-def _uuid_of(domain: object) -> str | None:
-    from .._domain import Domain
-
-    if domain is None:
-        return None
-    if isinstance(domain, Domain):
-        return domain.uuid
-    if isinstance(domain, str):
-        return domain if _UUID.match(domain) else None
-    raise UsageError(f"domain must be a Domain, a name or a UUID, not {domain!r}")
-
-
-def _time_of(pid: str) -> float:
-    from .manifest import _parse_iso
-
-    stamp = pid.split("Z-")[0]
-    iso = f"{stamp[0:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:{stamp[13:]}Z"
-    return _parse_iso(iso)
-
-
-def _safe(disk: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", disk).lstrip(".") or "_"
 
 
 def _check_timeout(value: float) -> float:
