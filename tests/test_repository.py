@@ -105,20 +105,25 @@ def _flip_byte_in_layer(image: Path) -> int:
 def test_full_and_incrementals_restore_verify_prune(
     guest: statecapture.Domain, tmp_path: Path
 ) -> None:
-    """1 full + 3 incrementals with guest writes between: each point restores byte for byte
-    to the disk at its instant; ``qemu-img convert TOP`` alone gives the same image; the
-    next point is incremental from this repository's checkpoint; a second repository keeps
-    an independent chain; verify passes, then finds one flipped byte in a middle
-    incremental; prune keeps every remaining point restorable and deletes checkpoints no
-    kept point needs."""
+    """1 full + 3 incrementals (pull, one pushed) with guest writes between: each point
+    restores byte for byte to the disk at its instant; ``qemu-img convert TOP`` alone gives
+    the same image; the next point is incremental from this repository's checkpoint; a
+    second repository keeps an independent chain; verify passes, then finds one flipped
+    byte in a middle incremental; prune keeps every remaining point restorable and deletes
+    checkpoints no kept point needs."""
     repo = Repository.create(tmp_path / "repo")
     points, refs = [], []
+    seen: list[object] = []
     for i in range(4):
         if i:
             _guest_writes(guest, f"round{i}")
-        p, r = _paused_backup(repo, guest, tmp_path, f"r{i}")
+        # round 2 lets QEMU push the layer; the others pull it over NBD
+        kw = {"mode": "push"} if i == 2 else {"progress": seen.append}
+        p, r = _paused_backup(repo, guest, tmp_path, f"r{i}", **kw)
         points.append(p)
         refs.append(r)
+    assert [p.mode for p in points] == ["pull", "pull", "push", "pull"]
+    assert seen  # progress reported while pulling
     print(*points, sep="\n")
     assert [p.kind for p in points] == [PointKind.FULL] + [PointKind.INCREMENTAL] * 3
     assert points[0].reason == "first backup"

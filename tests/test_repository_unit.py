@@ -354,3 +354,45 @@ def test_check_reports_and_repairs(off_domain: statecapture.Domain, tmp_path: Pa
     orphan.write_bytes(b"x")
     repo.backup(off_domain)
     assert not orphan.exists()
+
+
+def test_second_writer_gets_locked_error_readers_are_not_blocked(
+    off_domain: statecapture.Domain, tmp_path: Path
+) -> None:
+    """While another process holds a domain's writer lock, backup() waits lock_timeout
+    seconds, then raises RepositoryLockedError without writing anything; listing, restore
+    and verify keep working meanwhile."""
+    repo = Repository.create(tmp_path / "repo", lock_timeout=0.3)
+    first = repo.backup(off_domain)
+    lock_path = repo.path / "locks" / f"{off_domain.uuid}.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import fcntl, os, time
+                fd = os.open({str(lock_path)!r}, os.O_RDWR)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                print("held", flush=True)
+                time.sleep(60)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with pytest.raises(RepositoryLockedError):
+            repo.backup(off_domain)
+        assert time.monotonic() - started >= 0.3
+        assert [p.id for p in repo.points()] == [first.id]
+        assert repo.verify().ok
+        repo.restore(first, tmp_path / "while-locked")
+        assert repo.check().ok
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert repo.backup(off_domain).kind is PointKind.FULL
