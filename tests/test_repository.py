@@ -74,10 +74,18 @@ def _paused_backup(
     dom.suspend()
     try:
         refs = _references(dom, tmp, tag)
+        latest = repo.latest(dom)
+        if latest is not None and latest.checkpoint in dom.checkpoints:
+            assert latest.checkpoint is not None
+            DIRTY[tag] = dom.checkpoints[latest.checkpoint].dirty_bytes()
         point = repo.backup(dom, quiesce=False, **kw)  # type: ignore[arg-type]
     finally:
         dom.resume()
     return point, refs
+
+
+DIRTY: dict[str, dict[str, int]] = {}
+"""Dirty bytes per disk since the previous point's checkpoint, by backup tag."""
 
 
 def _restore_equals(
@@ -132,8 +140,10 @@ def test_full_and_incrementals_restore_verify_prune(
         assert p.checkpoint is not None and p.checkpoint.startswith(repo.checkpoint_prefix)
         assert "inactive.xml" in p.config and "live.xml" in p.config
     disk_size = points[0].disks["vda"].size
-    for p in points[1:]:
+    for i, p in enumerate(points[1:], start=1):
         assert 0 < p.bytes_copied < disk_size / 4  # about the dirtied data, not the disk
+        dirty = DIRTY[f"r{i}"]["vda"]
+        assert p.bytes_copied <= 1.05 * dirty, (p.bytes_copied, dirty)
     assert [p.id for p in repo.points(guest)] == [p.id for p in reversed(points)]
     assert [p.id for p in repo.points(guest.name, newest_first=False)] == [p.id for p in points]
     assert repo.point(points[2].id) == points[2]
