@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
@@ -41,6 +41,22 @@ if TYPE_CHECKING:
     from .repository import Repository
 
 __all__ = ["decide", "live_backup", "offline_backup"]
+
+
+def _undo(fn: Callable[..., None], *args: Any) -> Callable[..., bool]:
+    """An ExitStack exit callback running ``fn(*args)`` on error; its own failure becomes a
+    note on the original error, never replaces it."""
+
+    def exit_(_t: object, exc: BaseException | None, _tb: object) -> bool:
+        if exc is None:
+            return False
+        try:
+            fn(*args)
+        except BaseException as cleanup:
+            exc.add_note(f"cleaning up after the failed backup failed too: {cleanup!r}")
+        return False
+
+    return exit_
 
 
 def decide(
@@ -104,9 +120,9 @@ def live_backup(
         disks=disks,
         progress=progress,
     )
-    boundary("repo:backup:copied")
     with ExitStack() as undo:
-        undo.callback(discard_run, repo, dom, ddir, pid, cp_name, dict(result.files))
+        undo.push(_undo(discard_run, repo, dom, ddir, pid, cp_name, dict(result.files)))
+        boundary("repo:backup:copied")
         entries: dict[str, DiskEntry] = {}
         for disk, path in sorted(result.files.items()):
             parent_entry = base.disks.get(disk) if base is not None else None
@@ -282,7 +298,7 @@ def offline_backup(
     images = ddir / "images"
     made: dict[str, Path] = {}
     with ExitStack() as undo:
-        undo.callback(discard_run, repo, dom, ddir, pid, None, made)
+        undo.push(_undo(discard_run, repo, dom, ddir, pid, None, made))
         entries: dict[str, DiskEntry] = {}
         for d in chosen:
             target = images / backup_file_name(dom.name, d.target, pid)
