@@ -77,7 +77,8 @@ def _paused_backup(
         latest = repo.latest(dom)
         if latest is not None and latest.checkpoint in dom.checkpoints:
             assert latest.checkpoint is not None
-            DIRTY[tag] = dom.checkpoints[latest.checkpoint].dirty_bytes()
+            with contextlib.suppress(statecapture.CheckpointInconsistentError):
+                DIRTY[tag] = dom.checkpoints[latest.checkpoint].dirty_bytes()
         point = repo.backup(dom, quiesce=False, **kw)  # type: ignore[arg-type]
     finally:
         dom.resume()
