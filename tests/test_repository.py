@@ -340,9 +340,10 @@ def test_broken_bitmap_added_disk_shut_off_and_restore_domain(
 ) -> None:
     """A broken bitmap makes the next point full with the reason; a disk added since the
     last point is copied in full while the other stays incremental (each point restores
-    byte for byte); a shut-off domain is copied in full and the next running backup is
-    full again; restore_domain defines a new domain from the captured configuration that
-    boots."""
+    byte for byte); a cleanly shut-off domain gets an incremental from its bitmaps and a
+    checkpoint the next running backup continues from, one powered off hard a full copy
+    with the reason; restore_domain defines a new domain from the captured configuration
+    that boots."""
     repo = Repository.create(tmp_path / "repo")
     p1 = repo.backup(guest, quiesce=False)
     assert p1.checkpoint is not None
@@ -372,18 +373,43 @@ def test_broken_bitmap_added_disk_shut_off_and_restore_domain(
         with contextlib.suppress(Exception):
             new.destroy()
         new.undefine()
-    # shut off: full copy of every persistent disk, then the next running backup is full
-    guest.destroy()
+    # a clean shutdown writes the bitmaps into the images: the shut-off point is an
+    # incremental from them, and it defines a new checkpoint (metadata + bitmap)
+    from tests._harness.agent import wait_agent
+
+    _guest_writes(guest, "b4", mib=1)
+    guest.shutdown(mode=statecapture.ShutdownMode.AGENT, timeout=180)
     source = Path(guest.disk("vda").source or "")
-    ref = tmp_path / "off.raw"
-    _qemu_img("convert", "-O", "raw", str(source), str(ref))
+    ref4 = tmp_path / "off4.raw"
+    _qemu_img("convert", "-O", "raw", str(source), str(ref4))
     p4 = repo.backup(guest)
-    assert p4.kind is PointKind.FULL and p4.reason == "domain shut off"
-    assert set(p4.disks) == {"vda"}  # vdb was attached live only
-    _restore_equals(repo, p4, {"vda": ref}, tmp_path / "rb4")
+    assert p4.mode == "offline" and set(p4.disks) == {"vda"}  # vdb was attached live only
+    assert p4.kind is PointKind.INCREMENTAL, p4.reason
+    assert p4.reason == "domain shut off, incremental" and p4.parent == p3.id
+    assert 0 < p4.bytes_copied < p4.disks["vda"].size / 4
+    _restore_equals(repo, p4, {"vda": ref4}, tmp_path / "rb4")
     guest.start()
-    p5 = repo.backup(guest, quiesce=False)
-    assert p5.kind is PointKind.FULL and p5.reason.startswith("checkpoint missing")
+    wait_agent(guest._vir._raw, timeout=180)
+    _guest_writes(guest, "b5", mib=1)
+    p5, r5 = _paused_backup(repo, guest, tmp_path, "b5")
+    if p4.checkpoint is not None:  # the driver defined a checkpoint while shut off
+        assert p5.kind is PointKind.INCREMENTAL and p5.parent == p4.id, p5.reason
+    else:
+        assert p5.kind is PointKind.FULL and p5.reason.startswith("checkpoint missing")
+    _restore_equals(repo, p5, r5, tmp_path / "rb5")
+    # destroy(): QEMU still closes its images on SIGTERM, so the bitmaps are there
+    guest.destroy()
+    ref6 = tmp_path / "off6.raw"
+    _qemu_img("convert", "-O", "raw", str(source), str(ref6))
+    p6 = repo.backup(guest)
+    assert p6.kind is PointKind.INCREMENTAL and p6.parent == p5.id, p6.reason
+    _restore_equals(repo, p6, {"vda": ref6}, tmp_path / "rb6")
+    # a bitmap lost while shut off: the next point is full, with the reason
+    if p6.checkpoint is not None:
+        _qemu_img("bitmap", "--remove", str(source), p6.checkpoint)
+    p7 = repo.backup(guest)
+    assert p7.kind is PointKind.FULL and "bitmap" in p7.reason, p7.reason
+    _restore_equals(repo, p7, {"vda": ref6}, tmp_path / "rb7")
     assert repo.verify().ok and repo.check().ok
     for cp in reversed(guest.checkpoints.list()):
         with contextlib.suppress(statecapture.StateCaptureError):

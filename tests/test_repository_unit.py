@@ -219,8 +219,12 @@ def test_shut_off_backup_restore_verify(off_domain: statecapture.Domain, tmp_pat
     source = Path(off_domain.disk("vda").source or "")
     ref = _raw(source, tmp_path / "ref.raw")
     p = repo.backup(off_domain)
-    assert p.kind is PointKind.FULL and p.reason == "domain shut off"
-    assert p.mode == "offline" and p.checkpoint is None
+    assert p.kind is PointKind.FULL and p.reason == "domain shut off, first backup"
+    assert p.mode == "offline"
+    # the test driver cannot define a checkpoint of a shut-off domain: none, and no bitmap
+    assert p.checkpoint is None and "next backup is full" in p.notes[-1]
+    assert list(off_domain.checkpoints) == []
+    assert "bitmaps" not in _qemu_img("info", "--output=json", str(source))
     assert p.config == ("inactive.xml",)
     assert p.bytes_copied == 4 * MiB
     assert (p.files["vda"].stat().st_mode & 0o777) == 0o600
@@ -247,16 +251,24 @@ def test_prune_and_restore_domain_shut_off(
     repo = Repository.create(tmp_path / "repo")
     source = Path(off_domain.disk("vda").source or "")
     first = repo.backup(off_domain)
+    ref1 = _raw(source, tmp_path / "ref1.raw")
     _qemu_io(source, "write -P 0x55 4M 1M")
     second = repo.backup(off_domain)
     ref = _raw(source, tmp_path / "ref.raw")
+    # no checkpoint (test driver, shut off): a full copy again, with the reason
+    assert second.kind is PointKind.FULL and second.parent is None
+    assert second.reason == "domain shut off, checkpoint missing"
+    assert _sha(repo.restore(first, tmp_path / "r1", format="raw")["vda"]) == _sha(ref1)
+    assert _sha(repo.restore(second, tmp_path / "r2", format="raw")["vda"]) == _sha(ref)
+    assert repo.verify().ok
     dry = repo.prune(off_domain, keep_last=1, dry_run=True)
     assert [p.id for p in dry.removed] == [first.id] and len(repo.points()) == 2
     report = repo.prune(off_domain, keep_last=1)
     assert [p.id for p in report.removed] == [first.id]
     assert [p.id for p in repo.points()] == [second.id]
     assert not first.files["vda"].exists()
-    assert repo.check().ok
+    assert repo.check().ok and repo.verify().ok
+    assert _sha(repo.restore(second, tmp_path / "r3", format="raw")["vda"]) == _sha(ref)
     with pytest.raises(NotFoundError):
         repo.point(first.id)
     dom = repo.restore_domain(second, test_conn, name="gamma-restored", dest_dir=tmp_path / "rd")
