@@ -165,9 +165,13 @@ def labels(dom: Domain) -> Mapping[str, str]:
     text = dom._vir.get_metadata(LABELS_NS)
     if text is None:
         return MappingProxyType({})
-    root = etree.fromstring(text.encode())
+    root = etree.fromstring(text.encode())  # libvirt returns it without its namespace
     return MappingProxyType(
-        {el.get("name", ""): el.text or "" for el in root if el.tag == f"{{{LABELS_NS}}}label"}
+        {
+            el.get("name", ""): el.text or ""
+            for el in root
+            if isinstance(el.tag, str) and etree.QName(el).localname == "label"
+        }
     )
 
 
