@@ -294,7 +294,11 @@ def dask_fleet() -> Iterator[_Fleet]:
         hosts.append(fleet.Host(h, f"qemu:///embed?root={roots[h]}", repository=work / h / "repo"))
     guests = {h: [f"sc-{os.getpid()}-{h}{i}" for i in (1, 2)] for h in ("a", "b")}
     cluster = distributed.LocalCluster(
-        n_workers=0, processes=True, dashboard_address=None, silence_logs=40
+        n_workers=0,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=40,
+        local_directory=str(work / "dask"),
     )
     client = distributed.Client(cluster)
     try:
@@ -306,6 +310,7 @@ def dask_fleet() -> Iterator[_Fleet]:
                     "resources": {f"host:{h}": 2},
                     "memory_limit": 0,
                     "dashboard": False,
+                    "local_directory": str(work / "dask"),
                 },
             }
         cluster.sync(cluster._correct_state)
