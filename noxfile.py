@@ -77,5 +77,5 @@ def demo(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks against raw libvirt-python and external tools (prints ratios, writes JSON)."""
-    _install(session, "test")
+    _install(session, "test", "fleet")
     session.run("python", "-m", "benchmarks", *session.posargs)
