@@ -117,10 +117,11 @@ def domain_task(
     try:
         for attempt in range(retries + 1):
             attempts = attempt + 1
+            looked_up = False
             try:
-                dom = _with_retries(
-                    host.uri, retries, backoff, lambda c: c.domain(uuid)
-                )  # nothing started yet: plain retries
+                # Nothing has started before the lookup: _with_retries retries plainly.
+                dom = _with_retries(host.uri, retries, backoff, lambda c: c.domain(uuid))
+                looked_up = True
                 if operation == "backup":
                     _recover_first(dom, recovered)
                 return _finish(
@@ -133,7 +134,7 @@ def domain_task(
                     recovered=recovered,
                 )
             except Exception as exc:
-                if _transient(exc) and attempt < retries:
+                if looked_up and _transient(exc) and attempt < retries:
                     # The operation may have begun: the next attempt reconnects and runs
                     # recover() before anything else (see _recover_first).
                     time.sleep(backoff * 2**attempt)
