@@ -32,7 +32,8 @@ ITEMS = {
     5: "incremental efficiency",
     6: "push vs pull",
     7: "peak memory of a pull download",
-    8: "fleet on two Dask workers",
+    8: "backup repository (digests, verify, listing)",
+    9: "fleet on two Dask workers",
 }
 
 

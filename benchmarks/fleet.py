@@ -1,4 +1,4 @@
-"""Item 8 — fleets on Dask: per-host parallelism and the controller's memory.
+"""Item 9 — fleets on Dask: per-host parallelism and the controller's memory.
 
 The documented deployment on one machine: a ``dask scheduler`` process and two ``dask
 worker`` processes standing for two hypervisors (one embedded QEMU root per worker,
@@ -36,7 +36,7 @@ from ._common import Context, Row, Unavailable, fmt_bytes, fmt_seconds
 
 NAME = "fleet"
 NEEDS_GUEST = False
-ITEM = 8
+ITEM = 9
 TITLE = "fleet"
 TARGET = "≤ 1.20x"
 ROOT = Path(__file__).resolve().parent.parent

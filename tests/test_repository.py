@@ -74,10 +74,19 @@ def _paused_backup(
     dom.suspend()
     try:
         refs = _references(dom, tmp, tag)
+        latest = repo.latest(dom)
+        if latest is not None and latest.checkpoint in dom.checkpoints:
+            assert latest.checkpoint is not None
+            with contextlib.suppress(statecapture.CheckpointInconsistentError):
+                DIRTY[tag] = dom.checkpoints[latest.checkpoint].dirty_bytes()
         point = repo.backup(dom, quiesce=False, **kw)  # type: ignore[arg-type]
     finally:
         dom.resume()
     return point, refs
+
+
+DIRTY: dict[str, dict[str, int]] = {}
+"""Dirty bytes per disk since the previous point's checkpoint, by backup tag."""
 
 
 def _restore_equals(
@@ -105,20 +114,25 @@ def _flip_byte_in_layer(image: Path) -> int:
 def test_full_and_incrementals_restore_verify_prune(
     guest: statecapture.Domain, tmp_path: Path
 ) -> None:
-    """1 full + 3 incrementals with guest writes between: each point restores byte for byte
-    to the disk at its instant; ``qemu-img convert TOP`` alone gives the same image; the
-    next point is incremental from this repository's checkpoint; a second repository keeps
-    an independent chain; verify passes, then finds one flipped byte in a middle
-    incremental; prune keeps every remaining point restorable and deletes checkpoints no
-    kept point needs."""
+    """1 full + 3 incrementals (pull, one pushed) with guest writes between: each point
+    restores byte for byte to the disk at its instant; ``qemu-img convert TOP`` alone gives
+    the same image; the next point is incremental from this repository's checkpoint; a
+    second repository keeps an independent chain; verify passes, then finds one flipped
+    byte in a middle incremental; prune keeps every remaining point restorable and deletes
+    checkpoints no kept point needs."""
     repo = Repository.create(tmp_path / "repo")
     points, refs = [], []
+    seen: list[object] = []
     for i in range(4):
         if i:
             _guest_writes(guest, f"round{i}")
-        p, r = _paused_backup(repo, guest, tmp_path, f"r{i}")
+        # round 2 lets QEMU push the layer; the others pull it over NBD
+        kw = {"mode": "push"} if i == 2 else {"progress": seen.append}
+        p, r = _paused_backup(repo, guest, tmp_path, f"r{i}", **kw)
         points.append(p)
         refs.append(r)
+    assert [p.mode for p in points] == ["pull", "pull", "push", "pull"]
+    assert seen  # progress reported while pulling
     print(*points, sep="\n")
     assert [p.kind for p in points] == [PointKind.FULL] + [PointKind.INCREMENTAL] * 3
     assert points[0].reason == "first backup"
@@ -127,8 +141,10 @@ def test_full_and_incrementals_restore_verify_prune(
         assert p.checkpoint is not None and p.checkpoint.startswith(repo.checkpoint_prefix)
         assert "inactive.xml" in p.config and "live.xml" in p.config
     disk_size = points[0].disks["vda"].size
-    for p in points[1:]:
+    for i, p in enumerate(points[1:], start=1):
         assert 0 < p.bytes_copied < disk_size / 4  # about the dirtied data, not the disk
+        dirty = DIRTY[f"r{i}"]["vda"]
+        assert p.bytes_copied <= 1.05 * dirty, (p.bytes_copied, dirty)
     assert [p.id for p in repo.points(guest)] == [p.id for p in reversed(points)]
     assert [p.id for p in repo.points(guest.name, newest_first=False)] == [p.id for p in points]
     assert repo.point(points[2].id) == points[2]
@@ -324,9 +340,10 @@ def test_broken_bitmap_added_disk_shut_off_and_restore_domain(
 ) -> None:
     """A broken bitmap makes the next point full with the reason; a disk added since the
     last point is copied in full while the other stays incremental (each point restores
-    byte for byte); a shut-off domain is copied in full and the next running backup is
-    full again; restore_domain defines a new domain from the captured configuration that
-    boots."""
+    byte for byte); a cleanly shut-off domain gets an incremental from its bitmaps and a
+    checkpoint the next running backup continues from, one powered off hard a full copy
+    with the reason; restore_domain defines a new domain from the captured configuration
+    that boots."""
     repo = Repository.create(tmp_path / "repo")
     p1 = repo.backup(guest, quiesce=False)
     assert p1.checkpoint is not None
@@ -356,18 +373,43 @@ def test_broken_bitmap_added_disk_shut_off_and_restore_domain(
         with contextlib.suppress(Exception):
             new.destroy()
         new.undefine()
-    # shut off: full copy of every persistent disk, then the next running backup is full
-    guest.destroy()
+    # a clean shutdown writes the bitmaps into the images: the shut-off point is an
+    # incremental from them, and it defines a new checkpoint (metadata + bitmap)
+    from tests._harness.agent import wait_agent
+
+    _guest_writes(guest, "b4", mib=1)
+    guest.shutdown(mode=statecapture.ShutdownMode.AGENT, timeout=180)
     source = Path(guest.disk("vda").source or "")
-    ref = tmp_path / "off.raw"
-    _qemu_img("convert", "-O", "raw", str(source), str(ref))
+    ref4 = tmp_path / "off4.raw"
+    _qemu_img("convert", "-O", "raw", str(source), str(ref4))
     p4 = repo.backup(guest)
-    assert p4.kind is PointKind.FULL and p4.reason == "domain shut off"
-    assert set(p4.disks) == {"vda"}  # vdb was attached live only
-    _restore_equals(repo, p4, {"vda": ref}, tmp_path / "rb4")
+    assert p4.mode == "offline" and set(p4.disks) == {"vda"}  # vdb was attached live only
+    assert p4.kind is PointKind.INCREMENTAL, p4.reason
+    assert p4.reason == "domain shut off, incremental" and p4.parent == p3.id
+    assert 0 < p4.bytes_copied < p4.disks["vda"].size / 4
+    _restore_equals(repo, p4, {"vda": ref4}, tmp_path / "rb4")
     guest.start()
-    p5 = repo.backup(guest, quiesce=False)
-    assert p5.kind is PointKind.FULL and p5.reason.startswith("checkpoint missing")
+    wait_agent(guest._vir._raw, timeout=180)
+    _guest_writes(guest, "b5", mib=1)
+    p5, r5 = _paused_backup(repo, guest, tmp_path, "b5")
+    if p4.checkpoint is not None:  # the driver defined a checkpoint while shut off
+        assert p5.kind is PointKind.INCREMENTAL and p5.parent == p4.id, p5.reason
+    else:
+        assert p5.kind is PointKind.FULL and p5.reason.startswith("checkpoint missing")
+    _restore_equals(repo, p5, r5, tmp_path / "rb5")
+    # destroy(): QEMU still closes its images on SIGTERM, so the bitmaps are there
+    guest.destroy()
+    ref6 = tmp_path / "off6.raw"
+    _qemu_img("convert", "-O", "raw", str(source), str(ref6))
+    p6 = repo.backup(guest)
+    assert p6.kind is PointKind.INCREMENTAL and p6.parent == p5.id, p6.reason
+    _restore_equals(repo, p6, {"vda": ref6}, tmp_path / "rb6")
+    # a bitmap lost while shut off: the next point is full, with the reason
+    if p6.checkpoint is not None:
+        _qemu_img("bitmap", "--remove", str(source), p6.checkpoint)
+    p7 = repo.backup(guest)
+    assert p7.kind is PointKind.FULL and "bitmap" in p7.reason, p7.reason
+    _restore_equals(repo, p7, {"vda": ref6}, tmp_path / "rb7")
     assert repo.verify().ok and repo.check().ok
     for cp in reversed(guest.checkpoints.list()):
         with contextlib.suppress(statecapture.StateCaptureError):

@@ -219,8 +219,12 @@ def test_shut_off_backup_restore_verify(off_domain: statecapture.Domain, tmp_pat
     source = Path(off_domain.disk("vda").source or "")
     ref = _raw(source, tmp_path / "ref.raw")
     p = repo.backup(off_domain)
-    assert p.kind is PointKind.FULL and p.reason == "domain shut off"
-    assert p.mode == "offline" and p.checkpoint is None
+    assert p.kind is PointKind.FULL and p.reason == "domain shut off, first backup"
+    assert p.mode == "offline"
+    # the test driver cannot define a checkpoint of a shut-off domain: none, and no bitmap
+    assert p.checkpoint is None and "next backup is full" in p.notes[-1]
+    assert list(off_domain.checkpoints) == []
+    assert "bitmaps" not in _qemu_img("info", "--output=json", str(source))
     assert p.config == ("inactive.xml",)
     assert p.bytes_copied == 4 * MiB
     assert (p.files["vda"].stat().st_mode & 0o777) == 0o600
@@ -247,16 +251,24 @@ def test_prune_and_restore_domain_shut_off(
     repo = Repository.create(tmp_path / "repo")
     source = Path(off_domain.disk("vda").source or "")
     first = repo.backup(off_domain)
+    ref1 = _raw(source, tmp_path / "ref1.raw")
     _qemu_io(source, "write -P 0x55 4M 1M")
     second = repo.backup(off_domain)
     ref = _raw(source, tmp_path / "ref.raw")
+    # no checkpoint (test driver, shut off): a full copy again, with the reason
+    assert second.kind is PointKind.FULL and second.parent is None
+    assert second.reason == "domain shut off, checkpoint missing"
+    assert _sha(repo.restore(first, tmp_path / "r1", format="raw")["vda"]) == _sha(ref1)
+    assert _sha(repo.restore(second, tmp_path / "r2", format="raw")["vda"]) == _sha(ref)
+    assert repo.verify().ok
     dry = repo.prune(off_domain, keep_last=1, dry_run=True)
     assert [p.id for p in dry.removed] == [first.id] and len(repo.points()) == 2
     report = repo.prune(off_domain, keep_last=1)
     assert [p.id for p in report.removed] == [first.id]
     assert [p.id for p in repo.points()] == [second.id]
     assert not first.files["vda"].exists()
-    assert repo.check().ok
+    assert repo.check().ok and repo.verify().ok
+    assert _sha(repo.restore(second, tmp_path / "r3", format="raw")["vda"]) == _sha(ref)
     with pytest.raises(NotFoundError):
         repo.point(first.id)
     dom = repo.restore_domain(second, test_conn, name="gamma-restored", dest_dir=tmp_path / "rd")
@@ -354,3 +366,45 @@ def test_check_reports_and_repairs(off_domain: statecapture.Domain, tmp_path: Pa
     orphan.write_bytes(b"x")
     repo.backup(off_domain)
     assert not orphan.exists()
+
+
+def test_second_writer_gets_locked_error_readers_are_not_blocked(
+    off_domain: statecapture.Domain, tmp_path: Path
+) -> None:
+    """While another process holds a domain's writer lock, backup() waits lock_timeout
+    seconds, then raises RepositoryLockedError without writing anything; listing, restore
+    and verify keep working meanwhile."""
+    repo = Repository.create(tmp_path / "repo", lock_timeout=0.3)
+    first = repo.backup(off_domain)
+    lock_path = repo.path / "locks" / f"{off_domain.uuid}.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import fcntl, os, time
+                fd = os.open({str(lock_path)!r}, os.O_RDWR)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                print("held", flush=True)
+                time.sleep(60)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with pytest.raises(RepositoryLockedError):
+            repo.backup(off_domain)
+        assert time.monotonic() - started >= 0.3
+        assert [p.id for p in repo.points()] == [first.id]
+        assert repo.verify().ok
+        repo.restore(first, tmp_path / "while-locked")
+        assert repo.check().ok
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert repo.backup(off_domain).kind is PointKind.FULL

@@ -25,7 +25,7 @@ def test_tour_on_the_embedded_default() -> None:
     assert "snapshots: create, tree, revert, delete: tour-s1 -> tour-s2" in text
     assert "backup job (push, full): not on this driver" in text
     assert "backup repository: backup, restore, verify, prune: a running domain needs QEMU" in text
-    assert "full (domain shut off), restored vda, verify ok" in text
+    assert "full (domain shut off, first backup), restored vda, verify ok" in text
     assert "Advice for 'tour-vm'" in text
     # The tour leaves nothing behind in the connection it used.
     with statecapture.connect("test:///default") as conn:

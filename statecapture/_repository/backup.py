@@ -14,8 +14,9 @@ import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import attrs
 from lxml import etree
 
 from .._advisor import Consistency
@@ -25,6 +26,7 @@ from ..errors import (
     ChainError,
     CheckpointInconsistentError,
     RepositoryError,
+    StateCaptureError,
     UnsupportedError,
     UsageError,
 )
@@ -41,6 +43,22 @@ if TYPE_CHECKING:
     from .repository import Repository
 
 __all__ = ["decide", "live_backup", "offline_backup"]
+
+
+def _undo(fn: Callable[..., None], *args: Any) -> Callable[..., bool]:
+    """An ExitStack exit callback running ``fn(*args)`` on error; its own failure becomes a
+    note on the original error, never replaces it."""
+
+    def exit_(_t: object, exc: BaseException | None, _tb: object) -> bool:
+        if exc is None:
+            return False
+        try:
+            fn(*args)
+        except BaseException as cleanup:
+            exc.add_note(f"cleaning up after the failed backup failed too: {cleanup!r}")
+        return False
+
+    return exit_
 
 
 def decide(
@@ -104,9 +122,9 @@ def live_backup(
         disks=disks,
         progress=progress,
     )
-    boundary("repo:backup:copied")
     with ExitStack() as undo:
-        undo.callback(discard_run, repo, dom, ddir, pid, cp_name, dict(result.files))
+        undo.push(_undo(discard_run, repo, dom, ddir, pid, cp_name, dict(result.files)))
+        boundary("repo:backup:copied")
         entries: dict[str, DiskEntry] = {}
         for disk, path in sorted(result.files.items()):
             parent_entry = base.disks.get(disk) if base is not None else None
@@ -255,6 +273,140 @@ def discard_run(
         raise RepositoryError(f"cleaning up the failed backup left: {'; '.join(errors)}")
 
 
+def _offline_bitmap_ok(image: str, name: str) -> bool:
+    """Whether qcow2 ``image`` holds a consistent persistent bitmap ``name`` (clean close)."""
+    from .._qemuimg import image_info
+
+    try:
+        info = image_info(image)
+    except StateCaptureError:
+        return False
+    specific = info.get("format-specific")
+    data = specific.get("data") if isinstance(specific, dict) else None
+    for b in (data or {}).get("bitmaps", []) if isinstance(data, dict) else []:
+        if isinstance(b, dict) and b.get("name") == name:
+            flags = b.get("flags", [])
+            return "in-use" not in flags and "auto" in flags
+    return False
+
+
+def _offline_base(
+    dom: Domain, ddir: Path, points: Mapping[str, RestorePoint], full: bool
+) -> tuple[RestorePoint | None, str]:
+    """The point a shut-off backup builds on (``None``: full) and the reason."""
+    if not points:
+        return None, "domain shut off, first backup"
+    if full:
+        return None, "domain shut off (full=True)"
+    latest = max(points.values(), key=lambda p: (p.time, p.id))
+    cp = latest.checkpoint
+    try:
+        known = cp is not None and cp in dom.checkpoints
+    except UnsupportedError:
+        known = False
+    if cp is None or not known:
+        return None, "domain shut off, checkpoint missing"
+    index = _chain.file_index(points)
+    for disk in latest.disks:
+        try:
+            _chain.validate_chain(ddir / "images", latest, disk, index)
+        except ChainError as exc:
+            return None, f"domain shut off, last point damaged ({exc})"
+    return latest, "domain shut off, incremental"
+
+
+def _copy_with_bitmap(source: str, bitmap: str, partial: Path, backing: Path) -> None:
+    """Copy the blocks of qcow2 ``source`` that bitmap ``bitmap`` marks dirty into the new
+    layer ``partial`` over ``backing`` (a private ``qemu-nbd`` serves the image)."""
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    from .._nbd import ExportSource, copy_export
+
+    exe = shutil.which("qemu-nbd")
+    if exe is None:
+        raise UnsupportedError("qemu-nbd is not installed (Debian package qemu-utils)")
+    sockdir = Path(tempfile.mkdtemp(prefix="sc-nbd-"))
+    sock = sockdir / "s"
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--read-only",
+            "--format=qcow2",
+            f"--bitmap={bitmap}",
+            f"--socket={sock}",
+            "--export-name=disk",
+            "--shared=8",
+            "--persistent",
+            source,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise RepositoryError(f"qemu-nbd could not serve {source}: {err.strip()}")
+            time.sleep(0.02)
+        copy_export(
+            ExportSource(str(sock), "disk", f"qemu:dirty-bitmap:{bitmap}"),
+            partial,
+            backing=backing,
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def _offline_checkpoint(dom: Domain, name: str, disks: list[str], all_disks: list[str]) -> bool:
+    """Create checkpoint ``name`` on the shut-off ``dom``: metadata first (redefined), then
+    an enabled persistent bitmap in each qcow2 image, so the next start tracks writes.
+
+    ``False`` when the driver cannot define a checkpoint of a shut-off domain (libvirt's
+    test driver; QEMU before libvirt 7.x): then nothing was changed.
+    """
+    from ..xml import CheckpointDisk, CheckpointXML
+
+    existing = dom.checkpoints.list()
+    parent = existing[-1].name if existing else None
+    entries = tuple(
+        CheckpointDisk(d, checkpoint="bitmap", bitmap=name)
+        if d in disks
+        else CheckpointDisk(d, checkpoint="no")
+        for d in all_disks
+    )
+    try:
+        dom.checkpoints.redefine(
+            CheckpointXML(
+                name=name, parent=parent, creation_time=int(_time_of_now()), disks=entries
+            ),
+            validate=False,
+        )
+    except UnsupportedError:
+        return False
+    definition = dom.inactive_definition
+    for d in disks:
+        qemu_img("bitmap", "--add", str(definition.disk(d).source), name)
+    return True
+
+
+def _time_of_now() -> float:
+    import time
+
+    return time.time()
+
+
 def offline_backup(
     repo: Repository,
     dom: Domain,
@@ -264,7 +416,12 @@ def offline_backup(
     full: bool,
     disks: list[str] | None,
 ) -> RestorePoint:
-    """A shut-off domain: copy every disk with qemu-img (no job, no checkpoint)."""
+    """A shut-off domain: copy every disk with qemu-img (nothing runs: consistent).
+
+    Incremental from the latest point when its checkpoint's bitmap is in the image and was
+    closed cleanly (served by ``qemu-nbd --bitmap``), full otherwise. A new checkpoint is
+    created (metadata + bitmaps in the qcow2 images) so the next backup can be incremental.
+    """
     from .._backup import backup_file_name
 
     definition = dom.inactive_definition
@@ -278,57 +435,96 @@ def offline_backup(
     ]
     if not chosen:
         raise UsageError(f"domain {dom.name!r} has no disk to back up")
+    base, reason = _offline_base(dom, ddir, points, full)
     pid = new_point_id()
+    qcow2 = [d.target for d in chosen if (d.format or "raw") == "qcow2"]
+    cp_name = repo.checkpoint_prefix + pid if qcow2 else None
     images = ddir / "images"
     made: dict[str, Path] = {}
     with ExitStack() as undo:
-        undo.callback(discard_run, repo, dom, ddir, pid, None, made)
+        undo.push(_undo(discard_run, repo, dom, ddir, pid, cp_name, made))
         entries: dict[str, DiskEntry] = {}
+        label = cp_name or pid
         for d in chosen:
-            target = images / backup_file_name(dom.name, d.target, pid)
+            target = images / backup_file_name(dom.name, d.target, label)
             partial = images / f".{target.name}.partial"
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             os.close(fd)
             made[f"partial:{d.target}"] = partial
-            src_fmt = d.format or "raw"
-            qemu_img(
-                "convert",
-                "-f",
-                src_fmt,
-                "-O",
-                "qcow2",
-                "-o",
-                "cluster_size=65536",
-                str(d.source),
-                str(partial),
-            )
-            os.chmod(partial, 0o600)
-            with contextlib.suppress(OSError):
+            parent = base.disks.get(d.target) if base is not None else None
+            assert d.source is not None
+            if (
+                base is not None
+                and base.checkpoint is not None
+                and parent is not None
+                and d.format == "qcow2"
+                and _offline_bitmap_ok(d.source, base.checkpoint)
+            ):
+                _copy_with_bitmap(d.source, base.checkpoint, partial, images / parent.file)
+            else:
+                parent = None
+                qemu_img(
+                    "convert",
+                    "-f",
+                    d.format or "raw",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    "cluster_size=65536",
+                    d.source,
+                    str(partial),
+                )
                 fd = os.open(partial, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.chmod(partial, 0o600)
             os.link(partial, target)
             made[d.target] = target
             os.unlink(partial)
-            entries[d.target] = record_layer(repo, ddir, pid, d.target, target, None, False)
+            entry = record_layer(repo, ddir, pid, d.target, target, parent, False)
+            if base is not None and parent is None:
+                why = (
+                    "disk added"
+                    if d.target not in base.disks
+                    else "bitmap missing or not closed cleanly"
+                )
+                entry = attrs.evolve(entry, reason=why)
+            entries[d.target] = entry
         config = capture_config(repo, dom, ddir, pid)
-        reason = "domain shut off" + (" (full=True)" if full else "")
+        notes = ["copied while the domain was shut off"]
+        if cp_name is not None:
+            all_disks = [x.target for x in definition.disks if x.device == "disk"]
+            if not _offline_checkpoint(dom, cp_name, qcow2, all_disks):
+                cp_name = None
+                notes.append(
+                    "the driver cannot define a checkpoint of a shut-off domain: the next "
+                    "backup is full"
+                )
+        kind = (
+            PointKind.INCREMENTAL
+            if any(e.kind is PointKind.INCREMENTAL for e in entries.values())
+            else PointKind.FULL
+        )
+        if base is not None and kind is PointKind.FULL:
+            reason = "domain shut off, bitmap broken (not closed cleanly?)"
         point = RestorePoint(
             id=pid,
             domain=dom.name,
             domain_uuid=dom.uuid,
             time=_time_of(pid),
-            kind=PointKind.FULL,
+            kind=kind,
             reason=reason,
-            checkpoint=None,
-            parent=None,
+            checkpoint=cp_name,
+            parent=base.id if kind is PointKind.INCREMENTAL and base is not None else None,
             disks=entries,
             bytes_copied=sum(e.bytes_copied for e in entries.values()),
             frozen_for=None,
             consistency=Consistency.APPLICATION,
             mode="offline",
             config=config,
-            notes=("copied while the domain was shut off; the next backup is full",),
+            notes=tuple(notes),
             root=ddir,
         )
         commit(repo, ddir, point)

@@ -265,8 +265,10 @@ class Repository:
         reason is :attr:`RestorePoint.reason`. A disk new since the last point is copied in
         full while the others stay incremental. The checkpoint created carries this
         repository's identity (:attr:`checkpoint_prefix`), so several repositories keep
-        independent chains of one domain. A shut-off domain is copied in full with
-        ``qemu-img`` (consistent: nothing runs). Each point also stores the domain's
+        independent chains of one domain. A shut-off domain is copied with ``qemu-img``
+        (consistent: nothing runs): incremental from the bitmaps a clean close left in its
+        qcow2 images, else full; a checkpoint is then defined while it is off, so the next
+        running backup continues incrementally. Each point also stores the domain's
         configuration (inactive and live XML), its NVRAM file and TPM state when present,
         and a digest of every 1 MiB block for :meth:`verify`.
 
