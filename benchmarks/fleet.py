@@ -197,32 +197,40 @@ def run(ctx: Context) -> list[Row]:
 def _wall(ctx: Context, client: Any, hosts: list[Any]) -> Row:
     from statecapture import fleet
 
-    serial: dict[str, float] = {}
-    for h in hosts:
+    name = "8 guests, 2 hosts, per_host=2"
+    rounds = ctx.repetitions(3, quick=1)
+    serial: dict[str, list[float]] = {h.name: [] for h in hosts}
+    walls: list[float] = []
+    copied = 0
+    for _ in range(rounds):  # alternate, keep the best of each: the machine is shared
+        for h in hosts:
+            t0 = time.monotonic()
+            rep = fleet.backup([h], client=client, per_host=1, full=True, quiesce=False)
+            serial[h.name].append(time.monotonic() - t0)
+            if not rep.ok:
+                return Row.unavailable(ITEM, name, str(rep)[:160])
         t0 = time.monotonic()
-        rep = fleet.backup([h], client=client, per_host=1, full=True, quiesce=False)
-        serial[h.name] = time.monotonic() - t0
+        rep = fleet.backup(hosts, client=client, per_host=2, full=True, quiesce=False)
+        walls.append(time.monotonic() - t0)
         if not rep.ok:
-            return Row.unavailable(ITEM, "8 guests, 2 hosts, per_host=2", str(rep)[:160])
-    t0 = time.monotonic()
-    rep = fleet.backup(hosts, client=client, per_host=2, full=True, quiesce=False)
-    wall = time.monotonic() - t0
-    if not rep.ok:
-        return Row.unavailable(ITEM, "8 guests, 2 hosts, per_host=2", str(rep)[:160])
-    slowest = max(serial.values())
+            return Row.unavailable(ITEM, name, str(rep)[:160])
+        copied = rep.bytes
+    best = {k: min(v) for k, v in serial.items()}
+    slowest = max(best.values())
+    wall = min(walls)
     ratio = wall / slowest
-    ctx.log(f"fleet: serial shares {serial}, fleet run {wall:.2f}s")
+    ctx.log(f"fleet: serial shares {serial}, fleet runs {walls}")
     return Row(
         ITEM,
-        "8 guests, 2 hosts, per_host=2",
+        name,
         library=fmt_seconds(wall),
         reference=f"slowest host serial {fmt_seconds(slowest)}",
         ratio=ratio,
         target=TARGET,
         passed=ratio <= 1.20,
-        note=f"{fmt_bytes(rep.bytes)} copied; serial shares "
-        + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in serial.items()),
-        values={"serial": serial, "fleet_wall": wall, "bytes": rep.bytes},
+        note=f"{fmt_bytes(copied)} copied per run; best of {rounds}; serial shares "
+        + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in best.items()),
+        values={"serial": serial, "fleet_wall": walls, "bytes": copied},
     )
 
 
