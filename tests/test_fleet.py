@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ def _domain(name: str, image: Path, labels: dict[str, str] | None = None) -> str
         items = "".join(f"<sl:label name='{k}'>{v}</sl:label>" for k, v in labels.items())
         meta = f"<metadata><sl:labels xmlns:sl='{fleet.LABELS_NS}'>{items}</sl:labels></metadata>"
     return f"""<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
-  <name>{name}</name><memory>8192</memory>{meta}<test:runstate>5</test:runstate>
+  <name>{name}</name><uuid>{uuid.uuid5(uuid.NAMESPACE_DNS, name)}</uuid>
+  <memory>8192</memory>{meta}<test:runstate>5</test:runstate>
   <os><type>hvm</type></os><devices>
   <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
     <source file='{image}'/><target dev='vda' bus='virtio'/></disk>
@@ -433,3 +435,50 @@ def test_dask_worker_killed_mid_backup_recovers_before_rerun(dask_fleet: _Fleet)
     assert repo.verify().ok
     assert points[0].checkpoint in left["checkpoints"]
     assert set(left["checkpoints"]) <= {p.checkpoint for p in points}
+
+
+@needs_qemu_img
+def test_transient_errors_are_retried_with_backoff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that fails before anything started is retried (with backoff) and the
+    task succeeds; a connection lost during the backup is retried only through a new
+    attempt, which would run recover() first when a journal were left."""
+    from statecapture import _journal
+    from statecapture.errors import ConnectionLostError
+    from statecapture.fleet import run as fleet_run
+
+    a = _host(tmp_path, "a", {"vm-1": None})
+    real = fleet_run._connection
+    calls = {"connect": 0, "lost": 0}
+
+    def flaky(uri: str, *, fresh: bool = False) -> statecapture.Connection:
+        calls["connect"] += 1
+        if calls["connect"] in (2, 3):  # the listing's connection works; the task's fails twice
+            raise ConnectionLostError("injected: connection refused", operation="connect")
+        return real(uri, fresh=fresh)
+
+    def lose_once(name: str) -> None:
+        if name == "repo:backup:cleaned" and calls["lost"] == 0:
+            calls["lost"] += 1
+            raise ConnectionLostError("injected: connection lost mid-backup", operation="x")
+
+    monkeypatch.setattr(fleet_run, "_connection", flaky)
+    monkeypatch.setattr(_journal, "_fault_hook", lose_once)
+    report = fleet.backup([a], backoff=0.01)
+    assert report.ok, str(report)
+    (r,) = report.results
+    assert r.attempts == 2  # one re-run after the lost connection
+    assert calls["lost"] == 1
+    assert calls["connect"] >= 4
+    assert len(statecapture.Repository(a.repository).points()) == 1
+
+
+@needs_qemu_img
+def test_non_transient_errors_are_not_retried(tmp_path: Path) -> None:
+    """A failure that is not a lost connection is recorded once, not retried."""
+    a = _host(tmp_path, "a", {"vm-bad": None}, missing=frozenset({"vm-bad"}))
+    report = fleet.backup([a], backoff=0.01)
+    (r,) = report.results
+    assert not r.ok
+    assert r.attempts == 1
