@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import statecapture
+from statecapture import fleet
 from statecapture.errors import UnsupportedError
 from tests import _remote
 
@@ -104,3 +105,19 @@ def test_guest_over_qemu_ssh(remote: tuple[statecapture.Connection, Path]) -> No
     assert dom.active_backup() is None
     assert list(pull_dir.iterdir()) == []
     assert [c.name for c in dom.checkpoints.list()] == ["c1", "c2"]
+
+    # The fleet over the same URI (thread pool in this process): its default pull backup is
+    # refused per domain with the same error; a push backup into a repository both sides
+    # see (here: the same machine) works.
+    repo = statecapture.Repository.create(base / "repo")
+    host = fleet.Host("remote", conn.uri, repository=repo)
+    pulled = fleet.backup([host], select=name)
+    assert not pulled.ok
+    assert "Run it on that host" in (pulled.results[0].error or "")
+    assert repo.points() == []
+    pushed = fleet.backup([host], select=name, mode="push")
+    assert pushed.ok, str(pushed)
+    (r,) = pushed.results
+    assert repo.point(r.point).mode == "push"
+    assert repo.verify().ok
+    assert dom.active_backup() is None
