@@ -88,7 +88,7 @@ def _start(work: Path, names: tuple[str, ...]) -> tuple[list[subprocess.Popen[by
     sched_file = work / "scheduler.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
-    )}  # fmt: skip
+    ), "DASK_TEMPORARY_DIRECTORY": str(work / "dask")}  # fmt: skip
     common = dict(env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs = [
         subprocess.Popen(

@@ -222,12 +222,17 @@ def test_no_worker_for_a_host_is_reported(tmp_path: Path) -> None:
     """On Dask, a host no worker advertises fails as a whole (no task waits forever); the
     other hosts go on."""
     distributed = pytest.importorskip("distributed")
+    import dask
+
     if QEMU_IMG is None:
         pytest.skip("needs qemu-img")
     a = _host(tmp_path, "a", {"vm-1": None, "vm-2": None, "vm-3": None})
     ghost = fleet.Host("ghost", "test:///default", repository=a.repository)
     with (
-        distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster,
+        dask.config.set({"temporary-directory": str(tmp_path)}),
+        distributed.LocalCluster(
+            n_workers=0, processes=False, dashboard_address=None, local_directory=str(tmp_path)
+        ) as cluster,
         distributed.Client(cluster) as client,
     ):
         cluster.worker_spec["a"] = {
@@ -288,6 +293,11 @@ def dask_fleet() -> Iterator[_Fleet]:
     old_pp = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), old_pp) if p)
     work = Path(tempfile.mkdtemp(prefix="sc-fleet-"))
+    old_tmp = os.environ.get("DASK_TEMPORARY_DIRECTORY")
+    os.environ["DASK_TEMPORARY_DIRECTORY"] = str(work / "dask")
+    import dask
+
+    dask_cfg = dask.config.set({"temporary-directory": str(work / "dask")})
     roots = {h: make_embed_root(prefix=f"scf{h}-") for h in ("a", "b")}
     hosts = []
     for h in ("a", "b"):
@@ -347,10 +357,12 @@ def dask_fleet() -> Iterator[_Fleet]:
                 )  # fmt: skip
         client.close()
         cluster.close()
-        if old_pp is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old_pp
+        dask_cfg.__exit__(None, None, None)
+        for var, value in (("PYTHONPATH", old_pp), ("DASK_TEMPORARY_DIRECTORY", old_tmp)):
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
         shutil.rmtree(work, ignore_errors=True)
         for r in roots.values():
             shutil.rmtree(r, ignore_errors=True)
