@@ -38,7 +38,7 @@ def _install(session: nox.Session, *extras: str) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The whole test suite: fast tier (test driver) and real tier (embedded QEMU guests)."""
-    _install(session, "test", "docs", "notebook")
+    _install(session, "test", "docs", "notebook", "fleet")
     args = session.posargs or ["-q"]
     session.run("python", "-m", "pytest", *args, env={"PYTHONUNBUFFERED": "1"})
 
@@ -77,5 +77,5 @@ def demo(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks against raw libvirt-python and external tools (prints ratios, writes JSON)."""
-    _install(session, "test")
+    _install(session, "test", "fleet")
     session.run("python", "-m", "benchmarks", *session.posargs)

@@ -15,6 +15,7 @@ One module per measurement (the numbers are the items of the issue):
 6. :mod:`benchmarks.pushpull` — push and pull backups of the same data
 7. :mod:`benchmarks.memory` — peak memory of a pull download for two disk sizes
 8. :mod:`benchmarks.repository` — backup repository: digest overhead, verify reads, listing
+9. :mod:`benchmarks.fleet` — a fleet on two Dask workers: per-host parallelism, controller memory
 
 Items 1 and 4-7 share one real guest (TCG, embedded QEMU driver) built with the test
 harness in ``tests/_harness``; items 2 and 3 need only libvirt's test driver. Nothing here is
@@ -41,6 +42,7 @@ MODULE_NAMES = (
     "pushpull",
     "memory",
     "repository",
+    "fleet",
 )
 """Every benchmark module, in the order of the issue's items."""
 

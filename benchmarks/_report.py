@@ -33,6 +33,7 @@ ITEMS = {
     6: "push vs pull",
     7: "peak memory of a pull download",
     8: "backup repository (digests, verify, listing)",
+    9: "fleet on two Dask workers",
 }
 
 

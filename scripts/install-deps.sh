@@ -10,6 +10,8 @@
 #  * python3-libnbd + libnbd-bin: NBD client for pull-mode backups (the
 #    binding lands in /usr/lib/python3/dist-packages, i.e. Debian's python3.11;
 #    a pyenv python does not see it without adding that directory to sys.path)
+#  * openssh-server + netcat-openbsd: the fleet tests run a private sshd on a loopback port
+#    and reach a private libvirtd through qemu+ssh:// (nc -U on the "remote" side)
 #  * the libvirt-qemu user/group the Debian build of libvirt expects (created by
 #    libvirt-daemon-system, which we do not install): without them opening
 #    qemu:///embed as root fails with "Failed to parse user 'libvirt-qemu'"
@@ -35,6 +37,8 @@ PKGS=(
     zstd
     python3-libnbd
     libnbd-bin
+    openssh-server
+    netcat-openbsd
 )
 
 missing=()

@@ -258,6 +258,20 @@ def check_writable(directory: Path, what: str) -> None:
         os.close(dir_fd)
 
 
+def require_local_nbd(dom: Domain, operation: str) -> None:
+    """Refuse a pull-mode read over a remote connection (its NBD socket is on that host)."""
+    if dom.connection.is_remote:
+        raise UnsupportedError(
+            f"{operation} of {dom.name!r} over the remote URI {dom.connection.uri} refused: "
+            "a pull backup's NBD export is a UNIX socket on the domain's own host, which "
+            "this process cannot reach. Run it on that host (e.g. by the host's "
+            "statecapture.fleet Dask worker), or use mode='push' (QEMU writes the images on "
+            "that host). Nothing was changed.",
+            operation=operation,
+            domain_name=dom.name,
+        )
+
+
 def _remove(path: Path, errors: list[str]) -> bool:
     """Remove ``path``; ``True`` when a file was there and is gone now."""
     if not os.path.lexists(path):
@@ -800,6 +814,7 @@ class BackupJob:
         """
         if self.mode is not BackupMode.PULL:
             raise UsageError("download() is for pull-mode jobs; a push job is awaited with wait()")
+        require_local_nbd(self.domain, "pull download")
         if self._result is not None:
             return self._result
         if not self.running:

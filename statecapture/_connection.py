@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ._domain import Domain
     from ._memory import SaveImage
 
-__all__ = ["DEFAULT_URI", "Connection", "connect", "resolve_uri"]
+__all__ = ["DEFAULT_URI", "Connection", "connect", "is_remote_uri", "resolve_uri"]
 
 #: libvirt's VIR_ERR_NO_CONNECT: "no connection driver available for <uri>".
 _NO_CONNECT = 5
@@ -38,6 +38,27 @@ def resolve_uri(uri: str | None = None) -> str:
         return uri
     env = os.environ.get("LIBVIRT_DEFAULT_URI", "").strip()
     return env or DEFAULT_URI
+
+
+_REMOTE_TRANSPORTS = frozenset({"ssh", "libssh", "libssh2", "tls", "tcp", "ext"})
+
+
+def is_remote_uri(uri: str) -> bool:
+    """Whether ``uri`` reaches a libvirt daemon on another host (through a network transport).
+
+    ``qemu+ssh://…``, ``qemu+tls://…``, ``qemu+tcp://…`` (and ``qemu://HOST/…``, which is
+    TLS) are remote; ``qemu:///system``, ``qemu+unix:///…``, ``qemu:///embed?root=…`` and
+    ``test:///…`` are local. Data a remote daemon's QEMU writes (images, NBD sockets) lives
+    on *that* host, not on the one running this process.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return False
+    _driver, plus, transport = scheme.partition("+")
+    if plus:
+        return transport.lower() in _REMOTE_TRANSPORTS
+    host = rest.split("/", 1)[0].rpartition("@")[2].split(":", 1)[0]
+    return host not in ("", "localhost")
 
 
 def connect(uri: str | None = None, *, readonly: bool = False) -> Connection:
@@ -115,6 +136,12 @@ class Connection:
     def uri(self) -> str:
         """The URI this connection was opened with."""
         return self._vir.uri
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the daemon runs on another host (see :func:`is_remote_uri`): its domains'
+        NBD exports and files are on that host, not here."""
+        return is_remote_uri(self._vir.uri)
 
     @property
     def closed(self) -> bool:

@@ -1027,6 +1027,10 @@ def direct_backup(
     except ValueError:
         raise UsageError(f"mode must be 'push' or 'pull', not {mode!r}") from None
     pull = bmode is BackupMode.PULL
+    if pull:
+        from ._backup import require_local_nbd
+
+        require_local_nbd(dom, SEQ_DIRECT)
     tdir = Path(target_dir).absolute()
     if not tdir.is_dir():
         raise UsageError(f"target_dir {tdir} is not a directory")
