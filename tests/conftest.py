@@ -8,19 +8,17 @@ Fast tier
 
 Real tier (tests marked ``qemu``)
     One embedded QEMU root per pytest process (libvirt allows one per process), opened once
-    as ``qemu_conn``. ``guest_factory`` boots the tiny test guest built from Debian packages
-    (``tests/_harness``) under TCG, waits for its agent, and always destroys and undefines
-    it — together with snapshot/checkpoint metadata and block/backup jobs — afterwards.
+    as ``qemu_conn`` (``statecapture.testing.EmbeddedHypervisor``). ``guest_factory`` boots the
+    tiny test guest built from Debian packages (``statecapture.testing``) under TCG, waits
+    for its agent, and always destroys and undefines it — together with snapshot/checkpoint
+    metadata and block/backup jobs — afterwards.
     Set ``STATECAPTURE_SKIP_QEMU=1`` to skip that tier on a machine without QEMU; CI never
     sets it, so there the real tier must run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,82 +111,53 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def kit() -> Any:
     """The test guest's kernel and initramfs, built once from Debian packages and cached."""
-    from tests._harness.guestkit import ensure_kit
+    from statecapture.testing import GuestKit
 
-    return ensure_kit()
+    return GuestKit.ensure()
 
 
 @pytest.fixture(scope="session")
-def qemu_root() -> Iterator[Path]:
+def qemu_hypervisor(kit: Any) -> Iterator[Any]:
+    """The session's :class:`statecapture.testing.EmbeddedHypervisor` (one root per process);
+    on close every domain in it is destroyed and undefined and the root is removed."""
+    from statecapture.testing import EmbeddedHypervisor
+
+    with EmbeddedHypervisor(kit=kit) as hv:
+        yield hv
+
+
+@pytest.fixture(scope="session")
+def qemu_root(qemu_hypervisor: Any) -> Path:
     """The embedded QEMU driver's root directory (one per pytest process)."""
-    from tests._harness.guestkit import prepare_embed_root
-
-    root = Path(tempfile.mkdtemp(prefix="sc-embed-"))
-    prepare_embed_root(root)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    return Path(qemu_hypervisor.root)
 
 
 @pytest.fixture(scope="session")
-def qemu_uri(qemu_root: Path) -> str:
-    return f"qemu:///embed?root={qemu_root}"
+def qemu_uri(qemu_hypervisor: Any) -> str:
+    return str(qemu_hypervisor.uri)
 
 
 @pytest.fixture(scope="session")
-def qemu_conn(qemu_uri: str) -> Iterator[statecapture.Connection]:
-    conn = statecapture.connect(qemu_uri)
-    try:
-        yield conn
-    finally:
-        for dom in conn.domains():  # nothing outlives the session
-            _remove_domain(dom)
-        conn.close()
-
-
-def _remove_domain(dom: statecapture.Domain) -> None:
-    vir = dom._vir._raw
-    with contextlib.suppress(Exception):
-        vir.abortJob()
-    with contextlib.suppress(Exception):
-        for disk in dom.disks:
-            with contextlib.suppress(Exception):
-                vir.blockJobAbort(disk.target, 0)
-    with contextlib.suppress(Exception):
-        # A dead agent behind a "connected" channel would block fsThaw forever otherwise.
-        vir.agentSetResponseTimeout(5, 0)
-    with contextlib.suppress(Exception):
-        vir.fsThaw()
-    with contextlib.suppress(Exception):
-        if dom.is_active:
-            dom.destroy()
-    with contextlib.suppress(Exception):
-        for snap in vir.listAllSnapshots(0):
-            snap.delete(4)  # METADATA_ONLY
-    with contextlib.suppress(Exception):
-        for cp in vir.listAllCheckpoints(0):
-            cp.delete(2)  # METADATA_ONLY
-    with contextlib.suppress(Exception):
-        dom.undefine(managed_save=True, snapshots_metadata=True, checkpoints_metadata=True)
+def qemu_conn(qemu_hypervisor: Any) -> statecapture.Connection:
+    conn: statecapture.Connection = qemu_hypervisor.connection
+    return conn
 
 
 GuestFactory = Callable[..., statecapture.Domain]
 
 
 @pytest.fixture
-def guest_factory(
-    qemu_conn: statecapture.Connection, kit: Any, tmp_path: Path
-) -> Iterator[GuestFactory]:
+def guest_factory(qemu_hypervisor: Any, tmp_path: Path) -> Iterator[GuestFactory]:
     """Boot test guests: ``guest_factory(disks=1, agent=True, fmt="qcow2", size_mib=64)``.
 
     Each guest is persistent, runs under TCG, has ``disks`` ext4 data disks (``vda`` mounted
     at ``/data`` in the guest, ``vdb`` at ``/data1`` ...), writes a tick line to
     ``/data/ticks`` every 0.1 s, and (with ``agent=True``) answers the guest agent before the
-    factory returns. Everything made is destroyed and undefined afterwards.
+    factory returns. Everything made is destroyed and undefined afterwards
+    (:class:`statecapture.testing.TestGuest` underneath; disks and console logs in
+    ``tmp_path``).
     """
-    from tests._harness.agent import wait_agent
-    from tests._harness.guestkit import domain_xml, make_data_disk
-
-    made: list[statecapture.Domain] = []
+    made: list[Any] = []
     counter = [0]
 
     def factory(
@@ -203,30 +172,23 @@ def guest_factory(
     ) -> statecapture.Domain:
         counter[0] += 1
         name = name or f"sc-{os.getpid()}-{counter[0]}-{tmp_path.name[-12:]}"
-        images = []
-        for i in range(disks):
-            path = tmp_path / f"{name}-disk{i}.{fmt}"
-            make_data_disk(path, size_mib=size_mib, fmt=fmt, files=files if i == 0 else None)
-            images.append(path)
-        xml = domain_xml(
-            name,
-            kit,
-            images,
+        test_guest = qemu_hypervisor.guest(
+            name=name,
+            disks=disks,
             agent=agent,
-            log_path=tmp_path / f"{name}.console.log",
-            disk_formats=[fmt] * disks,
+            fmt=fmt,
+            size_mib=size_mib,
+            start=start,
+            files=files,
+            workdir=tmp_path,
         )
-        dom = qemu_conn.define(xml)
-        made.append(dom)
-        if start:
-            dom.start()
-            if agent:
-                wait_agent(dom._vir._raw, timeout=120)
-        return dom
+        made.append(test_guest)
+        domain: statecapture.Domain = test_guest.domain
+        return domain
 
     yield factory
-    for dom in made:
-        _remove_domain(dom)
+    for test_guest in made:
+        test_guest.close()
 
 
 @pytest.fixture

@@ -106,6 +106,9 @@ EXPECTED = {
     "DomainFacts",
     "Capabilities",
     "Capability",
+    # testing
+    "TestEnvironmentError",
+    "GuestBootError",
 }
 
 
