@@ -37,7 +37,7 @@ from ..errors import (
     TargetExistsError,
     UsageError,
 )
-from .kit import AGENT_CHANNEL, make_data_disk
+from .kit import AGENT_CHANNEL, _detect_format, make_data_disk
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hypervisor import EmbeddedHypervisor
@@ -293,6 +293,7 @@ class TestGuest:
         agent: bool = True,
         start: bool = True,
         files: Mapping[str, bytes] | None = None,
+        images: Sequence[str | os.PathLike[str]] | None = None,
         memory_mib: int = 256,
         workdir: str | os.PathLike[str] | None = None,
         timeout: float = 300,
@@ -308,6 +309,10 @@ class TestGuest:
             start: ``False`` leaves the guest defined and shut off.
             files: relative path -> content, written into the first disk's filesystem
                 (fast bulk data; appears under ``/data`` in the guest).
+            images: boot from these existing disk images instead of fresh ones (e.g. a
+                restored backup: ``images=[restored]``); qcow2 or raw, detected from the
+                file. They are used in place and never removed; ``disks``, ``size_mib``,
+                ``fmt`` and ``files`` do not apply.
             workdir: directory for the disks and the console log (created files must not
                 exist yet); default a fresh owner-only directory of the hypervisor's,
                 removed on close.
@@ -319,6 +324,17 @@ class TestGuest:
             GuestBootError: the agent did not answer in time or the guest stopped; the
                 console log is attached and nothing is left defined.
         """
+        given: list[Path] = []
+        if images is not None:
+            if files:
+                raise UsageError("files= cannot be combined with images=")
+            given = [Path(p).absolute() for p in images]
+            for p in given:
+                if not p.is_file():
+                    raise UsageError(f"disk image {p} is not a file")
+            disks = len(given)
+            fmt = [_detect_format(p) for p in given]
+            size_mib = 8
         if not 0 <= disks <= 26:
             raise UsageError("disks must be between 0 and 26")
         sizes = [int(s) for s in _per_disk(size_mib, disks, "size_mib")]
@@ -349,12 +365,12 @@ class TestGuest:
                 undo.callback(shutil.rmtree, wd, ignore_errors=True)
             else:
                 wd = Path(workdir).absolute()
-            images = [wd / f"{name}-disk{i}.{formats[i]}" for i in range(disks)]
+            made = [] if given else [wd / f"{name}-disk{i}.{formats[i]}" for i in range(disks)]
             log = wd / f"{name}.console.log"
-            for p in [*images, log]:
+            for p in [*made, log]:
                 if p.exists() or p.is_symlink():
                     raise TargetExistsError(f"{p} exists already", path=str(p))
-            for i, path in enumerate(images):
+            for i, path in enumerate(made):
                 make_data_disk(
                     path,
                     size_mib=sizes[i],
@@ -363,9 +379,10 @@ class TestGuest:
                 )
                 if not owns:
                     undo.callback(path.unlink, missing_ok=True)
+            disk_paths = given or made
             xml = kit.domain_xml(
                 name,
-                images,
+                disk_paths,
                 agent=agent,
                 memory_mib=memory_mib,
                 log_path=log,
@@ -375,7 +392,7 @@ class TestGuest:
             guest = cls(
                 hypervisor,
                 domain,
-                tuple(images),
+                tuple(disk_paths),
                 log,
                 wd,
                 agent,
