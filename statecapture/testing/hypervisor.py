@@ -22,6 +22,8 @@ __all__ = ["EmbeddedHypervisor"]
 
 # libvirt opens one embedded root per process, for the life of the process.
 _process_root: Path | None = None
+# Whether an EmbeddedHypervisor of this process has that root open right now.
+_process_root_busy = False
 _process_lock = threading.Lock()
 
 _ONE_ROOT_REMEDY = (
@@ -46,9 +48,9 @@ class EmbeddedHypervisor:
     connection is closed, and the root and the guests' work directory are removed: no
     QEMU process, mount or directory is left behind.
 
-    libvirt opens one embedded root per process for the life of the process: a second
-    ``EmbeddedHypervisor()`` in the same process reuses the first one's root path (created
-    afresh), and naming a different ``root`` raises
+    libvirt opens one embedded root per process for the life of the process: after the
+    first one is closed, a later ``EmbeddedHypervisor()`` in the same process reuses its
+    root path (created afresh); two open at once, or naming a different ``root``, raise
     :class:`~statecapture.TestEnvironmentError`.
 
     Args:
@@ -86,6 +88,7 @@ class EmbeddedHypervisor:
             conn = self._connect(root)
             undo.callback(conn.close)
             self.root, self.kit, self._workdir, self._connection = root, kit, workdir, conn
+            self._set_busy(True)
             undo.pop_all()
         return self
 
@@ -105,44 +108,57 @@ class EmbeddedHypervisor:
             )
         hv.kit = GuestKit.ensure()
         hv._workdir = Path(workdir) if workdir is not None else None
+        with _process_lock:
+            if _process_root_busy:
+                raise TestEnvironmentError(
+                    f"this process has the embedded root {_process_root} open already",
+                    remedy=_ONE_ROOT_REMEDY,
+                )
         hv._connection = hv._connect(hv.root)
+        hv._set_busy(True)
         return hv
 
     def _make_root(self, undo: contextlib.ExitStack) -> Path:
-        global _process_root
-        with _process_lock:
-            root = self.root
-            if root is None:
-                root = _process_root
-            if _process_root is not None and root != _process_root:
+        requested = self.root
+        if requested is not None:
+            if len(str(requested)) > MAX_EMBED_ROOT_LEN:
+                prepare_embed_root(requested)  # raises the typed error with its remedy
+            if requested.is_symlink() or (requested.exists() and not requested.is_dir()):
                 raise TestEnvironmentError(
-                    f"this process has the embedded root {_process_root} open already; "
-                    f"cannot open {root}",
-                    remedy=_ONE_ROOT_REMEDY,
+                    f"embedded root {requested} is in use (not a plain directory)",
+                    remedy="name a directory that does not exist yet",
                 )
-            if root is None:
+            if requested.exists() and any(requested.iterdir()):
+                raise TestEnvironmentError(
+                    f"embedded root {requested} is in use (not empty)",
+                    remedy="name a directory that does not exist yet, or remove this one "
+                    "after `python -m statecapture.testing down`",
+                )
+        with _process_lock:
+            if _process_root is not None:
+                if _process_root_busy:
+                    raise TestEnvironmentError(
+                        f"this process has the embedded root {_process_root} open already",
+                        remedy=_ONE_ROOT_REMEDY,
+                    )
+                if requested is not None and requested != _process_root:
+                    raise TestEnvironmentError(
+                        f"this process opened the embedded root {_process_root} already; "
+                        f"cannot open {requested}",
+                        remedy=_ONE_ROOT_REMEDY,
+                    )
+                root = _process_root
+            elif requested is None:
                 root = Path(tempfile.mkdtemp(prefix="sce-", dir="/tmp"))
             else:
-                if len(str(root)) > MAX_EMBED_ROOT_LEN:
-                    prepare_embed_root(root)  # raises the typed error with its remedy
-                if root.is_symlink() or (root.exists() and not root.is_dir()):
-                    raise TestEnvironmentError(
-                        f"embedded root {root} is in use (not a plain directory)",
-                        remedy="name a directory that does not exist yet",
-                    )
-                if root.exists() and any(root.iterdir()):
-                    raise TestEnvironmentError(
-                        f"embedded root {root} is in use (not empty)",
-                        remedy="name a directory that does not exist yet, or remove this one "
-                        "after `python -m statecapture.testing down`",
-                    )
-                try:
-                    root.mkdir(mode=0o700, exist_ok=True)
-                except OSError as exc:
-                    raise TestEnvironmentError(
-                        f"cannot create the embedded root {root}: {exc.strerror}",
-                        remedy="name a directory you can write (e.g. under /tmp)",
-                    ) from exc
+                root = requested
+            try:
+                root.mkdir(mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise TestEnvironmentError(
+                    f"cannot create the embedded root {root}: {exc.strerror}",
+                    remedy="name a directory you can write (e.g. under /tmp)",
+                ) from exc
             undo.callback(shutil.rmtree, root, ignore_errors=True)
             try:
                 prepare_embed_root(root)
@@ -174,6 +190,12 @@ class EmbeddedHypervisor:
         with _process_lock:
             _process_root = root
         return conn
+
+    @staticmethod
+    def _set_busy(busy: bool) -> None:
+        global _process_root_busy
+        with _process_lock:
+            _process_root_busy = busy
 
     # ---- what tests use
     @property
@@ -230,6 +252,7 @@ class EmbeddedHypervisor:
                     remove_domain(dom._vir)
         finally:
             conn.close()
+            self._set_busy(False)
             if self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)
             if self.root is not None:
@@ -244,6 +267,7 @@ class EmbeddedHypervisor:
             guest.detach()
         if conn is not None:
             conn.close()
+            self._set_busy(False)
 
     def __enter__(self) -> EmbeddedHypervisor:
         return self.open()
