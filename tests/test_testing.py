@@ -39,6 +39,20 @@ def _run(argv: list[str], *, cwd: Path, env: dict[str, str], timeout: float = 90
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _qemu_cmdlines() -> list[str]:
+    """Full command lines of the QEMU processes on this machine."""
+    lines = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                line = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "qemu-system" in line:
+                lines.append(line)
+    return lines
+
+
 def _env(**extra: str) -> dict[str, str]:
     drop = {"STATECAPTURE_SKIP_QEMU", "STATECAPTURE_REQUIRE_QEMU", "STATECAPTURE_TESTING_STATE_DIR"}
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PYTEST_")}
@@ -266,7 +280,7 @@ def test_boot_timeout_raises_with_console_log_and_leaves_nothing(
     log = (tmp_path / f"{name}.console.log").read_text(errors="replace")
     assert err.console_log == log[-4000:]
     assert name not in [d.name for d in qemu_hypervisor.connection.domains()]
-    assert name not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not [line for line in _qemu_cmdlines() if f"guest={name}," in line]
 
 
 @pytest.mark.qemu
@@ -283,8 +297,7 @@ def test_second_root_in_one_process_is_refused(qemu_hypervisor: EmbeddedHypervis
 
 def _leftovers(state: dict[str, Any]) -> list[str]:
     left = [p for p in (state["root"], state["workdir"]) if Path(p).exists()]
-    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    left += [line for line in procs.splitlines() if state["root"] in line]
+    left += [line for line in _qemu_cmdlines() if state["root"] in line]
     return left
 
 
@@ -305,8 +318,7 @@ def test_cli_up_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
         state = json.loads(up.stdout.strip().splitlines()[-1])
         assert state["domain"] == name
         assert (state_dir / "demo.json").stat().st_mode & 0o777 == 0o600
-        procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-        assert any(state["root"] in line and "qemu-system" in line for line in procs.splitlines())
+        assert any(state["root"] in line for line in _qemu_cmdlines())
         listed = _run([*cli, "list"], cwd=tmp_path, env=env)
         assert f"{name}" in listed.stdout and "running" in listed.stdout, listed.stderr
     finally:
