@@ -26,7 +26,11 @@ from statecapture.testing import (
     EmbeddedHypervisor,
     GuestBootError,
     TestEnvironmentError,
+    agent_command,
     environment_problem,
+    guest_exec,
+    read_guest_file,
+    write_guest_file,
 )
 from statecapture.testing import hypervisor as hv_module
 from statecapture.testing import kit as kit_module
@@ -205,6 +209,30 @@ def test_cli_refuses_a_state_dir_others_can_write(tmp_path: Path) -> None:
     assert out.returncode == 2 and "owner-only" in out.stderr and "remedy" in out.stderr
 
 
+def test_testing_public_names_are_pinned_and_documented() -> None:
+    """statecapture.testing's public names are exactly these, each with a docstring."""
+    import statecapture.testing as testing
+
+    assert set(testing.__all__) == {
+        "GuestKit",
+        "EmbeddedHypervisor",
+        "TestGuest",
+        "agent_command",
+        "guest_exec",
+        "read_guest_file",
+        "write_guest_file",
+        "environment_problem",
+        "make_data_disk",
+        "TestEnvironmentError",
+        "GuestBootError",
+        "KitBuildError",
+    }
+    for name in testing.__all__:
+        assert getattr(testing, name).__doc__, name
+    assert TestEnvironmentError is statecapture.TestEnvironmentError
+    assert issubclass(testing.KitBuildError, TestEnvironmentError)
+
+
 def test_wheel_ships_the_testing_package() -> None:
     """setuptools' package discovery from pyproject.toml includes statecapture.testing."""
     from setuptools import find_packages
@@ -238,6 +266,13 @@ def test_guest_methods_reach_into_the_guest(
         guest.sync()
         assert guest.read("/data/blob") == data
         assert guest.sha256("/data/blob") == hashlib.sha256(data).hexdigest()
+        # the same on any Domain with an agent
+        write_guest_file(guest.domain, "/data/small", b"x\n")
+        assert read_guest_file(guest.domain, "/data/small") == b"x\n"
+        assert guest_exec(guest.domain, ["cat", "/data/small"]) == (0, b"x\n", b"")
+        assert agent_command(guest.domain, {"execute": "guest-ping"}) == {}
+        with pytest.raises(statecapture.GuestAgentError):
+            guest.read("/data/does-not-exist")
     names = [d.name for d in qemu_hypervisor.connection.domains()]
     assert guest.name not in names
 

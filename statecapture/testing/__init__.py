@@ -8,6 +8,9 @@
 * :class:`TestGuest` boots the kit there and reaches into it through the guest agent:
   ``exec``, ``write``, ``read``, ``sha256``, ``sync``, ``flush_host_images``; its
   ``domain`` is a statecapture :class:`~statecapture.Domain`.
+* :func:`guest_exec`, :func:`read_guest_file`, :func:`write_guest_file` and
+  :func:`agent_command` do the same on any running :class:`~statecapture.Domain` with a
+  guest agent.
 * A pytest plugin (opt in with ``pytest_plugins = ["statecapture.testing"]``) provides the
   fixtures ``sc_hypervisor``, ``sc_guest_factory`` and ``sc_guest`` and the marker
   ``requires_qemu``.
@@ -25,7 +28,7 @@ from __future__ import annotations
 import importlib.util
 
 from ..errors import GuestBootError, TestEnvironmentError
-from .guest import TestGuest
+from .guest import TestGuest, agent_command, guest_exec, read_guest_file, write_guest_file
 from .hypervisor import EmbeddedHypervisor
 from .kit import GuestKit, KitBuildError, environment_problem, make_data_disk
 
@@ -33,6 +36,10 @@ __all__ = [
     "GuestKit",
     "EmbeddedHypervisor",
     "TestGuest",
+    "agent_command",
+    "guest_exec",
+    "read_guest_file",
+    "write_guest_file",
     "environment_problem",
     "make_data_disk",
     "TestEnvironmentError",

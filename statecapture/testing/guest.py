@@ -42,7 +42,13 @@ from .kit import AGENT_CHANNEL, _detect_format, make_data_disk
 if TYPE_CHECKING:  # pragma: no cover
     from .hypervisor import EmbeddedHypervisor
 
-__all__ = ["TestGuest"]
+__all__ = [
+    "TestGuest",
+    "agent_command",
+    "guest_exec",
+    "read_guest_file",
+    "write_guest_file",
+]
 
 # Largest chunk asked for per guest-file-read.
 _READ_CHUNK = 1 << 20
@@ -234,6 +240,41 @@ def remove_domain(vir: VirDomain) -> None:
                 cp.delete(metadata_only=True)
     with contextlib.suppress(Exception):
         vir.undefine(managed_save=True, snapshots_metadata=True, checkpoints_metadata=True)
+
+
+# --------------------------------------------------------------------------- on any Domain
+
+
+def agent_command(domain: Domain, command: Mapping[str, Any], *, timeout: int = 10) -> Any:
+    """Send one guest-agent command (a QMP-style dict such as ``{"execute": "guest-ping"}``)
+    to *domain* and return its ``"return"`` member.
+
+    For agent commands libvirt has no API for (libvirt marks the domain tainted with
+    ``custom-ga-command``). Raises :class:`~statecapture.GuestAgentError` when the agent is
+    missing, does not answer within *timeout* seconds, or answers with an error.
+    """
+    return domain._vir.agent_command(dict(command), timeout=timeout)
+
+
+def guest_exec(
+    domain: Domain, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 60
+) -> tuple[int, bytes, bytes]:
+    """Run *argv* in *domain*'s guest through its agent; ``(exit code, stdout, stderr)``.
+
+    What :meth:`TestGuest.exec` does, for any running :class:`~statecapture.Domain` with a
+    connected guest agent.
+    """
+    return run_in_guest(domain._vir, argv, input=input, timeout=timeout)
+
+
+def read_guest_file(domain: Domain, path: str, *, timeout: int = 30) -> bytes:
+    """A whole file of *domain*'s guest, read through its agent."""
+    return read_guest(domain._vir, path, timeout=timeout)
+
+
+def write_guest_file(domain: Domain, path: str, data: bytes, *, timeout: int = 30) -> None:
+    """Create or replace a file in *domain*'s guest with *data*, through its agent."""
+    write_guest(domain._vir, path, bytes(data), timeout=timeout)
 
 
 # --------------------------------------------------------------------------- TestGuest

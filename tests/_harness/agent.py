@@ -1,6 +1,7 @@
 """Compatibility shim: raw-``virDomain`` agent helpers on top of :mod:`statecapture.testing`.
 
-The helpers take a raw :class:`libvirt.virDomain` (older tests pass ``dom._vir._raw``) and
+The helpers take a raw :class:`libvirt.virDomain` (older tests pass ``dom._vir._raw``) or a
+statecapture ``Domain``, and
 keep their old contract: agent failures raise :class:`libvirt.libvirtError`, a boot that
 does not finish raises :class:`TimeoutError` (or :class:`RuntimeError` when the domain
 stopped). New tests use :class:`statecapture.testing.TestGuest` (``exec``, ``read``,
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 import libvirt
 
+import statecapture
 from statecapture._adapter import VirConnection, VirDomain
 from statecapture.errors import GuestBootError, LibvirtError
 from statecapture.testing import guest as _guest
@@ -32,8 +34,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _wrap(dom: Any) -> VirDomain:
+    """A raw virDomain, or a statecapture Domain (what later tests pass), as the adapter's."""
     if isinstance(dom, VirDomain):
         return dom
+    if isinstance(dom, statecapture.Domain):
+        return dom._vir
     return VirDomain(dom, VirConnection(dom.connect(), "tests._harness"))
 
 
