@@ -12,20 +12,47 @@ Real tier (tests marked ``qemu``)
     tiny test guest built from Debian packages (``statecapture.testing``) under TCG, waits
     for its agent, and always destroys and undefines it — together with snapshot/checkpoint
     metadata and block/backup jobs — afterwards.
-    Set ``STATECAPTURE_SKIP_QEMU=1`` to skip that tier on a machine without QEMU; CI never
-    sets it, so there the real tier must run.
+    Set ``STATECAPTURE_SKIP_QEMU=1`` to skip that tier on a machine without QEMU. Under
+    ``CI=true`` the session refuses that variable (usage error) and fails when any test is
+    skipped (CI installs every dependency); it prints ``statecapture real tier: ran N,
+    skipped M``, which ``.ci/run`` checks.
+
+Isolation (every run)
+    ``tempfile``'s directory is a private directory for the session (pytest's own ``tmp_path``
+    tree stays where it was). At session end the run FAILS (exit status 1) when that
+    directory is not empty, when a tracked directory (embed roots ...) still exists, when a
+    domain a fixture made is still defined, or when a ``qemu-system``/``qemu-nbd`` process
+    started by this session still runs (``tests/_harness/isolation.py``).
+
+Hypothesis
+    Profile ``dev`` (the default) and ``ci`` (more examples; selected when ``CI=true``, or
+    with ``--hypothesis-profile=ci``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import statecapture
+from tests._harness import isolation
+
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.register_profile(
+    "ci",
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
 
 TEST_NODE_XML = """<node>
 <domain type='test'>
@@ -92,10 +119,37 @@ def test_domain(test_conn: statecapture.Connection) -> statecapture.Domain:
 # ----------------------------------------------------------------------------- real tier
 
 
+def _in_ci() -> bool:
+    return os.environ.get("CI") == "true"
+
+
 def _qemu_skip_reason() -> str | None:
     if os.environ.get("STATECAPTURE_SKIP_QEMU") == "1":
         return "STATECAPTURE_SKIP_QEMU=1"
     return None
+
+
+_SESSION_TMP: list[Path] = []  # the private tempfile directory of this session
+_REAL_TIER = {"ran": 0, "skipped": 0}
+_SKIPPED: list[str] = []  # node ids of every skipped test (CI installs everything: none may skip)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _in_ci() and _qemu_skip_reason() is not None:
+        raise pytest.UsageError(
+            "CI=true with STATECAPTURE_SKIP_QEMU=1: CI must run the real QEMU tier; "
+            "unset STATECAPTURE_SKIP_QEMU"
+        )
+    if _SESSION_TMP:
+        return
+    # pytest's tmp_path tree stays in the system temporary directory; everything else made
+    # through tempfile (by statecapture or the tests) goes to a private directory that must
+    # be empty at session end.
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    private = Path(tempfile.mkdtemp(prefix="sc-t-", dir=tempfile.gettempdir()))
+    _SESSION_TMP.append(private)
+    os.environ["TMPDIR"] = str(private)
+    tempfile.tempdir = str(private)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -108,6 +162,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _SKIPPED.append(report.nodeid)
+    if "qemu" not in report.keywords:
+        return
+    if report.skipped:
+        _REAL_TIER["skipped"] += 1
+    elif report.when == "call":
+        _REAL_TIER["ran"] += 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when the session left anything behind (or, in CI, skipped real tests)."""
+    lines: list[str] = []
+    if _SESSION_TMP:
+        private = _SESSION_TMP[0]
+        left = sorted(private.iterdir()) if private.is_dir() else []
+        lines.extend(f"{p} left in the session's temporary directory" for p in left)
+        if not left:
+            with contextlib.suppress(OSError):
+                private.rmdir()
+    lines.extend(isolation.problems(search=_SESSION_TMP))
+    summary = f"statecapture real tier: ran {_REAL_TIER['ran']}, skipped {_REAL_TIER['skipped']}"
+    if _in_ci() and _SKIPPED:
+        lines.append(f"CI=true: tests were skipped ({summary}): {', '.join(_SKIPPED[:10])}")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_line(summary)
+        for line in lines:
+            reporter.write_line(f"SESSION CHECK FAILED: {line}", red=True, bold=True)
+    if lines and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def kit() -> Any:
     """The test guest's kernel and initramfs, built once from Debian packages and cached."""
@@ -118,12 +207,21 @@ def kit() -> Any:
 
 @pytest.fixture(scope="session")
 def qemu_hypervisor(kit: Any) -> Iterator[Any]:
-    """The session's :class:`statecapture.testing.EmbeddedHypervisor` (one root per process);
-    on close every domain in it is destroyed and undefined and the root is removed."""
+    """The session's :class:`statecapture.testing.EmbeddedHypervisor` (one root per process,
+    under /tmp itself: socket paths below it must stay short). On close every domain in it
+    is destroyed and undefined and the root is removed; what could not be removed is
+    recorded for the session-end isolation check."""
     from statecapture.testing import EmbeddedHypervisor
 
-    with EmbeddedHypervisor(kit=kit) as hv:
+    hv = EmbeddedHypervisor(kit=kit).open()
+    isolation.track(hv.root)
+    try:
         yield hv
+    finally:
+        try:
+            hv.close()
+        except statecapture.CleanupError as exc:
+            isolation.record_leak(f"embedded hypervisor {hv.root}: {exc}")
 
 
 @pytest.fixture(scope="session")
@@ -155,7 +253,7 @@ def guest_factory(qemu_hypervisor: Any, tmp_path: Path) -> Iterator[GuestFactory
     ``/data/ticks`` every 0.1 s, and (with ``agent=True``) answers the guest agent before the
     factory returns. Everything made is destroyed and undefined afterwards
     (:class:`statecapture.testing.TestGuest` underneath; disks and console logs in
-    ``tmp_path``).
+    ``tmp_path``); a guest still defined after that is recorded as a leak.
     """
     made: list[Any] = []
     counter = [0]
@@ -188,7 +286,10 @@ def guest_factory(qemu_hypervisor: Any, tmp_path: Path) -> Iterator[GuestFactory
 
     yield factory
     for test_guest in made:
-        test_guest.close()
+        try:
+            test_guest.close()
+        except statecapture.CleanupError as exc:
+            isolation.record_leak(str(exc))
 
 
 @pytest.fixture

@@ -59,7 +59,12 @@ def _qemu_cmdlines() -> list[str]:
 
 def _env(**extra: str) -> dict[str, str]:
     drop = {"STATECAPTURE_SKIP_QEMU", "STATECAPTURE_REQUIRE_QEMU", "STATECAPTURE_TESTING_STATE_DIR"}
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PYTEST_")}
+    keep = {"PYTEST_DEBUG_TEMPROOT"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in drop and (k in keep or not k.startswith("PYTEST_"))
+    }
     env.update(extra)
     return env
 
@@ -74,7 +79,16 @@ def test_test_named_classes_are_not_collected(tmp_path: Path) -> None:
         "def test_nothing():\n    pass\n"
     )
     out = _run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--basetemp={tmp_path / 'bt'}",
+        ],
         cwd=tmp_path,
         env=_env(PYTHONPATH=str(REPO)),
     )
@@ -170,7 +184,17 @@ def test_plugin_skips_marked_tests_with_the_exact_reason(tmp_path: Path) -> None
         "def test_fixture(sc_guest):\n    raise AssertionError('ran')\n"
     )
     out = _run(
-        [sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", "-W", "error"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            f"--basetemp={tmp_path / 'bt'}",
+            "-W",
+            "error",
+        ],
         cwd=tmp_path,
         env=_env(PYTHONPATH=str(REPO), STATECAPTURE_SKIP_QEMU="1"),
     )
@@ -184,7 +208,7 @@ def test_plugin_is_not_auto_loaded(tmp_path: Path) -> None:
     """Installing statecapture adds no fixtures to other projects' runs (opt-in only)."""
     (tmp_path / "test_y.py").write_text("def test_y(sc_guest):\n    pass\n")
     out = _run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'bt'}"],
         cwd=tmp_path,
         env=_env(PYTHONPATH=str(REPO)),
     )
@@ -399,7 +423,18 @@ def test_documented_example_passes_from_outside_the_source_tree(tmp_path: Path) 
     )
     assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr
     out = _run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-W", "error"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            f"--basetemp={tmp_path / 'bt'}",
+            "-W",
+            "error",
+        ],
         cwd=project,
         env=env,
     )

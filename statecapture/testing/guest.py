@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import itertools
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from lxml import etree
 from .._adapter import VirDomain
 from .._domain import Domain
 from ..errors import (
+    CleanupError,
     GuestAgentError,
     GuestBootError,
     LibvirtError,
@@ -214,32 +216,57 @@ def remove_domain(vir: VirDomain) -> None:
 
     Aborts a backup job and block jobs, thaws (with a short agent timeout: a dead agent
     behind a "connected" channel would block the thaw), destroys, drops snapshot and
-    checkpoint metadata, undefines. Every step is best effort; nothing raises.
+    checkpoint metadata, undefines. Each step may fail on a half-dead guest without stopping
+    the next; raises :class:`~statecapture.CleanupError` naming the failed steps only when
+    the domain is still defined at the end.
     """
-    with contextlib.suppress(Exception):
-        vir.backup_abort_job()
+    failures: list[str] = []
+
+    def step(what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # best effort: the next step may still succeed
+            failures.append(f"{what}: {exc}")
+
+    targets: list[str] = []
     with contextlib.suppress(Exception):
         root = etree.fromstring(vir.xml_desc().encode())
-        for target in root.iterfind("./devices/disk/target"):
-            with contextlib.suppress(Exception):
-                vir.block_job_abort(target.get("dev", ""))
-    with contextlib.suppress(Exception):
-        vir.set_agent_timeout(5)
-    with contextlib.suppress(Exception):
-        vir.fs_thaw()
-    with contextlib.suppress(Exception):
-        if vir.is_active():
-            vir.destroy()
-    with contextlib.suppress(Exception):
-        for snap in vir.snapshot_list():
-            with contextlib.suppress(Exception):
-                snap.delete(metadata_only=True)
-    with contextlib.suppress(Exception):
-        for cp in vir.list_checkpoints():
-            with contextlib.suppress(Exception):
-                cp.delete(metadata_only=True)
-    with contextlib.suppress(Exception):
-        vir.undefine(managed_save=True, snapshots_metadata=True, checkpoints_metadata=True)
+        targets = [t.get("dev", "") for t in root.iterfind("./devices/disk/target")]
+    if _safe_bool(vir.is_active):
+        step("abort job", vir.backup_abort_job)
+        for target in targets:
+            step(f"abort block job {target}", functools.partial(vir.block_job_abort, target))
+        step("agent timeout", lambda: vir.set_agent_timeout(5))
+        step("thaw", vir.fs_thaw)
+        step("destroy", vir.destroy)
+    for snap in _safe_list(vir.snapshot_list):
+        step("snapshot metadata", functools.partial(snap.delete, metadata_only=True))
+    for cp in _safe_list(vir.list_checkpoints):
+        step("checkpoint metadata", functools.partial(cp.delete, metadata_only=True))
+    step(
+        "undefine",
+        lambda: vir.undefine(managed_save=True, snapshots_metadata=True, checkpoints_metadata=True),
+    )
+    try:
+        still = vir.name in {d.name for d in vir.conn.list_domains()}
+    except Exception as exc:
+        still, failures = True, [*failures, f"list domains: {exc}"]
+    if still:
+        raise CleanupError(f"domain {vir.name} still defined after teardown: {failures}")
+
+
+def _safe_bool(fn: Callable[[], bool]) -> bool:
+    try:
+        return bool(fn())
+    except Exception:
+        return False
+
+
+def _safe_list(fn: Callable[[], list[Any]]) -> list[Any]:
+    try:
+        return list(fn())
+    except Exception:
+        return []
 
 
 # --------------------------------------------------------------------------- on any Domain
@@ -439,7 +466,21 @@ class TestGuest:
                 agent,
                 owns_workdir=owns,
             )
-            undo.callback(guest._remove)
+
+            def undo_guest(
+                exc_type: type[BaseException] | None,
+                exc: BaseException | None,
+                tb: TracebackType | None,
+            ) -> bool:
+                try:
+                    guest._remove()
+                except CleanupError as cleanup:
+                    if exc is None:
+                        raise
+                    exc.add_note(f"removing test guest {name} also failed: {cleanup}")
+                return False
+
+            undo.push(undo_guest)
             if start:
                 guest.start(timeout=timeout)
             hypervisor._adopt(guest)
@@ -491,7 +532,8 @@ class TestGuest:
 
     def close(self) -> None:
         """Destroy and undefine the guest (jobs aborted, thawed, metadata dropped), and
-        remove its work directory when the hypervisor made it. Idempotent."""
+        remove its work directory when the hypervisor made it. Idempotent. Raises
+        :class:`~statecapture.CleanupError` when the domain is still defined afterwards."""
         if self._closed:
             return
         self._closed = True
@@ -506,9 +548,11 @@ class TestGuest:
         self.hypervisor._forget(self)
 
     def _remove(self) -> None:
-        remove_domain(self.domain._vir)
-        if self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            remove_domain(self.domain._vir)
+        finally:
+            if self._owns_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -524,7 +568,12 @@ class TestGuest:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        try:
+            self.close()
+        except CleanupError as cleanup:
+            if exc is None:
+                raise
+            exc.add_note(f"closing test guest {self.name} also failed: {cleanup}")
 
     # ---- in the guest
     def exec(

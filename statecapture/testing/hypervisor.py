@@ -14,7 +14,8 @@ from typing import Any
 import attrs
 
 from .._connection import Connection, connect
-from ..errors import StateCaptureError, TestEnvironmentError, UsageError
+from .._domain import Domain
+from ..errors import CleanupError, StateCaptureError, TestEnvironmentError, UsageError
 from .guest import TestGuest, remove_domain
 from .kit import MAX_EMBED_ROOT_LEN, GuestKit, environment_problem, prepare_embed_root
 
@@ -30,6 +31,13 @@ _ONE_ROOT_REMEDY = (
     "libvirt opens one embedded root per process: reuse that EmbeddedHypervisor (the "
     "session-scoped sc_hypervisor fixture), or run the other root in a subprocess"
 )
+
+
+def _domains(conn: Connection) -> tuple[Domain, ...]:
+    try:
+        return conn.domains()
+    except StateCaptureError:
+        return ()
 
 
 def _optional_path(value: str | os.PathLike[str] | None) -> Path | None:
@@ -240,16 +248,24 @@ class EmbeddedHypervisor:
     # ---- closing
     def close(self) -> None:
         """Destroy and undefine every domain in the root, close the connection, remove the
-        root and the work directory. Idempotent; never raises for a cleanup step."""
+        root and the work directory. Idempotent. Every step runs even when one fails; raises
+        :class:`~statecapture.CleanupError` at the end when a domain was still defined after
+        its teardown."""
         conn, self._connection = self._connection, None
         if conn is None:
             return
+        leftovers: list[str] = []
         try:
             for guest in list(self._guests):
-                guest.close()
-            with contextlib.suppress(StateCaptureError):
-                for dom in conn.domains():
+                try:
+                    guest.close()
+                except CleanupError as exc:
+                    leftovers.append(str(exc))
+            for dom in _domains(conn):
+                try:
                     remove_domain(dom._vir)
+                except CleanupError as exc:
+                    leftovers.append(str(exc))
         finally:
             conn.close()
             self._set_busy(False)
@@ -257,6 +273,8 @@ class EmbeddedHypervisor:
                 shutil.rmtree(self._workdir, ignore_errors=True)
             if self.root is not None:
                 shutil.rmtree(self.root, ignore_errors=True)
+        if leftovers:
+            raise CleanupError("; ".join(leftovers))
 
     def detach(self) -> None:
         """Close the connection but leave the guests running and the root in place (what
@@ -278,4 +296,9 @@ class EmbeddedHypervisor:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        try:
+            self.close()
+        except CleanupError as cleanup:
+            if exc is None:
+                raise
+            exc.add_note(f"closing the embedded hypervisor also failed: {cleanup}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import libvirt
 
 from statecapture._adapter import ensure_event_loop
+from statecapture.testing import kit as _kit
 from statecapture.testing.kit import (
     AGENT_CHANNEL,
     DATA_MOUNTS,
@@ -27,7 +28,6 @@ from statecapture.testing.kit import (
     ensure_kit,
     guest_mountpoint,
     make_data_disk,
-    make_embed_root,
     prepare_embed_root,
     recipe_key,
 )
@@ -54,6 +54,14 @@ __all__ = [
     "recipe_key",
     "start_event_loop",
 ]
+
+
+def make_embed_root(prefix: str = "sce-") -> Path:
+    """A fresh, short, prepared embed root under ``/tmp``, registered with the session's
+    isolation check (it must be gone when the session ends); the caller removes it."""
+    from . import isolation
+
+    return isolation.track(_kit.make_embed_root(prefix))
 
 
 def start_event_loop() -> None:
