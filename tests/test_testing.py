@@ -26,6 +26,7 @@ from statecapture.testing import (
     EmbeddedHypervisor,
     GuestBootError,
     TestEnvironmentError,
+    TestGuest,
     agent_command,
     environment_problem,
     guest_exec,
@@ -231,6 +232,32 @@ def test_cli_refuses_a_state_dir_others_can_write(tmp_path: Path) -> None:
     env = _env(PYTHONPATH=str(REPO), STATECAPTURE_TESTING_STATE_DIR=str(state))
     out = _run([sys.executable, "-m", "statecapture.testing", "list"], cwd=tmp_path, env=env)
     assert out.returncode == 2 and "owner-only" in out.stderr and "remedy" in out.stderr
+
+
+def test_cleanup_failure_never_masks_the_tests_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest that cannot be removed raises CleanupError from close(); leaving a ``with``
+    block on an error attaches it as a note instead (fault injected: removal fails)."""
+    from types import SimpleNamespace
+
+    from statecapture.testing import guest as guest_module
+
+    def failing_remove(vir: object) -> None:
+        raise statecapture.CleanupError("domain g still defined after teardown: [undefine: x]")
+
+    monkeypatch.setattr(guest_module, "remove_domain", failing_remove)
+    hv = SimpleNamespace(_forget=lambda guest: None)
+    dom = SimpleNamespace(_vir=None, name="g")
+
+    def make() -> TestGuest:
+        return TestGuest(hv, dom, (), tmp_path / "log", tmp_path)  # type: ignore[arg-type]
+
+    with pytest.raises(statecapture.CleanupError, match="still defined"):
+        make().close()
+    with pytest.raises(KeyError) as info, make():
+        raise KeyError("the test's own failure")
+    assert any("still defined" in note for note in info.value.__notes__)
 
 
 def test_testing_public_names_are_pinned_and_documented() -> None:
