@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import nox
@@ -69,9 +70,38 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
-    """The tour: connect to the default URI and walk every capability the driver supports."""
+    """The tour: connect to the default URI and walk every capability the driver supports.
+
+    ``nox -s demo -- --real`` runs it on a real QEMU guest (statecapture.testing).
+    """
     _install(session)
     session.run("python", "-m", "statecapture.tour", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def example(session: nox.Session) -> None:
+    """The documented example test (docs/examples) as an external user runs it: the package
+    installed (not editable), pytest started in a temporary directory outside the tree."""
+    _system_deps(session)
+    session.install(".", "pytest>=8")
+    tmp = Path(tempfile.mkdtemp(prefix="statecapture-example-"))  # outside the tree
+    try:
+        for name in ("conftest.py", "test_with_real_guest.py"):
+            shutil.copy2(ROOT / "docs" / "examples" / name, tmp / name)
+        session.chdir(tmp)
+        session.run(
+            "python",
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            env={"STATECAPTURE_REQUIRE_QEMU": "1"},
+        )
+    finally:
+        session.chdir(ROOT)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @nox.session(python=PYTHON)

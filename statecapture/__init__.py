@@ -121,6 +121,10 @@ from ._advisor import (  # advisor
 )
 from ._capabilities import Capabilities, Capability  # advisor
 
+# -- testing imports
+# isort: split
+from .errors import GuestBootError, TestEnvironmentError  # testing
+
 __version__ = "0.1.0.dev0"
 
 __all__ = [
@@ -241,4 +245,7 @@ __all__ = [
     "DomainFacts",
     "Capabilities",
     "Capability",
+    # -- testing names
+    "TestEnvironmentError",
+    "GuestBootError",
 ]

@@ -1225,6 +1225,59 @@ class VirDomain:
             ) from exc
         return str(status)
 
+    # ---- statecapture.testing: agent and monitor passthrough
+    def agent_command(self, command: dict[str, Any], *, timeout: int = 10) -> Any:
+        """Send one guest-agent command (a QMP-style dict) and return its ``"return"`` member.
+
+        Goes through ``qemuAgentCommand`` (libvirt marks the domain tainted with
+        ``custom-ga-command``, harmless for test guests). Every failure — agent not
+        configured or connected, no answer within ``timeout`` seconds, or the agent's own
+        error reply — raises :class:`~statecapture.GuestAgentError` with libvirt's message.
+        """
+        import json
+
+        import libvirt_qemu
+
+        operation = f"guest agent command {command.get('execute')!r}"
+        self.conn.check_open()
+        try:
+            reply = libvirt_qemu.qemuAgentCommand(
+                self._raw, json.dumps(command), max(1, int(timeout)), 0
+            )
+        except libvirt.libvirtError as exc:
+            base = translate_error(exc, operation, domain_name=self._name)
+            raise errors.GuestAgentError(
+                str(base),
+                code=base.code,
+                operation=operation,
+                domain_name=self._name,
+                libvirt_message=base.libvirt_message,
+            ) from exc
+        try:
+            return json.loads(str(reply)).get("return")
+        except (ValueError, AttributeError) as exc:
+            raise errors.GuestAgentError(
+                f"{operation} on domain {self._name!r}: unexpected reply {reply!r}",
+                operation=operation,
+                domain_name=self._name,
+            ) from exc
+
+    def hmp_command(self, command: str) -> str:
+        """Run one QEMU human-monitor (HMP) command through ``qemuMonitorCommand``.
+
+        For test support only (e.g. ``qemu-io -d <alias> "flush"`` to write QEMU's cached
+        qcow2 metadata back before an outside process reads the image); libvirt marks the
+        domain tainted with ``custom-monitor``.
+        """
+        import libvirt_qemu
+
+        hmp = int(getattr(libvirt_qemu, "VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP", 1))
+        return str(
+            self._call(
+                "QEMU monitor command", libvirt_qemu.qemuMonitorCommand, self._raw, command, hmp
+            )
+        )
+
     # ---- dirty bitmaps: QEMU's live view (monitor commands; see docs/hazards.md)
     def _qmp(self, operation: str, command: str, arguments: dict[str, Any] | None) -> Any:
         """Run one QMP command through ``qemuMonitorCommand``; its ``return`` value.

@@ -19,10 +19,12 @@ Every error statecapture raises derives from :class:`StateCaptureError`::
     ├── FreezeExpiredError            the freeze ended before its block did (budget spent, thawed)
     ├── UsageError                    programmer error: closed connection, bad argument
     ├── TargetExistsError             a file would be overwritten (also a FileExistsError)
-    └── RepositoryError               a backup repository refused or failed (.path)
-        ├── RepositoryFormatError     not a repository, or made by a newer format version
-        ├── RepositoryLockedError     another writer holds the domain's lock (also a TimeoutError)
-        └── ChainError                a stored chain fails validation (missing or wrong layer)
+    ├── RepositoryError               a backup repository refused or failed (.path)
+    │   ├── RepositoryFormatError     not a repository, or made by a newer format version
+    │   ├── RepositoryLockedError     another writer holds the domain's lock (also a TimeoutError)
+    │   └── ChainError                a stored chain fails validation (missing or wrong layer)
+    └── TestEnvironmentError          statecapture.testing cannot run a real guest here (.remedy)
+        └── GuestBootError            a test guest did not boot in time (.console_log)
 
 Operational errors (the host or guest said no) and programmer errors (:class:`UsageError`)
 are separate families, so ``except LibvirtError`` never hides a bug in the calling code.
@@ -57,6 +59,8 @@ __all__ = [
     "RepositoryFormatError",
     "RepositoryLockedError",
     "ChainError",
+    "TestEnvironmentError",
+    "GuestBootError",
     "lookup",
 ]
 
@@ -317,6 +321,55 @@ class RepositoryLockedError(RepositoryError, TimeoutError):
 class ChainError(RepositoryError):
     """A stored backup chain fails validation: a layer is missing, names the wrong backing
     file, or has the wrong virtual size. Raised before anything is written."""
+
+
+class TestEnvironmentError(StateCaptureError):
+    """This machine cannot run :mod:`statecapture.testing`'s real-hypervisor guest.
+
+    Raised before anything is started: a Debian package of the guest kit or QEMU is missing,
+    the embedded driver's root cannot be created or written, a path is in use, or another
+    embedded root is already open in this process. The message says what is wrong;
+    ``remedy`` says what to do about it (e.g. the ``apt-get install`` line).
+
+    Attributes:
+        remedy: what to install, change or run so that the guest can boot.
+        missing: the missing Debian packages or programs, when that is the problem.
+    """
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, message: str, *, remedy: str = "", missing: tuple[str, ...] = ()) -> None:
+        super().__init__(f"{message} (remedy: {remedy})" if remedy else message)
+        self.remedy = remedy
+        self.missing = tuple(missing)
+
+
+class GuestBootError(TestEnvironmentError):
+    """A test guest did not come up: its agent did not answer in time, or it stopped.
+
+    Nothing is left running: the guest was destroyed and undefined before this was raised.
+
+    Attributes:
+        domain_name: the guest's name.
+        console_log: the tail of the guest's serial console log (kernel and init messages).
+        timed_out: ``True`` when the timeout ran out, ``False`` when the guest stopped.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        domain_name: str | None = None,
+        console_log: str = "",
+        timed_out: bool = True,
+        remedy: str = "",
+    ) -> None:
+        super().__init__(message, remedy=remedy)
+        self.domain_name = domain_name
+        self.console_log = console_log
+        self.timed_out = timed_out
+        if console_log:
+            self.add_note(f"--- console log of {domain_name} (tail) ---\n{console_log}")
 
 
 _BY_CODE: dict[int, type[LibvirtError]] = {}

@@ -9,6 +9,10 @@ On ``test:///default`` the tour defines its own sample domain ``tour-vm`` (a qco
 a guest-agent channel); everything happens inside this process and nothing on the host
 changes. Pointed at a real QEMU domain (``--domain``) with a connected guest agent, it also
 runs both documented backup sequences into a temporary directory that it removes afterwards.
+
+``--real`` runs it on a real QEMU guest: the demo guest of ``python -m statecapture.testing
+up`` when one is up, else a temporary guest from :mod:`statecapture.testing` that is removed
+afterwards (needs QEMU and the guest kit's Debian packages; the error names what is missing).
 """
 
 from __future__ import annotations
@@ -341,8 +345,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("uri", nargs="?", default=None, help="libvirt URI (default: see docs)")
     parser.add_argument("--domain", default=None, help="run on this domain instead")
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="run on a real QEMU guest (`python -m statecapture.testing up`, else a temporary one)",
+    )
     args = parser.parse_args(argv)
+    if args.real:
+        if args.uri is not None or args.domain is not None:
+            parser.error("--real chooses the URI and the domain itself")
+        return _run_real()
     return 1 if run(args.uri, domain=args.domain) else 0
+
+
+def _run_real() -> int:
+    """The tour on the demo guest of ``statecapture.testing up``, or on a temporary guest."""
+    from statecapture.testing import EmbeddedHypervisor, TestEnvironmentError
+    from statecapture.testing.__main__ import read_state
+
+    try:
+        state = read_state()
+        if state is not None:
+            print(f"Touring the demo guest {state['domain']} (python -m statecapture.testing up)")
+            return 1 if run(state["uri"], domain=state["domain"]) else 0
+        print("Booting a temporary test guest (statecapture.testing) ...", flush=True)
+        with EmbeddedHypervisor() as hv:
+            guest = hv.guest(name="sc-tour")
+            return 1 if run(hv.uri, domain=guest.name) else 0
+    except TestEnvironmentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):
+            print(note, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ Fast tier
 
 Real tier (tests marked ``qemu``)
     One embedded QEMU root per pytest process (libvirt allows one per process), opened once
-    as ``qemu_conn``. ``guest_factory`` boots the tiny test guest built from Debian packages
-    (``tests/_harness``) under TCG, waits for its agent, and always destroys and undefines
-    it — together with snapshot/checkpoint metadata and block/backup jobs — afterwards.
+    as ``qemu_conn`` (``statecapture.testing.EmbeddedHypervisor``). ``guest_factory`` boots the
+    tiny test guest built from Debian packages (``statecapture.testing``) under TCG, waits
+    for its agent, and always destroys and undefines it — together with snapshot/checkpoint
+    metadata and block/backup jobs — afterwards.
     Set ``STATECAPTURE_SKIP_QEMU=1`` to skip that tier on a machine without QEMU. Under
     ``CI=true`` the session refuses that variable (usage error) and fails when any test is
     skipped (CI installs every dependency); it prints ``statecapture real tier: ran N,
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -200,106 +200,62 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture(scope="session")
 def kit() -> Any:
     """The test guest's kernel and initramfs, built once from Debian packages and cached."""
-    from tests._harness.guestkit import ensure_kit
+    from statecapture.testing import GuestKit
 
-    return ensure_kit()
-
-
-@pytest.fixture(scope="session")
-def qemu_root() -> Iterator[Path]:
-    """The embedded QEMU driver's root directory (one per pytest process)."""
-    from tests._harness.guestkit import prepare_embed_root
-
-    # Under /tmp itself: socket paths below the root must stay short.
-    root = isolation.track(tempfile.mkdtemp(prefix="sc-embed-", dir="/tmp"))
-    prepare_embed_root(root)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)  # the session-end check verifies it is gone
+    return GuestKit.ensure()
 
 
 @pytest.fixture(scope="session")
-def qemu_uri(qemu_root: Path) -> str:
-    return f"qemu:///embed?root={qemu_root}"
+def qemu_hypervisor(kit: Any) -> Iterator[Any]:
+    """The session's :class:`statecapture.testing.EmbeddedHypervisor` (one root per process,
+    under /tmp itself: socket paths below it must stay short). On close every domain in it
+    is destroyed and undefined and the root is removed; what could not be removed is
+    recorded for the session-end isolation check."""
+    from statecapture.testing import EmbeddedHypervisor
 
-
-@pytest.fixture(scope="session")
-def qemu_conn(qemu_uri: str) -> Iterator[statecapture.Connection]:
-    conn = statecapture.connect(qemu_uri)
+    hv = EmbeddedHypervisor(kit=kit).open()
+    isolation.track(hv.root)
     try:
-        yield conn
+        yield hv
     finally:
-        for dom in conn.domains():  # nothing outlives the session
-            _remove_domain(dom)
-        with contextlib.suppress(Exception):
-            left = [dom.name for dom in conn.domains()]
-            if left:
-                isolation.record_leak(f"domains still defined on {qemu_uri}: {left}")
-        conn.close()
-
-
-def _remove_domain(dom: statecapture.Domain) -> None:
-    """Tear *dom* down as far as possible; what cannot be removed is recorded as a leak.
-
-    Each step may fail (the guest may be half dead): the errors are kept, and when the
-    domain is still defined afterwards they go into the session-end isolation report.
-    """
-    vir = dom._vir._raw
-    failures: list[str] = []
-
-    def step(what: str, fn: Callable[[], object]) -> None:
         try:
-            fn()
-        except Exception as exc:
-            failures.append(f"{what}: {exc}")
-
-    step("abort job", vir.abortJob)
-    for disk in _safe(lambda: dom.disks, ()):
-        step(f"abort block job {disk.target}", lambda t=disk.target: vir.blockJobAbort(t, 0))
-    # A dead agent behind a "connected" channel would block fsThaw forever otherwise.
-    step("agent timeout", lambda: vir.agentSetResponseTimeout(5, 0))
-    step("thaw", vir.fsThaw)
-    step("destroy", lambda: dom.destroy() if dom.is_active else None)
-    for snap in _safe(lambda: vir.listAllSnapshots(0), []):
-        step(f"snapshot {snap.getName()}", lambda s=snap: s.delete(4))  # METADATA_ONLY
-    for cp in _safe(lambda: vir.listAllCheckpoints(0), []):
-        step(f"checkpoint {cp.getName()}", lambda c=cp: c.delete(2))  # METADATA_ONLY
-    step(
-        "undefine",
-        lambda: dom.undefine(managed_save=True, snapshots_metadata=True, checkpoints_metadata=True),
-    )
-    try:
-        still = dom.name in {d.name for d in dom.connection.domains()}
-    except Exception as exc:
-        still, failures = True, [*failures, f"list domains: {exc}"]
-    if still:
-        isolation.record_leak(f"domain {dom.name} still defined after teardown: {failures}")
+            hv.close()
+        except statecapture.CleanupError as exc:
+            isolation.record_leak(f"embedded hypervisor {hv.root}: {exc}")
 
 
-def _safe(fn: Callable[[], Any], default: Any) -> Any:
-    try:
-        return fn()
-    except Exception:
-        return default
+@pytest.fixture(scope="session")
+def qemu_root(qemu_hypervisor: Any) -> Path:
+    """The embedded QEMU driver's root directory (one per pytest process)."""
+    return Path(qemu_hypervisor.root)
+
+
+@pytest.fixture(scope="session")
+def qemu_uri(qemu_hypervisor: Any) -> str:
+    return str(qemu_hypervisor.uri)
+
+
+@pytest.fixture(scope="session")
+def qemu_conn(qemu_hypervisor: Any) -> statecapture.Connection:
+    conn: statecapture.Connection = qemu_hypervisor.connection
+    return conn
 
 
 GuestFactory = Callable[..., statecapture.Domain]
 
 
 @pytest.fixture
-def guest_factory(
-    qemu_conn: statecapture.Connection, kit: Any, tmp_path: Path
-) -> Iterator[GuestFactory]:
+def guest_factory(qemu_hypervisor: Any, tmp_path: Path) -> Iterator[GuestFactory]:
     """Boot test guests: ``guest_factory(disks=1, agent=True, fmt="qcow2", size_mib=64)``.
 
     Each guest is persistent, runs under TCG, has ``disks`` ext4 data disks (``vda`` mounted
     at ``/data`` in the guest, ``vdb`` at ``/data1`` ...), writes a tick line to
     ``/data/ticks`` every 0.1 s, and (with ``agent=True``) answers the guest agent before the
-    factory returns. Everything made is destroyed and undefined afterwards.
+    factory returns. Everything made is destroyed and undefined afterwards
+    (:class:`statecapture.testing.TestGuest` underneath; disks and console logs in
+    ``tmp_path``); a guest still defined after that is recorded as a leak.
     """
-    from tests._harness.agent import wait_agent
-    from tests._harness.guestkit import domain_xml, make_data_disk
-
-    made: list[statecapture.Domain] = []
+    made: list[Any] = []
     counter = [0]
 
     def factory(
@@ -314,30 +270,26 @@ def guest_factory(
     ) -> statecapture.Domain:
         counter[0] += 1
         name = name or f"sc-{os.getpid()}-{counter[0]}-{tmp_path.name[-12:]}"
-        images = []
-        for i in range(disks):
-            path = tmp_path / f"{name}-disk{i}.{fmt}"
-            make_data_disk(path, size_mib=size_mib, fmt=fmt, files=files if i == 0 else None)
-            images.append(path)
-        xml = domain_xml(
-            name,
-            kit,
-            images,
+        test_guest = qemu_hypervisor.guest(
+            name=name,
+            disks=disks,
             agent=agent,
-            log_path=tmp_path / f"{name}.console.log",
-            disk_formats=[fmt] * disks,
+            fmt=fmt,
+            size_mib=size_mib,
+            start=start,
+            files=files,
+            workdir=tmp_path,
         )
-        dom = qemu_conn.define(xml)
-        made.append(dom)
-        if start:
-            dom.start()
-            if agent:
-                wait_agent(dom._vir._raw, timeout=120)
-        return dom
+        made.append(test_guest)
+        domain: statecapture.Domain = test_guest.domain
+        return domain
 
     yield factory
-    for dom in made:
-        _remove_domain(dom)
+    for test_guest in made:
+        try:
+            test_guest.close()
+        except statecapture.CleanupError as exc:
+            isolation.record_leak(str(exc))
 
 
 @pytest.fixture

@@ -107,6 +107,11 @@ def run_page(page: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess[st
     out = tmp_path / "prints.json"
     env = {k: v for k, v in os.environ.items() if k != "LIBVIRT_DEFAULT_URI"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(DOCS.parent), env.get("PYTHONPATH")]))
+    # Examples make scratch directories with tempfile, as a user would: inside this test's
+    # own tmp_path, which pytest removes.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env["TMPDIR"] = str(scratch)
     done = subprocess.run(
         [sys.executable, "-c", RUNNER, str(script), f"docs/{page.name}", str(out)],
         capture_output=True,

@@ -119,6 +119,9 @@ EXPECTED = {
     "DomainFacts",
     "Capabilities",
     "Capability",
+    # testing
+    "TestEnvironmentError",
+    "GuestBootError",
 }
 
 

@@ -1,10 +1,8 @@
-"""Real-hypervisor test harness for statecapture.
+"""Compatibility shims over :mod:`statecapture.testing` (the real-hypervisor test kit).
 
-* :mod:`tests._harness.guestkit` builds (and caches) a tiny Linux guest from
-  Debian packages and writes libvirt domain XML / data disks for it.
-* :mod:`tests._harness.agent` talks to the guest's qemu-guest-agent through
-  libvirt.
+* :mod:`tests._harness.guestkit` re-exports :mod:`statecapture.testing.kit`.
+* :mod:`tests._harness.agent` keeps the raw-``virDomain`` agent helpers.
 * ``python -m tests._harness.verify_kit`` is an end-to-end smoke check.
 
-Only the standard library and libvirt-python are used.
+New tests use :mod:`statecapture.testing` directly; these shims go once no test imports them.
 """
