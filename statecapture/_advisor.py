@@ -28,18 +28,18 @@ import os
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
-from urllib.parse import urlsplit
 
 import attrs
 from lxml import etree
 
+from ._agent import agent_state_of
 from ._capabilities import Capabilities, probe_domain
 from ._enums import DomainState
+from ._host import is_local_uri as _is_local
 from ._journal import JOURNAL_NS
 from .errors import StateCaptureError, UsageError, XMLError
 from .xml import Disk
 from .xml._base import parse
-from .xml._domain import AGENT_CHANNEL
 
 if TYPE_CHECKING:
     from ._domain import Domain
@@ -897,21 +897,6 @@ def _memory_mib(root: etree._Element) -> int | None:
     return None
 
 
-def _agent_state(root: etree._Element) -> str:
-    for target in root.iterfind("devices/channel/target"):
-        if target.get("name") == AGENT_CHANNEL:
-            state = target.get("state")
-            return state if state in ("connected", "disconnected") else "unknown"
-    return "no channel"
-
-
-def _is_local(uri: str) -> bool:
-    """Whether the images named in the domain XML are files on this host."""
-    parts = urlsplit(uri)
-    transport = parts.scheme.partition("+")[2]
-    return not parts.hostname and transport in ("", "unix")
-
-
 def _find_bitmaps(
     dom: Domain, disks: tuple[Disk, ...], driver: str
 ) -> tuple[dict[str, tuple[str, ...]], list[str]]:
@@ -978,12 +963,7 @@ def gather_facts(dom: Domain) -> DomainFacts:
         for disk in disks:
             if vir.probe_block_job(dom._vir, disk.target):
                 block_jobs.append(disk.target)
-    if not definition.has_agent_channel:
-        agent = "no channel"
-    elif active:
-        agent = _agent_state(root)
-    else:
-        agent = "disconnected"
+    agent = agent_state_of(root, active=active).value
     bitmaps, bitmap_notes = _find_bitmaps(dom, disks, driver)
     notes.extend(bitmap_notes)
     return DomainFacts(
