@@ -20,6 +20,7 @@ from .errors import (
     OperationTimeoutError,
     StateCaptureError,
     TargetExistsError,
+    ToolError,
     UnsupportedError,
     UsageError,
     XMLError,
@@ -160,6 +161,7 @@ __all__ = [
     "CleanupError",
     "UsageError",
     "TargetExistsError",
+    "ToolError",
     # -- memory state names
     "SaveImage",
     "SaveResult",

@@ -38,7 +38,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit
 
 import attrs
 from lxml import etree
@@ -46,6 +45,7 @@ from lxml import etree
 from . import _files
 from ._enums import DomainState
 from ._events import Event, EventKind, Expectation
+from ._host import writes_host_files
 from .errors import (
     CleanupError,
     InvalidStateError,
@@ -754,17 +754,11 @@ def _plan_copy(
             domain_name=dom.name,
         )
     block = exists and stat.S_ISBLK(os.stat(dest).st_mode)
-    if not block and _is_local_driver(dom):
+    if not block and writes_host_files(dom.connection):
         # libvirtd/QEMU open (and without reuse_external create) the destination by this
         # path, and the disk keeps it: no one else may plant or swap a name on the way.
         _files.require_trusted(dest.parent, staged=False, what=f"copy destination {dest}")
     return _CopyPlan(target, dest, format, block, reuse_external)
-
-
-def _is_local_driver(dom: Domain) -> bool:
-    """Whether the driver creates real files on this host (not remote, not test:///)."""
-    conn = dom.connection
-    return not urlsplit(conn.uri).netloc and conn.driver.lower() != "test"
 
 
 def _start_copy(

@@ -352,7 +352,7 @@ class Domain:
         is sent. ``False`` without an agent channel. Drivers that do not report the channel
         state (the test driver) count a defined channel of a running domain as connected.
         """
-        from ._freeze import agent_connected
+        from ._agent import agent_connected
 
         return agent_connected(self)
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import attrs
 
+from ._agent import AgentState, agent_connected, agent_state
 from ._events import EventKind
 from .errors import (
     ConnectionLostError,
@@ -54,7 +55,6 @@ from .errors import (
     UnsupportedError,
     UsageError,
 )
-from .xml._base import parse
 from .xml._domain import AGENT_CHANNEL
 
 if TYPE_CHECKING:
@@ -119,24 +119,6 @@ class FreezeStatus(enum.Enum):
 # --------------------------------------------------------------------------- agent helpers
 
 
-def _agent_channel_state(dom: Domain) -> tuple[bool, str | None]:
-    """(agent channel defined, its ``state`` attribute) from the live XML."""
-    root = parse(dom._vir.xml_desc(), expected_root="domain")
-    for target in root.iterfind("devices/channel/target"):
-        if target.get("name") == AGENT_CHANNEL:
-            return True, target.get("state")
-    return False, None
-
-
-def agent_connected(dom: Domain) -> bool:
-    """Whether the domain runs and its agent channel is connected (``Domain.agent_connected``)."""
-    if not dom.is_active:
-        return False
-    defined, state = _agent_channel_state(dom)
-    # Drivers that do not report the channel state (the test driver) count as connected.
-    return defined and state != "disconnected"
-
-
 def _check_seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
@@ -159,15 +141,15 @@ def wait_for_agent(dom: Domain, timeout: float) -> float:
     with events.expect(kind=EventKind.AGENT_LIFECYCLE, domain_uuid=dom.uuid) as expectation:
         while True:
             dom._require_active("wait for the guest agent")
-            defined, state = _agent_channel_state(dom)
-            if not defined:
+            state = agent_state(dom)
+            if state is AgentState.NO_CHANNEL:
                 raise GuestAgentError(
                     f"domain {dom.name!r} has no guest agent channel "
                     f"(<channel> with target name {AGENT_CHANNEL!r}); no agent can connect",
                     operation="wait for the guest agent",
                     domain_name=dom.name,
                 )
-            if state != "disconnected":
+            if state.maybe_connected:
                 return time.monotonic() - start
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -747,8 +729,7 @@ class FreezeScope:
     def _probe(self) -> tuple[Filesystem, ...]:
         """Check the agent and list what will freeze, before changing anything."""
         dom = self.domain
-        defined, state = _agent_channel_state(dom)
-        if defined and state == "disconnected":
+        if agent_state(dom) is AgentState.DISCONNECTED:
             raise GuestAgentError(
                 f"the guest agent of {dom.name!r} is not connected (yet): nothing was frozen; "
                 "after a boot, wait for it with Domain.wait_for_agent()",

@@ -32,13 +32,13 @@ import stat
 import time
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import attrs
 
 from . import _files
 from ._enums import DomainState
 from ._events import EventKind
+from ._host import is_local_uri as _is_local
 from .errors import (
     InvalidStateError,
     LibvirtError,
@@ -179,11 +179,6 @@ def _check_running(running: object) -> None:
             "running must be True (start running), False (start paused) or None (keep the "
             f"state the guest had when it was saved), got {running!r}"
         )
-
-
-def _is_local(uri: str) -> bool:
-    """Whether the driver runs on this host (so its paths are this host's paths)."""
-    return not urlsplit(uri).netloc
 
 
 def _image_path(path: object, *, local: bool) -> Path:

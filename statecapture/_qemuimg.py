@@ -1,10 +1,17 @@
-"""Host-side image inspection with ``qemu-img`` (not libvirt, so it lives outside _adapter).
+"""The one seam that runs host image tools (``qemu-img``, ``qemu-io``; not libvirt, so it
+lives outside _adapter).
 
-Used by preflight checks that must look inside a disk image without touching the guest, e.g.
-"does this qcow2 hold persistent dirty bitmaps?" (an internal snapshot revert on such an image
-makes QEMU 7.2 exit with "Device has active dirty bitmaps"). ``--force-share`` lets the
-inspection run while QEMU holds the image open; bitmaps added while the domain runs are only
-written to the file when QEMU closes it, so callers also ask libvirt for checkpoints.
+:func:`run` looks the tool up on ``$PATH`` and runs it without a shell. A missing tool raises
+:class:`UnsupportedError` naming the Debian package, a timeout :class:`OperationTimeoutError`,
+a non-zero exit :class:`ToolError` with the command line, exit code, stderr and stdout, so
+callers tell failures apart by those fields rather than by message text.
+
+On top of it, host-side image inspection used by preflight checks that must look inside a
+disk image without touching the guest, e.g. "does this qcow2 hold persistent dirty bitmaps?"
+(an internal snapshot revert on such an image makes QEMU 7.2 exit with "Device has active
+dirty bitmaps"). ``--force-share`` lets the inspection run while QEMU holds the image open;
+bitmaps added while the domain runs are only written to the file when QEMU closes it, so
+callers also ask libvirt for checkpoints.
 """
 
 from __future__ import annotations
@@ -15,46 +22,78 @@ import subprocess
 from collections.abc import Mapping
 from typing import Any, Final
 
-from .errors import OperationTimeoutError, StateCaptureError, UnsupportedError
+from .errors import OperationTimeoutError, StateCaptureError, ToolError, UnsupportedError
 
-__all__ = ["QEMU_IMG", "image_info", "persistent_bitmaps"]
+__all__ = ["QEMU_IMG", "QEMU_IO", "image_info", "persistent_bitmaps", "qemu_img", "qemu_io", "run"]
 
 QEMU_IMG: Final = "qemu-img"
 """The executable looked up on ``$PATH``."""
+QEMU_IO: Final = "qemu-io"
 
 
-def _executable() -> str:
-    found = shutil.which(QEMU_IMG)
+def _executable(tool: str, operation: str) -> str:
+    found = shutil.which(tool)
     if found is None:
         raise UnsupportedError(
-            f"{QEMU_IMG} is not installed on this host, so statecapture cannot inspect disk "
-            "images before changing them; install it (Debian: qemu-utils)",
-            operation="qemu-img info",
+            f"{tool} is not installed on this host, so statecapture cannot work on disk "
+            "images with it; install it (Debian: qemu-utils)",
+            operation=operation,
         )
     return found
+
+
+def run(tool: str, *args: str, timeout: float | None = None) -> str:
+    """Run ``tool args…`` and return its stdout.
+
+    Raises :class:`UnsupportedError` when the tool is missing, :class:`OperationTimeoutError`
+    after ``timeout`` seconds, :class:`ToolError` when it exits non-zero.
+    """
+    operation = " ".join((tool, *args[:1]))
+    argv = (tool, *args)
+    try:
+        done = subprocess.run(
+            [_executable(tool, operation), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise OperationTimeoutError(
+            f"{' '.join(argv[:3])} did not finish within {timeout} s", operation=operation
+        ) from exc
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip()
+        raise ToolError(
+            f"{' '.join(argv[:3])} failed (exit {done.returncode}): {detail}",
+            argv=argv,
+            exit_code=done.returncode,
+            stderr=done.stderr,
+            stdout=done.stdout,
+        )
+    return done.stdout
+
+
+def qemu_img(*args: str, timeout: float | None = None) -> str:
+    """Run ``qemu-img args…`` and return its stdout (errors as for :func:`run`)."""
+    return run(QEMU_IMG, *args, timeout=timeout)
+
+
+def qemu_io(*args: str, timeout: float | None = None) -> str:
+    """Run ``qemu-io args…`` and return its stdout (errors as for :func:`run`)."""
+    return run(QEMU_IO, *args, timeout=timeout)
 
 
 def image_info(path: str, *, timeout: float = 30.0) -> Mapping[str, Any]:
     """``qemu-img info --force-share --output=json`` of the image at ``path``.
 
     Raises :class:`UnsupportedError` when qemu-img is missing, :class:`OperationTimeoutError`
-    after ``timeout`` seconds, :class:`StateCaptureError` when qemu-img fails (unreadable or
-    not an image).
+    after ``timeout`` seconds, :class:`ToolError` when qemu-img fails (unreadable or not an
+    image), :class:`StateCaptureError` when it prints no JSON object.
     """
-    argv = [_executable(), "info", "--force-share", "--output=json", "--", path]
+    out = qemu_img("info", "--force-share", "--output=json", "--", path, timeout=timeout)
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise OperationTimeoutError(
-            f"qemu-img info {path!r} did not finish within {timeout} s",
-            operation="qemu-img info",
-        ) from exc
-    if done.returncode != 0:
-        raise StateCaptureError(
-            f"qemu-img info {path!r} failed (exit {done.returncode}): {done.stderr.strip()}"
-        )
-    try:
-        info = json.loads(done.stdout)
+        info = json.loads(out)
     except json.JSONDecodeError as exc:
         raise StateCaptureError(f"qemu-img info {path!r} printed no JSON: {exc}") from exc
     if not isinstance(info, dict):

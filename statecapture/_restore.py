@@ -32,8 +32,8 @@ from typing import Any
 
 import attrs
 
-from ._nbd import qemu_img
-from .errors import NotFoundError, StateCaptureError, TargetExistsError, UsageError
+from ._qemuimg import qemu_img
+from .errors import NotFoundError, StateCaptureError, TargetExistsError, ToolError, UsageError
 
 __all__ = [
     "VerifyResult",
@@ -333,7 +333,9 @@ def _first_difference(
     b = chain_spec([reference] if isinstance(reference, str | os.PathLike) else list(reference))
     try:
         qemu_img("compare", "-U", a, b)
-    except StateCaptureError as exc:
-        match = re.search(r"offset (\d+)", str(exc))
+    except ToolError as exc:
+        if exc.exit_code != 1:  # 1: the images differ; 2: compare could not tell where
+            return None
+        match = re.search(r"offset (\d+)", exc.stdout)
         return int(match.group(1)) if match else None
     return None

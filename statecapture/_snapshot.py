@@ -29,12 +29,13 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from html import escape
 from typing import TYPE_CHECKING, Final
-from urllib.parse import urlsplit
 
 import attrs
 
 from . import _adapter, _bitmaps, _files, _locks, _qemuimg
+from ._agent import AgentState, agent_state
 from ._hints import add_names_hint
+from ._host import is_local_uri, writes_host_files
 from .errors import (
     CleanupError,
     GuestAgentError,
@@ -44,7 +45,7 @@ from .errors import (
     UnsupportedError,
     UsageError,
 )
-from .xml import Disk, DomainXML, parse
+from .xml import Disk, DomainXML
 from .xml._checkpoint import METADATA_NAME_MAX
 from .xml._snapshot import (
     SnapshotDisk,
@@ -55,7 +56,6 @@ from .xml._snapshot import (
 )
 
 if TYPE_CHECKING:
-    from ._connection import Connection
     from ._domain import Domain
 
 __all__ = [
@@ -73,7 +73,6 @@ EXTERNAL_REVERT_SINCE: Final = (9, 9, 0)
 EXTERNAL_DELETE_SINCE: Final = (9, 0, 0)
 """First libvirt (daemon) version that deletes external snapshots (merging their overlays)."""
 
-_AGENT_CHANNEL: Final = "org.qemu.guest_agent.0"
 _BAD_NAME: Final = re.compile(r"[/\x00-\x1f\x7f]")
 _FILE_NAME_MAX: Final = 255
 
@@ -113,27 +112,6 @@ class SnapshotKind(enum.Enum):
 # ---------------------------------------------------------------------------------- helpers
 
 
-def _is_local(conn: Connection) -> bool:
-    """Whether file paths of this connection's domains name files on this host."""
-    return not urlsplit(conn.uri).hostname
-
-
-def _writes_host_files(conn: Connection) -> bool:
-    """Whether the driver creates real files on this host (the test driver creates none)."""
-    return _is_local(conn) and conn.driver.lower() != "test"
-
-
-def _agent_connected(dom: Domain) -> bool:
-    """Whether the live definition shows the guest agent channel as connected."""
-    if not dom.is_active:
-        return False
-    root = parse(dom._vir.xml_desc())
-    for target in root.iterfind("devices/channel/target"):
-        if target.get("name") == _AGENT_CHANNEL:
-            return target.get("state") == "connected"
-    return False
-
-
 def _dirty_bitmap_problems(dom: Domain, disks: Iterable[Disk]) -> builtins.list[str]:
     """Reasons why the disks hold (or will hold) persistent dirty bitmaps."""
     problems: builtins.list[str] = []
@@ -149,7 +127,7 @@ def _dirty_bitmap_problems(dom: Domain, disks: Iterable[Disk]) -> builtins.list[
             f"the domain has checkpoints ({', '.join(sorted(checkpoints))}), each backed by "
             "a persistent dirty bitmap in its qcow2 disks"
         )
-    if not _writes_host_files(dom.connection):
+    if not writes_host_files(dom.connection):
         return problems
     seen: set[str] = set()
     for disk in disks:
@@ -637,7 +615,7 @@ class SnapshotCollection:
                     "create an internal snapshot",
                     "snapshot create",
                 )
-            if quiesce and not _agent_connected(dom):
+            if quiesce and agent_state(dom) is not AgentState.CONNECTED:
                 raise GuestAgentError(
                     f"refusing to create a quiesced snapshot of domain {dom.name!r}: its guest "
                     "agent is not connected (no running domain, no org.qemu.guest_agent.0 "
@@ -649,8 +627,8 @@ class SnapshotCollection:
                 )
             for path in plan.new_files:
                 _check_file_name(path, "snapshot file")
-            if _is_local(dom.connection):
-                check_dir = _writes_host_files(dom.connection)
+            if is_local_uri(dom.connection.uri):
+                check_dir = writes_host_files(dom.connection)
                 for path in plan.new_files:
                     _check_target(path, "snapshot file", check_dir=check_dir)
             vir = dom._vir.snapshot_create(
@@ -666,7 +644,7 @@ class SnapshotCollection:
                 validate=False,
             )
         snapshot = Snapshot._from_vir(dom, vir, None if metadata else plan.xml)
-        if _writes_host_files(dom.connection):
+        if writes_host_files(dom.connection):
             _owner_only(plan.new_files)
         return snapshot
 

@@ -17,6 +17,8 @@ Every error statecapture raises derives from :class:`StateCaptureError`::
     ├── CleanupError                  an undo step (thaw, job abort, overlay merge ...) failed
     │   └── ThawError                 the guest's filesystems could not be thawed (may be frozen)
     ├── FreezeExpiredError            the freeze ended before its block did (budget spent, thawed)
+    ├── ToolError                     a host tool (qemu-img, qemu-io) failed (.argv, .exit_code,
+    │                                 .stderr, .stdout)
     ├── UsageError                    programmer error: closed connection, bad argument
     ├── TargetExistsError             a file would be overwritten (also a FileExistsError)
     ├── RepositoryError               a backup repository refused or failed (.path)
@@ -53,6 +55,7 @@ __all__ = [
     "CleanupError",
     "ThawError",
     "FreezeExpiredError",
+    "ToolError",
     "UsageError",
     "TargetExistsError",
     "RepositoryError",
@@ -284,6 +287,35 @@ class FreezeExpiredError(StateCaptureError):
         self.reason = reason
         self.max_frozen = max_frozen
         self.frozen_for = frozen_for
+
+
+class ToolError(StateCaptureError):
+    """A host tool statecapture runs (``qemu-img``, ``qemu-io``) exited with an error.
+
+    Tell failures apart by these fields, not by the message text.
+
+    Attributes:
+        argv: the command line, executable first.
+        exit_code: the tool's exit status (``qemu-img compare`` exits 1 when the images
+            differ, 2 on an error).
+        stderr: what the tool wrote to standard error.
+        stdout: what the tool wrote to standard output.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: tuple[str, ...] = (),
+        exit_code: int | None = None,
+        stderr: str = "",
+        stdout: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.argv = tuple(argv)
+        self.exit_code = exit_code
+        self.stderr = stderr
+        self.stdout = stdout
 
 
 class UsageError(StateCaptureError, ValueError):

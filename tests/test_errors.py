@@ -161,6 +161,7 @@ def test_families_and_builtin_bases() -> None:
         errors.TargetExistsError("exists", path="/tmp/x"),
         errors.UsageError("closed"),
         errors.CleanupError("thaw failed"),
+        errors.ToolError("qemu-img failed", argv=("qemu-img", "x"), exit_code=2, stderr="e"),
     ],
 )
 def test_errors_pickle(exc: errors.StateCaptureError) -> None:

@@ -34,6 +34,7 @@ EXPECTED = {
     "CleanupError",
     "UsageError",
     "TargetExistsError",
+    "ToolError",
     # -- memory state names
     "SaveImage",
     "SaveResult",

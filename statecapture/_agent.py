@@ -1,0 +1,77 @@
+"""The one reader of the guest-agent channel state.
+
+libvirt reports whether the guest agent is connected in the live definition: the
+``<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0' state='…'/>``
+element. :func:`agent_state_of` reads it from a parsed definition, :func:`agent_state` from a
+domain, and every module asks one of them (the advisor's facts, ``Domain.agent_connected``,
+freezing, quiesced snapshots), so they all give the same answer:
+
+* no such channel: :attr:`AgentState.NO_CHANNEL`;
+* a channel on a domain that does not run: :attr:`AgentState.DISCONNECTED`;
+* ``state='connected'`` / ``state='disconnected'``: that state;
+* a channel without a ``state`` (the driver does not report it, e.g. the test driver):
+  :attr:`AgentState.UNKNOWN`. Each caller states what it does with it:
+  :func:`agent_connected` (``Domain.agent_connected``, freezing, ``wait_for_agent``) counts it
+  as connected, since the agent command that follows finds out; the advisor reports it as a
+  note, not a blocker; a quiesced snapshot is refused unless the state is
+  :attr:`AgentState.CONNECTED` (it must not depend on an agent nobody saw answer).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+from lxml import etree
+
+from .xml._base import parse
+from .xml._domain import AGENT_CHANNEL
+
+if TYPE_CHECKING:
+    from ._domain import Domain
+
+__all__ = ["AgentState", "agent_connected", "agent_state", "agent_state_of"]
+
+
+class AgentState(enum.Enum):
+    """What the live definition says about the guest-agent channel."""
+
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    NO_CHANNEL = "no channel"
+    UNKNOWN = "unknown"
+    """The channel is defined, but the driver does not report its state."""
+
+    @property
+    def maybe_connected(self) -> bool:
+        """Connected, or possibly so (the driver does not say)."""
+        return self in (AgentState.CONNECTED, AgentState.UNKNOWN)
+
+
+def agent_state_of(root: etree._Element, *, active: bool) -> AgentState:
+    """The agent state in a parsed ``<domain>`` definition of a domain that does (not) run."""
+    for target in root.iterfind("devices/channel/target"):
+        if target.get("name") == AGENT_CHANNEL:
+            if not active:
+                return AgentState.DISCONNECTED
+            state = target.get("state")
+            if state == "connected":
+                return AgentState.CONNECTED
+            if state == "disconnected":
+                return AgentState.DISCONNECTED
+            return AgentState.UNKNOWN
+    return AgentState.NO_CHANNEL
+
+
+def agent_state(dom: Domain) -> AgentState:
+    """The agent state of ``dom``, read from its live definition (no agent command is sent)."""
+    active = dom.is_active
+    return agent_state_of(parse(dom._vir.xml_desc(), expected_root="domain"), active=active)
+
+
+def agent_connected(dom: Domain) -> bool:
+    """Whether the domain runs and its agent channel is connected (``Domain.agent_connected``).
+
+    A channel whose state the driver does not report counts as connected.
+    """
+    return dom.is_active and agent_state(dom).maybe_connected
