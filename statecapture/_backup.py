@@ -603,8 +603,12 @@ class BackupJob:
 
     @property
     def targets(self) -> dict[str, Path]:
-        """Push mode: the target file of each disk."""
-        return {d.name: Path(d.store) for d in self.xml.backed_up if d.store}
+        """Push mode: the file each disk's backup ends up in (in ``target_dir``).
+
+        While the job runs QEMU writes it in a private staging directory inside
+        ``target_dir``; :meth:`wait` moves it to this name when the job has completed.
+        """
+        return {d.name: _final_path(Path(d.store)) for d in self.xml.backed_up if d.store}
 
     @property
     def result(self) -> BackupResult | None:
