@@ -38,7 +38,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -483,6 +483,22 @@ def discard_stale_record(dom: Domain) -> list[str]:
     return errors
 
 
+def _push_delivered(files: Sequence[str]) -> bool:
+    """Whether a dead run's push job left every target: each staged target is still in its
+    staging directory, or was already moved to its final name. A final name counts only
+    when it is recorded (the run records it before the move), so a file someone else put
+    there never makes a job look delivered. Targets without staging (a job begun by an
+    older statecapture) must all exist themselves."""
+    recorded = set(files)
+    staged = [Path(f) for f in files if _final_path(Path(f)) != Path(f)]
+    if not staged:
+        return bool(files) and all(map(os.path.isfile, files))
+    return all(
+        p.is_file() or (str(_final_path(p)) in recorded and _final_path(p).is_file())
+        for p in staged
+    )
+
+
 def _recover_stale(dom: Domain) -> list[str]:
     """Clean up after a run that died and whose job has ended since (no job runs now).
 
@@ -498,9 +514,7 @@ def _recover_stale(dom: Domain) -> list[str]:
             return ["cleared a damaged backup record"]
         return []
     actions: list[str] = []
-    delivered = record.delivered or (
-        record.mode == "push" and bool(record.files) and all(map(os.path.isfile, record.files))
-    )
+    delivered = record.delivered or (record.mode == "push" and _push_delivered(record.files))
     errors: list[str] = []
     if delivered:
         actions.append(
@@ -603,8 +617,12 @@ class BackupJob:
 
     @property
     def targets(self) -> dict[str, Path]:
-        """Push mode: the target file of each disk."""
-        return {d.name: Path(d.store) for d in self.xml.backed_up if d.store}
+        """Push mode: the file each disk's backup ends up in (in ``target_dir``).
+
+        While the job runs QEMU writes it in a private staging directory inside
+        ``target_dir``; :meth:`wait` moves it to this name when the job has completed.
+        """
+        return {d.name: _final_path(Path(d.store)) for d in self.xml.backed_up if d.store}
 
     @property
     def result(self) -> BackupResult | None:

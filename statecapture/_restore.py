@@ -19,12 +19,10 @@ reference image of the guest disk taken at the backup's start.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import secrets
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +30,9 @@ from typing import Any
 
 import attrs
 
+from . import _files
 from ._qemuimg import qemu_img
-from .errors import NotFoundError, StateCaptureError, TargetExistsError, ToolError, UsageError
+from .errors import NotFoundError, StateCaptureError, ToolError, UsageError
 
 __all__ = [
     "VerifyResult",
@@ -182,63 +181,56 @@ def restore_disk(
     without its full image or a layer that is not based on the previous one raises
     :class:`UsageError` naming the layer that does not fit, and nothing is written.
     ``destination`` is written as ``format`` (``qcow2`` or ``raw``), owner-only (0600), and
-    only appears once complete (written under a temporary name, then linked). An existing
-    ``destination`` raises :class:`TargetExistsError` unless ``overwrite=True``. The backup
-    files are only read, never changed. Returns the destination path.
+    only appears once complete: it is written as the hidden ``.<name>.partial`` next to it
+    (created exclusively, never through a symlink), then linked into place. An existing
+    ``destination`` — even a dangling symlink — raises :class:`TargetExistsError` unless
+    ``overwrite=True`` (which replaces the name itself, never writing through a link); so
+    does anything already at the partial name, which is left untouched. The backup files are
+    only read, never changed. Returns the destination path.
     """
     if format not in ("qcow2", "raw"):
         raise UsageError(f"format must be 'qcow2' or 'raw', not {format!r}")
     dest = Path(destination).absolute()
-    if os.path.lexists(dest) and not overwrite:
-        raise TargetExistsError(f"{dest} exists; pass overwrite=True to replace it", path=str(dest))
-    if not dest.parent.is_dir():
-        raise UsageError(f"{dest.parent} is not a directory")
-    paths = check_chain(chain)  # before anything is written: a refusal leaves nothing
-    spec = chain_spec(paths)
-    # The partial file is created owner-only, exclusively and never through a symlink,
-    # relative to the opened destination directory.
-    dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        tmp_name = _create_partial(dir_fd, dest.name)
-        tmp = dest.parent / tmp_name
+    name = dest.name
+    partial = _partial_name(name)
+    with _files.Directory.open(dest.parent, what="restore destination directory") as ddir:
+        # One rule (a dangling symlink exists too), checked before anything is written.
+        if not overwrite:
+            ddir.check_free(name, what="restore destination")
+        ddir.check_free(partial, what="restore partial file")
+        paths = check_chain(chain)  # before anything is written: a refusal leaves nothing
+        spec = chain_spec(paths)
+        # O_EXCL | O_NOFOLLOW relative to the directory opened once; qemu-img gets the
+        # descriptor path, so a name swapped meanwhile redirects nothing.
+        fd = ddir.create(partial)
         try:
-            qemu_img("convert", "-U", "-O", format, spec, str(tmp))
-            fd = os.open(tmp_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            try:
-                os.fchmod(fd, 0o600)
-            finally:
-                os.close(fd)
+            qemu_img("convert", "-U", "-O", format, spec, _files.fd_path(fd))
+            os.fchmod(fd, _files.FILE_MODE)
+            os.fsync(fd)
             if overwrite:
-                os.replace(tmp_name, dest.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                if not ddir.same_file(partial, fd):
+                    raise StateCaptureError(
+                        f"{ddir.join(partial)} was replaced while the image was written; "
+                        f"{dest} was left as it was"
+                    )
+                # rename(2) replaces the name itself: a symlink there is replaced, never
+                # written through.
+                os.replace(partial, name, src_dir_fd=ddir.fd, dst_dir_fd=ddir.fd)
             else:
-                os.link(
-                    tmp_name,
-                    dest.name,
-                    src_dir_fd=dir_fd,
-                    dst_dir_fd=dir_fd,
-                    follow_symlinks=False,
-                )
-                os.unlink(tmp_name, dir_fd=dir_fd)
+                ddir.link_fd(fd, name)  # the file we wrote; never replaces a name
+                ddir.remove_if_same(partial, fd)
+            ddir.fsync()
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name, dir_fd=dir_fd)
+            ddir.remove_if_same(partial, fd)  # only our file; a swapped-in name stays
             raise
-    finally:
-        os.close(dir_fd)
+        finally:
+            os.close(fd)
     return dest
 
 
-def _create_partial(dir_fd: int, name: str) -> str:
-    """Create an empty hidden ``.NAME.<random>.partial`` (0600, O_EXCL|O_NOFOLLOW); its name."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(100):
-        candidate = f".{name}.{secrets.token_hex(6)}.partial"
-        try:
-            os.close(os.open(candidate, flags, 0o600, dir_fd=dir_fd))
-        except FileExistsError:
-            continue
-        return candidate
-    raise TargetExistsError(f"could not create a partial file for {name}", path=name)
+def _partial_name(name: str) -> str:
+    """The hidden name a restored image is written under before it is linked into place."""
+    return f".{name}.partial"
 
 
 def _hash_raw(path: Path) -> str:

@@ -180,7 +180,11 @@ def push_then_die(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     while _job_xml(dom) is not None:
         assert time.monotonic() < deadline, "the push job never ended"
         time.sleep(0.05)
-    emit(files=[str(p) for p in job.targets.values()])
+    # files: the final names; staged: where QEMU wrote them (moved by the next clean-up)
+    emit(
+        files=[str(p) for p in job.targets.values()],
+        staged=[d.store for d in job.xml.backed_up if d.store],
+    )
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -242,6 +242,36 @@ def test_restore_never_writes_through_a_symlinked_destination(tmp_path: Path) ->
     assert victim.read_bytes() == b"keep" and not (tmp_path / "nowhere").exists()
 
 
+def test_restore_refuses_a_link_planted_at_the_destination_or_its_partial_name(
+    tmp_path: Path,
+) -> None:
+    """A symlink planted at the destination or at its partial name (``.<name>.partial``) is
+    a TargetExistsError raised before anything is written: the link and what it points to
+    are left untouched, and no file appears. ``overwrite=True`` replaces a link at the
+    destination itself (rename), never writing through it."""
+    full, _inc1, _inc2 = _three_layers(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    dest = tmp_path / "restored.qcow2"
+    partial = tmp_path / ".restored.qcow2.partial"
+    partial.symlink_to(victim)
+    for overwrite in (False, True):
+        with pytest.raises(TargetExistsError, match="partial"):
+            restore_disk([full], dest, overwrite=overwrite)
+        assert partial.is_symlink() and os.readlink(partial) == str(victim)
+        assert victim.read_bytes() == b"keep" and not os.path.lexists(dest)
+    partial.unlink()
+    dest.symlink_to(victim)
+    with pytest.raises(TargetExistsError, match="restore destination"):
+        restore_disk([full], dest)
+    assert dest.is_symlink() and victim.read_bytes() == b"keep"
+    assert not os.path.lexists(partial)
+    restore_disk([full], dest, overwrite=True)
+    assert not dest.is_symlink() and _mode(dest) == 0o600
+    assert image_digest(dest) == image_digest(full)
+    assert victim.read_bytes() == b"keep" and not os.path.lexists(partial)
+
+
 # ----------------------------------------------------------------------------- real tier
 
 

@@ -13,23 +13,30 @@ the advisor.
   standing worse (blocked, then the number of unmet needs).
 
 The number of examples comes from the Hypothesis profile (``dev`` locally, ``ci`` in CI;
-see ``tests/conftest.py``). Restore-chain validation gets its property with its module.
+see ``tests/conftest.py``).
+* Restore-chain validation (``statecapture/_restore.py``): from a pool of real qcow2 images
+  (two chains with the same file names, a lone full image), any list is accepted exactly
+  when it is one chain in order, and otherwise refused naming the first misfit.
 """
 
 from __future__ import annotations
 
+import os
 import string
+import subprocess
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import attrs
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import statecapture
 from statecapture import _advisor, _journal, _nbd
-from statecapture.errors import StateCaptureError
+from statecapture._restore import check_chain
+from statecapture.errors import StateCaptureError, UsageError
 
 # ----------------------------------------------------------------------------- NBD planning
 
@@ -372,3 +379,100 @@ def check_monotone(facts: Any, caps: Any) -> None:
                     assert relaxed[1] <= strict[1], (method, needs, relaxed_needs)
 
     run()
+
+
+# ----------------------------------------------------------------------------- restore chains
+
+#: The pool: ``(directory, file name, index of the base in the pool or None)``. Two chains
+#: with the *same* file names in two directories (a layer of the other chain names a base
+#: with the right name that is the wrong file) and a lone full image.
+_POOL_SPEC: tuple[tuple[str, str, int | None], ...] = (
+    ("a", "full.qcow2", None),  # 0
+    ("a", "inc1.qcow2", 0),  # 1
+    ("a", "inc2.qcow2", 1),  # 2
+    ("a", "inc3.qcow2", 2),  # 3
+    ("b", "full.qcow2", None),  # 4
+    ("b", "inc1.qcow2", 4),  # 5
+    ("b", "inc2.qcow2", 5),  # 6
+    ("a", "lone.qcow2", None),  # 7
+)
+_CHAINS = ((0, 1, 2, 3), (4, 5, 6))
+# qemu-img is slow: a few examples each, whatever the profile says.
+_CHAIN_EXAMPLES = settings(max_examples=min(settings().max_examples, 40))
+
+
+@pytest.fixture(scope="module")
+def chain_pool(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The pool's images, made once per module with ``qemu-img create -b`` (relative base
+    names, as statecapture writes its incrementals)."""
+    root = tmp_path_factory.mktemp("chains")
+    paths: list[Path] = []
+    for directory, name, base in _POOL_SPEC:
+        (root / directory).mkdir(exist_ok=True)
+        path = root / directory / name
+        cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if base is not None:
+            cmd += ["-b", _POOL_SPEC[base][1], "-F", "qcow2"]
+        subprocess.run([*cmd, str(path), "1M"], check=True, cwd=path.parent)
+        paths.append(path)
+    return paths
+
+
+def _first_misfit(picks: list[int]) -> int | None:
+    """The oracle: the first layer that does not sit on the one before it (None: a chain)."""
+    for i, pick in enumerate(picks):
+        base = _POOL_SPEC[pick][2]
+        if (i == 0 and base is not None) or (i > 0 and base != picks[i - 1]):
+            return i
+    return None
+
+
+@st.composite
+def chain_picks(draw: st.DrawFn) -> list[int]:
+    """A correct chain's prefix, then maybe permuted, with a layer dropped, a foreign
+    layer put in, or any list of pool images at all."""
+    chain = list(draw(st.sampled_from(_CHAINS)))
+    picks = chain[: draw(st.integers(1, len(chain)))]
+    how = draw(st.sampled_from(["correct", "permute", "gap", "foreign", "any"]))
+    if how == "permute":
+        picks = draw(st.permutations(picks))
+    elif how == "gap" and len(picks) > 1:
+        del picks[draw(st.integers(0, len(picks) - 2))]
+    elif how == "foreign":
+        foreign = [i for i in range(len(_POOL_SPEC)) if i not in chain]
+        picks.insert(draw(st.integers(0, len(picks))), draw(st.sampled_from(foreign)))
+    elif how == "any":
+        picks = draw(st.lists(st.integers(0, len(_POOL_SPEC) - 1), min_size=1, max_size=5))
+    return picks
+
+
+@_CHAIN_EXAMPLES
+@given(picks=chain_picks())
+def test_restore_chain_check_refuses_exactly_the_misfits(
+    chain_pool: list[Path], picks: list[int]
+) -> None:
+    """check_chain (restore_disk's and verify's check) accepts a list of images exactly
+    when it is a full image followed by its incrementals in order; any permutation, gap or
+    foreign layer (even one whose base has the right file name) is a UsageError naming the
+    first layer that does not fit, by position and path."""
+    chain = [chain_pool[i] for i in picks]
+    bad = _first_misfit(picks)
+    if bad is None:
+        assert check_chain(chain) == chain
+    else:
+        with pytest.raises(UsageError) as info:
+            check_chain(chain)
+        assert f"layer {bad} of the chain ({chain[bad]})" in str(info.value)
+
+
+@_CHAIN_EXAMPLES
+@given(which=st.sampled_from(_CHAINS), data=st.data())
+def test_restore_chain_check_accepts_every_correct_chain(
+    chain_pool: list[Path], which: tuple[int, ...], data: st.DataObject
+) -> None:
+    """Every full image with its first k incrementals, in order, passes the check (given as
+    absolute or relative paths), and the check returns their absolute paths (the same files)."""
+    chain = [chain_pool[i] for i in which[: data.draw(st.integers(1, len(which)))]]
+    assert check_chain(chain) == chain
+    relative = [os.path.relpath(p) for p in chain]
+    assert [p.resolve() for p in check_chain(relative)] == chain

@@ -110,13 +110,17 @@ def test_push_job_abandoned_by_an_exception_leaves_nothing(
     b: statecapture.Domain, tmp_path: Path, exc: BaseException
 ) -> None:
     """An exception — KeyboardInterrupt too — in a push job's with block ends the job and
-    removes its checkpoint and its target file; the exception propagates unchanged."""
+    removes its checkpoint and its target file; the exception itself propagates, its only
+    addition a note that says what the rollback undid."""
     with (
         pytest.raises(type(exc)) as caught,
         b.backup(mode="push", target_dir=tmp_path, checkpoint="abandoned"),
     ):
         raise exc
-    assert caught.value is exc and not getattr(exc, "__notes__", None)
+    assert caught.value is exc
+    notes = getattr(exc, "__notes__", [])
+    assert len(notes) == 1 and notes[0].startswith("statecapture: rolled back the backup")
+    assert "deleted the checkpoint 'abandoned'" in notes[0]
     assert b.active_backup() is None
     assert "abandoned" not in b.checkpoints
     assert list(tmp_path.iterdir()) == []

@@ -238,13 +238,15 @@ def test_dead_push_run_with_all_targets_counts_as_completed(e: Env) -> None:
     nxt = e.run("next_backup", {"target_dir": str(e.target), "incremental_from": "k1"})
     assert nxt["before"] == ["k1"] and nxt["after"] == ["k1"], nxt
     assert nxt["incremental"] and all(Path(f).is_file() for f in nxt["incremental"])
-    assert all(f.is_file() for f in files)
+    assert all(f.is_file() for f in files)  # moved from staging to the final names
+    assert sorted(p.name for p in e.target.iterdir() if p.name.startswith(".")) == []
     for f in e.target.iterdir():
         f.unlink()
 
     started = e.run("push_then_die", {"target_dir": str(e.target), "checkpoint": "k2"}, rc=-9)
-    for f in started["files"]:
-        Path(f).unlink(missing_ok=True)  # the run's target is gone
+    assert all(Path(f).is_file() for f in started["staged"])  # not moved yet: nobody waited
+    for f in started["staged"]:
+        Path(f).unlink()  # the run's target is gone
     nxt = e.run("next_backup", {"target_dir": str(e.target)})
     assert nxt["before"] == ["k2"] and nxt["after"] == [], nxt
     e.assert_clean()

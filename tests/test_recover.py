@@ -568,6 +568,45 @@ def test_recover_cleans_the_stale_record_of_a_job_that_ended_without_its_run(
         assert j.wait().disk("vda").file.exists()
 
 
+@pytest.mark.qemu
+def test_recover_keeps_a_completed_push_whose_run_died_while_moving_it(
+    guest: statecapture.Domain, tmp_path: Path
+) -> None:
+    """A push run records a target's final name, then moves the finished target out of its
+    private staging directory. When its process dies after recording the name (the target
+    still staged) or after the move (the staged name gone), the job had delivered: recover()
+    keeps the checkpoint, the image ends up at its final name and no staging directory
+    stays behind."""
+    from statecapture._backup import _final_path, _publish
+
+    dom = guest
+    out = tmp_path / "push"
+    out.mkdir()
+    events = dom.connection.events
+    for cp, moved in (("m1", False), ("m2", True)):
+        with events.expect(kind=statecapture.EventKind.JOB_COMPLETED, domain_uuid=dom.uuid) as done:
+            job = dom.backup(mode="push", target_dir=out, checkpoint=cp)
+            _abandon(job)
+            done.wait(120, what="JOB_COMPLETED")
+        _wait_no_job(dom)
+        staged = Path(job.xml.backed_up[0].store or "")
+        final = _final_path(staged)
+        assert final == out / f"{dom.name}.vda.{cp}.qcow2" != staged
+        job._add_files(final)  # the run recorded the final name, then died ...
+        if moved:
+            _publish(staged, final)  # ... or died right after moving the target
+        report = statecapture.recover(dom)
+        assert report.clean, str(report)
+        assert cp in dom.checkpoints, str(report)
+        assert _record_text(dom) is None
+        assert final.is_file() and not staged.exists()
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{dom.name}.vda.m1.qcow2",
+        f"{dom.name}.vda.m2.qcow2",
+    ]
+
+
 def _wait_no_job(dom: statecapture.Domain) -> None:
     deadline = time.monotonic() + 120
     while dom.active_backup() is not None:
