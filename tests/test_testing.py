@@ -424,12 +424,14 @@ def _install_like_a_wheel(site: Path) -> None:
     for package in find_packages(where=str(REPO), include=config["packages"]["find"]["include"]):
         src = REPO / package.replace(".", "/")
         dst = site / package.replace(".", "/")
-        dst.mkdir(parents=True)
+        dst.mkdir(parents=True, exist_ok=True)
         for f in src.glob("*.py"):
             shutil.copy2(f, dst / f.name)
         for pattern in data.get(package, []):
-            for f in src.glob(pattern):
-                shutil.copy2(f, dst / f.name)
+            for f in src.glob(pattern):  # patterns may name subdirectories (_advisor/...)
+                target = dst / f.relative_to(src)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target)
 
 
 @pytest.mark.qemu
