@@ -14,6 +14,7 @@ One module per measurement (the numbers are the items of the issue):
 5. :mod:`benchmarks.incremental` — bytes copied per byte dirtied, time against a full backup
 6. :mod:`benchmarks.pushpull` — push and pull backups of the same data
 7. :mod:`benchmarks.memory` — peak memory of a pull download for two disk sizes
+8. :mod:`benchmarks.repository` — backup repository: digest overhead, verify reads, listing
 
 Items 1 and 4-7 share one real guest (TCG, embedded QEMU driver) built with the test
 harness in ``tests/_harness``; items 2 and 3 need only libvirt's test driver. Nothing here is
@@ -31,7 +32,16 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-MODULE_NAMES = ("freeze", "overhead", "scaling", "throughput", "incremental", "pushpull", "memory")
+MODULE_NAMES = (
+    "freeze",
+    "overhead",
+    "scaling",
+    "throughput",
+    "incremental",
+    "pushpull",
+    "memory",
+    "repository",
+)
 """Every benchmark module, in the order of the issue's items."""
 
 __all__ = ["MODULE_NAMES", "modules"]

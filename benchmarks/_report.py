@@ -32,6 +32,7 @@ ITEMS = {
     5: "incremental efficiency",
     6: "push vs pull",
     7: "peak memory of a pull download",
+    8: "backup repository (digests, verify, listing)",
 }
 
 

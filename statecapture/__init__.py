@@ -83,6 +83,25 @@ from ._sequences import (  # sequences
     direct_backup,
 )
 
+# -- repository imports
+# isort: split
+from ._repository import (  # repository
+    CheckReport,
+    Difference,
+    DiskEntry,
+    PointKind,
+    PruneReport,
+    Repository,
+    RestorePoint,
+    VerifyReport,
+)
+from .errors import (  # repository
+    ChainError,
+    RepositoryError,
+    RepositoryFormatError,
+    RepositoryLockedError,
+)
+
 # -- advisor imports
 # isort: split
 from ._advisor import (  # advisor
@@ -193,6 +212,19 @@ __all__ = [
     "StepTiming",
     "recover",
     "RecoveryReport",
+    # -- repository names
+    "Repository",
+    "RestorePoint",
+    "PointKind",
+    "DiskEntry",
+    "VerifyReport",
+    "Difference",
+    "PruneReport",
+    "CheckReport",
+    "RepositoryError",
+    "RepositoryFormatError",
+    "RepositoryLockedError",
+    "ChainError",
     # -- advisor names
     "advise",
     "Needs",

@@ -37,7 +37,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from numbers import Real
 from pathlib import Path
@@ -76,7 +76,7 @@ from .xml import (
 from .xml._base import parse, serialize
 
 if TYPE_CHECKING:
-    from ._backup import BackupJob
+    from ._backup import BackupJob, BackupProgress
     from ._domain import Domain
 
 __all__ = [
@@ -897,7 +897,12 @@ def _checkpoint_name(checkpoint: object, run_id: str) -> str | None:
 
 
 def _plan_backup_files(
-    dom: Domain, target_dir: Path, label: str | None, *, pull: bool
+    dom: Domain,
+    target_dir: Path,
+    label: str | None,
+    *,
+    pull: bool,
+    disks: Sequence[str] | None = None,
 ) -> dict[str, str]:
     """``file:vda`` / ``partial:vda`` → the paths this run will write (known label only)."""
     from ._backup import backup_file_name
@@ -907,6 +912,8 @@ def _plan_backup_files(
     planned: dict[str, str] = {}
     for disk in dom.definition.disks:
         if disk.device != "disk" or disk.readonly or disk.source is None:
+            continue
+        if disks is not None and disk.target not in disks:
             continue
         name = backup_file_name(dom.name, disk.target, label)
         planned[f"file:{disk.target}"] = str(target_dir / name)
@@ -970,6 +977,8 @@ def direct_backup(
     checkpoint: bool | str = True,
     quiesce: QuiesceMode = True,
     max_frozen: float = 10.0,
+    disks: Sequence[str] | None = None,
+    progress: Callable[[BackupProgress], None] | None = None,
 ) -> SequenceResult:
     """Back up a running domain's disks with a backup job, frozen only for its start.
 
@@ -1005,6 +1014,8 @@ def direct_backup(
         checkpoint: ``True`` (a generated name), a name, or ``False``.
         quiesce: as for :func:`backup_via_temporary_snapshot`.
         max_frozen: the freeze budget in seconds.
+        disks: the disk targets to copy (default: every writable disk with an image).
+        progress: called with :class:`BackupProgress` while the disks are copied.
     """
     from .xml import BackupMode
 
@@ -1055,7 +1066,7 @@ def direct_backup(
             operation=SEQ_DIRECT,
             domain_name=dom.name,
         )
-    planned = _plan_backup_files(dom, tdir, cp_name, pull=pull)
+    planned = _plan_backup_files(dom, tdir, cp_name, pull=pull, disks=disks)
     facts = {"mode": bmode.value, "target_dir": str(tdir), **planned}
     if cp_name is not None:
         facts["checkpoint"] = cp_name
@@ -1098,6 +1109,7 @@ def direct_backup(
                     incremental_from=incremental_from,
                     checkpoint=cp_name,
                     target_dir=None if pull else tdir,
+                    disks=disks,
                 )
             )
 
@@ -1115,16 +1127,18 @@ def direct_backup(
 
         reported: list[bool] = []
 
-        def progress(_p: object) -> None:
+        def report(p: BackupProgress) -> None:
             if not reported:
                 reported.append(True)
                 boundary("mid:transfer")
+            if progress is not None:
+                progress(p)
 
         with writer.step("transfer"):
             if pull:
-                job.download(tdir, progress=progress)
+                job.download(tdir, progress=report)
             else:
-                job.wait(progress=progress)
+                job.wait(progress=report)
 
         with writer.step("end"):
             result = job.end()

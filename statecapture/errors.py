@@ -18,7 +18,11 @@ Every error statecapture raises derives from :class:`StateCaptureError`::
     │   └── ThawError                 the guest's filesystems could not be thawed (may be frozen)
     ├── FreezeExpiredError            the freeze ended before its block did (budget spent, thawed)
     ├── UsageError                    programmer error: closed connection, bad argument
-    └── TargetExistsError             a file would be overwritten (also a FileExistsError)
+    ├── TargetExistsError             a file would be overwritten (also a FileExistsError)
+    └── RepositoryError               a backup repository refused or failed (.path)
+        ├── RepositoryFormatError     not a repository, or made by a newer format version
+        ├── RepositoryLockedError     another writer holds the domain's lock (also a TimeoutError)
+        └── ChainError                a stored chain fails validation (missing or wrong layer)
 
 Operational errors (the host or guest said no) and programmer errors (:class:`UsageError`)
 are separate families, so ``except LibvirtError`` never hides a bug in the calling code.
@@ -49,6 +53,10 @@ __all__ = [
     "FreezeExpiredError",
     "UsageError",
     "TargetExistsError",
+    "RepositoryError",
+    "RepositoryFormatError",
+    "RepositoryLockedError",
+    "ChainError",
     "lookup",
 ]
 
@@ -284,6 +292,31 @@ class TargetExistsError(StateCaptureError, FileExistsError):
     def __init__(self, message: str, *, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class RepositoryError(StateCaptureError):
+    """A backup repository (:class:`~statecapture.Repository`) refused or failed an operation.
+
+    Attributes:
+        path: the repository, or the file inside it, concerned (when known).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class RepositoryFormatError(RepositoryError):
+    """The directory is not a backup repository, or one made by a newer format version."""
+
+
+class RepositoryLockedError(RepositoryError, TimeoutError):
+    """Another writer held the domain's lock in the repository for longer than the timeout."""
+
+
+class ChainError(RepositoryError):
+    """A stored backup chain fails validation: a layer is missing, names the wrong backing
+    file, or has the wrong virtual size. Raised before anything is written."""
 
 
 _BY_CODE: dict[int, type[LibvirtError]] = {}

@@ -24,6 +24,8 @@ def test_tour_on_the_embedded_default() -> None:
     assert "FAILED" not in text
     assert "snapshots: create, tree, revert, delete: tour-s1 -> tour-s2" in text
     assert "backup job (push, full): not on this driver" in text
+    assert "backup repository: backup, restore, verify, prune: a running domain needs QEMU" in text
+    assert "full (domain shut off, first backup), restored vda, verify ok" in text
     assert "Advice for 'tour-vm'" in text
     # The tour leaves nothing behind in the connection it used.
     with statecapture.connect("test:///default") as conn:
@@ -48,5 +50,6 @@ def test_tour_on_real_qemu_runs_both_sequences(guest, qemu_uri: str) -> None:
     assert "sequence: direct backup (push, new checkpoint): application consistent" in text
     assert "sequence: backup via a temporary external snapshot: application consistent" in text
     assert "recover(): nothing left behind: clean" in text
+    assert "backup repository: backup, restore, verify, prune: full (first backup), then " in text
     assert guest.block_jobs() == ()
     assert guest.active_backup() is None

@@ -1,0 +1,328 @@
+"""Repository maintenance: :meth:`Repository.verify`, :meth:`Repository.check` and
+:meth:`Repository.prune` (retention with layer merging)."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attrs
+
+from .._journal import boundary
+from ..errors import ChainError, RepositoryError, StateCaptureError, UnsupportedError, UsageError
+from . import chain as _chain
+from . import digests as _dg
+from . import retention
+from .common import _not_found, _safe, _uuid_of
+from .manifest import DiskEntry, PointKind, RestorePoint, dumps
+from .reports import CheckReport, Difference, PruneReport, VerifyReport
+from .store import fsync_dir, read_bytes, write_atomic
+from .store import remove as _remove
+
+if TYPE_CHECKING:
+    from .._domain import Domain
+    from .repository import Repository
+
+__all__ = ["check", "prune", "verify"]
+
+
+def digest_map(
+    repo: Repository, ddir: Path, entry: DiskEntry, cache: dict[str, _dg.DigestMap]
+) -> _dg.DigestMap:
+    if entry.digests is None:
+        raise RepositoryError(f"{entry.file} has no digests")
+    if entry.digests not in cache:
+        path = ddir / "digests" / entry.digests
+        cache[entry.digests] = _dg.DigestMap.from_json(read_bytes(path), str(path))
+    return cache[entry.digests]
+
+
+def verify_disk(
+    repo: Repository,
+    ddir: Path,
+    pts: Mapping[str, RestorePoint],
+    index: Mapping[str, DiskEntry],
+    p: RestorePoint,
+    disk: str,
+    cache: dict[str, _dg.DigestMap],
+) -> tuple[int, list[Difference]]:
+    images = ddir / "images"
+    layers = _chain.validate_chain(images, p, disk, index)
+    expected_entries = _chain.expected_chain(p, disk, index)
+    maps = [digest_map(repo, ddir, e, cache) for e in expected_entries]
+    own = maps[0]
+    size = expected_entries[0].size
+    extents = _dg.read_map(layers[0])
+    wanted = _dg.layer_blocks(extents) | set(own.blocks)
+    if own.complete:  # a full layer: every block it stores, and the zero ones too
+        wanted |= set(range((size + _dg.BLOCK_SIZE - 1) // _dg.BLOCK_SIZE))
+    got = _dg.digest_blocks(layers[0], size, wanted.__contains__, extents=extents, files=layers)
+    read = sum(e.length for e in extents if e.depth == 0 and e.data)
+    bad: list[Difference] = []
+    for b in sorted(wanted):
+        want = None
+        for m in maps:
+            if b in m.blocks:
+                want = m.blocks[b]
+                break
+            if m.complete:
+                break
+        if want is None:
+            want = _dg.zero_digest(size, b)
+        if got.get(b) != want:
+            off = b * _dg.BLOCK_SIZE
+            bad.append(Difference(p.id, disk, off, min(_dg.BLOCK_SIZE, size - off)))
+    return read, bad
+
+
+def remove_point(repo: Repository, ddir: Path, rid: str) -> list[str]:
+    """Remove point ``rid``, merging its layers into the layers that sit on them.
+
+    Order (each step leaves every listed point restorable when the process dies):
+    rebase each child layer (its guest-visible data never changes during a safe
+    rebase) → rewrite the child's manifest → remove ``rid``'s manifest → its files.
+    """
+    images = ddir / "images"
+    merged: list[str] = []
+    pts = repo._load(ddir)
+    r = pts[rid]
+    cache: dict[str, _dg.DigestMap] = {}
+    for re_ in r.disks.values():
+        children = [
+            (q, d)
+            for q in pts.values()
+            for d, e in q.disks.items()
+            if e.parent_file == re_.file and q.id != rid
+        ]
+        for q, d in children:
+            ce = q.disks[d]
+            child = images / ce.file
+            lower = digest_map(repo, ddir, re_, cache)
+            upper = digest_map(repo, ddir, ce, cache)
+            boundary("repo:prune:before-rebase")
+            if re_.parent_file is not None:
+                _rebase(images, child, re_.parent_file)
+                new_e = attrs.evolve(ce, parent_file=re_.parent_file)
+            else:
+                _rebase(images, child, None)
+                new_e = attrs.evolve(ce, parent_file=None, kind=PointKind.FULL)
+            boundary("repo:prune:rebased")
+            dmap = _dg.merge(lower, upper)
+            dname = f"{q.id}.{_safe(d)}.m{secrets.token_hex(3)}.json"
+            write_atomic(ddir / "digests", dname, dmap.to_json(), replace=False)
+            old_digests = ce.digests
+            new_e = attrs.evolve(new_e, digests=dname)
+            qdisks = dict(q.disks)
+            qdisks[d] = new_e
+            kind = (
+                PointKind.INCREMENTAL
+                if any(e.kind is PointKind.INCREMENTAL for e in qdisks.values())
+                else PointKind.FULL
+            )
+            q = attrs.evolve(
+                q,
+                disks=qdisks,
+                kind=kind,
+                parent=r.parent if kind is PointKind.INCREMENTAL else None,
+                bytes_copied=q.bytes_copied,
+            )
+            write_atomic(ddir / "points", f"{q.id}.json", dumps(q.to_json()))
+            boundary("repo:prune:child-listed")
+            pts[q.id] = q
+            if old_digests:
+                _remove(ddir / "digests" / old_digests)
+            merged.append(f"{ce.file} <- {re_.file}")
+    _remove(ddir / "points" / f"{rid}.json")
+    fsync_dir(ddir / "points")
+    boundary("repo:prune:unlisted")
+    for e in r.disks.values():
+        _remove(images / e.file)
+        if e.digests:
+            _remove(ddir / "digests" / e.digests)
+    _remove(ddir / "config" / rid)
+    return merged
+
+
+def verify(repo: Repository, point: RestorePoint | str | None = None) -> VerifyReport:
+    """Re-read stored data and compare it with the digests recorded at backup time.
+
+    ``point=None`` checks every point of every domain; a point checks it and the points
+    its chains rest on. For each point and disk, every block its own layer stores (and
+    every block its digest delta names) is read through the chain and compared; each
+    stored byte is read about once. No guest, original disk or libvirt is needed.
+    """
+    if point is None:
+        targets: list[tuple[Path, dict[str, RestorePoint], list[RestorePoint]]] = []
+        for ddir in repo._domain_dirs():
+            pts = repo._load(ddir)
+            targets.append((ddir, pts, sorted(pts.values(), key=lambda q: q.id)))
+    else:
+        p, ddir, pts = repo._resolve(point)
+        chain = [p]
+        while chain[-1].parent is not None and chain[-1].parent in pts:
+            chain.append(pts[chain[-1].parent])
+        # full disks of an incremental point (disk added) rest on older points too
+        index = _chain.file_index(pts)
+        owner = {e.file: q for q in pts.values() for e in q.disks.values()}
+        wanted = {q.id for q in chain}
+        for q in list(chain):
+            for d in q.disks:
+                with contextlib.suppress(ChainError):
+                    for e in _chain.expected_chain(q, d, index):
+                        wanted.add(owner[e.file].id)
+        targets = [(ddir, pts, sorted((pts[i] for i in wanted), key=lambda q: q.id))]
+    checked: list[str] = []
+    diffs: list[Difference] = []
+    errors: list[str] = []
+    read = 0
+    for ddir, pts, todo in targets:
+        cache: dict[str, _dg.DigestMap] = {}
+        index = _chain.file_index(pts)
+        for p in todo:
+            checked.append(p.id)
+            for disk in sorted(p.disks):
+                try:
+                    n, bad = verify_disk(repo, ddir, pts, index, p, disk, cache)
+                except (RepositoryError, StateCaptureError, OSError) as exc:
+                    errors.append(f"point {p.id} disk {disk}: {exc}")
+                    continue
+                read += n
+                diffs.extend(bad)
+    return VerifyReport(tuple(checked), read, tuple(diffs), tuple(errors))
+
+
+def check(repo: Repository, *, repair: bool = False) -> CheckReport:
+    """Look for inconsistencies: orphan files, points whose chains do not validate.
+
+    ``repair=True`` (taking each domain's lock) removes the orphans and the manifests of
+    points that cannot be restored (their files are kept out of the listing, then
+    removed as orphans). Never needs libvirt.
+    """
+    orphans: list[str] = []
+    broken: list[str] = []
+    problems: list[str] = []
+    for ddir in repo._domain_dirs():
+        lock = repo._lock(ddir.name)
+        with lock.held() if repair else contextlib.nullcontext():
+            for _ in range(100):  # a removed point can break its children: repeat
+                pts = repo._load(ddir)
+                index = _chain.file_index(pts)
+                bad_now: list[str] = []
+                for p in sorted(pts.values(), key=lambda q: q.id):
+                    for disk in sorted(p.disks):
+                        try:
+                            _chain.validate_chain(ddir / "images", p, disk, index)
+                            e = p.disks[disk]
+                            if e.digests and not (ddir / "digests" / e.digests).is_file():
+                                problems.append(f"point {p.id} disk {disk}: digests missing")
+                        except (ChainError, RepositoryError) as exc:
+                            problems.append(str(exc))
+                            bad_now.append(p.id)
+                            break
+                broken.extend(b for b in bad_now if b not in broken)
+                if not repair or not bad_now:
+                    break
+                for b in bad_now:
+                    _remove(ddir / "points" / f"{b}.json")
+                fsync_dir(ddir / "points")
+            found = repo._orphans(ddir, repo._load(ddir))
+            orphans.extend(found)
+            if repair:
+                for rel in found:
+                    _remove(repo.path / rel)
+    return CheckReport(tuple(orphans), tuple(broken), tuple(problems), repaired=repair)
+
+
+def prune(
+    repo: Repository,
+    domain: Domain | str,
+    *,
+    keep_last: int | None = None,
+    keep_daily: int | None = None,
+    keep_weekly: int | None = None,
+    dry_run: bool = False,
+) -> PruneReport:
+    """Remove the points a retention policy does not keep; every kept point stays
+    restorable.
+
+    The rules (see :func:`~statecapture._repository.retention.select`) add up; the
+    newest point is always kept. A removed point's incremental layers are merged into
+    the layer that sits on them (``qemu-img rebase``: the successor absorbs what it
+    needs, and a successor of a removed full copy becomes a full copy). With a
+    :class:`Domain`, the checkpoints this repository made that no kept point needs
+    (every one but the newest point's) are deleted, libvirt merging their bitmaps, so
+    bitmaps do not pile up in the guest's images. ``dry_run=True`` changes nothing.
+    """
+    from .._domain import Domain
+
+    uuid = _uuid_of(domain)
+    all_pts = repo.points(domain, newest_first=False)
+    if uuid is None:
+        uuids = {p.domain_uuid for p in all_pts}
+        if len(uuids) > 1:
+            raise UsageError(f"several domains are named {domain!r}; pass the UUID")
+        if not uuids:
+            raise _not_found(f"the repository has no points of domain {domain!r}")
+        uuid = uuids.pop()
+    keep = retention.select(
+        all_pts, keep_last=keep_last, keep_daily=keep_daily, keep_weekly=keep_weekly
+    )
+    if dry_run:
+        return PruneReport(
+            removed=tuple(p for p in all_pts if p.id not in keep),
+            kept=tuple(p for p in all_pts if p.id in keep),
+            dry_run=True,
+        )
+    ddir = repo._domain_dir(uuid)
+    dom = domain if isinstance(domain, Domain) else None
+    merged: list[str] = []
+    notes: list[str] = []
+    with repo._lock(uuid).held():
+        repo._clean_leftovers(dom, ddir)
+        pts = repo._load(ddir)
+        order = sorted(pts.values(), key=lambda q: (q.time, q.id))
+        removed = [p for p in order if p.id not in keep]
+        for r in removed:
+            merged.extend(remove_point(repo, ddir, r.id))
+        boundary("repo:prune:removed")
+        kept = sorted(repo._load(ddir).values(), key=lambda q: (q.time, q.id))
+        deleted: list[str] = []
+        if dom is not None:
+            newest = kept[-1].checkpoint if kept else None
+            deleted = repo._delete_checkpoints(dom, keep={newest} if newest else set())
+            if newest:  # the next incremental starts there; older ones are not needed
+                kept = [
+                    attrs.evolve(q, checkpoint=None) if q.checkpoint != newest else q for q in kept
+                ]
+                for q in kept:
+                    if q.checkpoint is None and pts.get(q.id, q).checkpoint is not None:
+                        write_atomic(ddir / "points", f"{q.id}.json", dumps(q.to_json()))
+        else:
+            notes.append("no Domain given: checkpoints on the domain were left as they are")
+    return PruneReport(
+        removed=tuple(removed),
+        kept=tuple(kept),
+        merged=tuple(merged),
+        checkpoints_deleted=tuple(deleted),
+        notes=tuple(notes),
+    )
+
+
+def _rebase(images: Path, child: Path, new_backing: str | None) -> None:
+    """Safe ``qemu-img rebase`` of ``child`` onto ``new_backing`` (a name; ``None``: none)."""
+    argv = ["rebase", "-f", "qcow2", "-b", new_backing or ""]
+    if new_backing:
+        argv += ["-F", "qcow2"]
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        raise UnsupportedError("qemu-img is not installed (Debian package qemu-utils)")
+    done = subprocess.run(
+        [exe, *argv, child.name], cwd=images, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RepositoryError(f"qemu-img rebase {child} failed: {done.stderr.strip()}")

@@ -1,0 +1,410 @@
+"""Backup repositories, fast tier: manifest, retention, digests, locks, and the shut-off path.
+
+libvirt's test driver has no backup jobs, but a shut-off domain whose disk is a real qcow2
+file is backed up with ``qemu-img`` alone, so the whole repository (backup, restore, verify,
+check, prune, restore_domain) runs here without QEMU.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import statecapture
+from statecapture import (
+    ChainError,
+    NotFoundError,
+    PointKind,
+    Repository,
+    RepositoryError,
+    RepositoryFormatError,
+    RepositoryLockedError,
+    RestorePoint,
+    TargetExistsError,
+    UnsupportedError,
+    UsageError,
+)
+from statecapture._repository import digests as dg
+from statecapture._repository import retention, store
+from statecapture._repository.manifest import DiskEntry, new_point_id
+
+MiB = 1 << 20
+
+
+def _qemu_img(*args: str) -> str:
+    return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True).stdout
+
+
+def _qemu_io(image: Path, cmd: str) -> None:
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", cmd, str(image)], check=True, capture_output=True
+    )
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _raw(image: Path, out: Path) -> Path:
+    _qemu_img("convert", "-O", "raw", str(image), str(out))
+    return out
+
+
+@pytest.fixture
+def off_domain(test_conn: statecapture.Connection, tmp_path: Path) -> statecapture.Domain:
+    """A shut-off test-driver domain with one 16 MiB qcow2 disk holding some data."""
+    image = tmp_path / "gamma-vda.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", str(image), "16M")
+    _qemu_io(image, "write -P 0x11 0 3M")
+    _qemu_io(image, "write -P 0x22 9M 1M")
+    xml = f"""<domain type='test'><name>gamma</name><memory>8192</memory>
+      <os><type>hvm</type></os>
+      <devices>
+        <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+          <source file='{image}'/><target dev='vda' bus='virtio'/></disk>
+        <interface type='network'><mac address='52:54:00:aa:bb:cc'/>
+          <source network='default'/></interface>
+      </devices></domain>"""
+    return test_conn.define(xml)
+
+
+# ----------------------------------------------------------------------------- open/create
+
+
+def test_create_and_open(tmp_path: Path) -> None:
+    """create() makes an owner-only repository with a versioned header; opening a path
+    that is not a repository, or one of a newer format, is a clear typed error."""
+    repo = Repository.create(tmp_path / "r")
+    assert (repo.path.stat().st_mode & 0o777) == 0o700
+    header = json.loads((repo.path / "repository.json").read_text())
+    assert header["format"] == "statecapture-repository" and header["version"] == 1
+    assert Repository(tmp_path / "r").info == repo.info
+    assert repo.points() == []
+    with pytest.raises(RepositoryFormatError, match="not a statecapture repository"):
+        Repository(tmp_path)
+    with pytest.raises(TargetExistsError):
+        Repository.create(tmp_path)  # not empty
+    header["version"] = 99
+    (repo.path / "repository.json").write_text(json.dumps(header))
+    with pytest.raises(RepositoryFormatError, match="newer statecapture"):
+        Repository(repo.path)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def test_restore_point_json_round_trip(tmp_path: Path) -> None:
+    """A point survives its manifest JSON unchanged; a damaged manifest is a typed error."""
+    pid = new_point_id()
+    p = RestorePoint(
+        id=pid,
+        domain="d",
+        domain_uuid="12345678-1234-1234-1234-123456789abc",
+        time=1.5,
+        kind=PointKind.INCREMENTAL,
+        reason="incremental",
+        checkpoint="scr-x",
+        parent=new_point_id(),
+        disks={"vda": DiskEntry("d.vda.x.qcow2", PointKind.INCREMENTAL, 1024, 512, "p.qcow2")},
+        config=("inactive.xml",),
+    )
+    assert RestorePoint.from_json(json.loads(json.dumps(p.to_json()))) == p
+    assert p.kind == "incremental" and str(p.kind) == "incremental"
+    assert pid in str(p) and "<table>" in p._repr_html_()
+    bad = p.to_json()
+    bad["disks"]["vda"]["file"] = "../../etc/passwd"
+    with pytest.raises(RepositoryError):
+        RestorePoint.from_json(bad)
+
+
+def _pt(day: int, hour: int = 12) -> RestorePoint:
+    t = time.mktime((2026, 11, day, hour, 0, 0, 0, 0, 0)) - time.timezone
+    return RestorePoint(
+        id=new_point_id(t),
+        domain="d",
+        domain_uuid="12345678-1234-1234-1234-123456789abc",
+        time=t,
+        kind=PointKind.FULL,
+        reason="first backup",
+        checkpoint=None,
+        parent=None,
+        disks={},
+    )
+
+
+def test_retention_selection() -> None:
+    """keep_last/keep_daily/keep_weekly add up, pick the newest point per day/week, and a
+    policy keeping nothing is refused."""
+    pts = [_pt(d, h) for d in (2, 3, 3, 4, 10, 11, 11) for h in (8,)]
+    pts = [_pt(2, 8), _pt(3, 8), _pt(3, 20), _pt(4, 8), _pt(10, 8), _pt(11, 8), _pt(11, 20)]
+    ids = [p.id for p in pts]
+    assert retention.select(pts, keep_last=2) == {ids[5], ids[6]}
+    assert retention.select(pts, keep_daily=3) == {ids[6], ids[4], ids[3]}
+    # ISO weeks: Nov 2-4 (week 45), Nov 10-11 (week 46)
+    assert retention.select(pts, keep_weekly=2) == {ids[6], ids[3]}
+    assert retention.select(pts, keep_last=1, keep_weekly=2) == {ids[6], ids[3]}
+    with pytest.raises(UsageError):
+        retention.select(pts)
+    with pytest.raises(UsageError):
+        retention.select(pts, keep_last=-1)
+
+
+def test_digests_follow_the_chain(tmp_path: Path) -> None:
+    """Per-block digests read from the stored files equal the SHA-256 of the guest-visible
+    blocks; an incremental layer touches only the blocks it stores."""
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", str(base), "5M")
+    _qemu_io(base, "write -P 0x33 0 2M")
+    _qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
+    _qemu_io(top, "write -P 0x44 1536k 64k")
+    raw = _raw(top, tmp_path / "top.raw").read_bytes()
+    got = dg.digest_blocks(top, 5 * MiB)
+    for b in range(5):
+        assert got[b] == hashlib.sha256(raw[b * MiB : (b + 1) * MiB]).hexdigest()
+    assert dg.layer_blocks(dg.read_map(top)) == {1}
+    assert got[4] == dg.zero_digest(5 * MiB, 4)
+
+
+def test_lock_times_out_with_typed_error(tmp_path: Path) -> None:
+    """A second writer waits for the lock, then gets RepositoryLockedError; the lock dies
+    with the process holding it."""
+    lock_path = tmp_path / "x.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import fcntl, os, sys, time
+                fd = os.open({str(lock_path)!r}, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                print("held", flush=True)
+                time.sleep(60)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        lock = store.DomainLock(lock_path, 0.3)
+        with pytest.raises(RepositoryLockedError):
+            lock.acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    with store.DomainLock(lock_path, 5).held():
+        pass
+
+
+# ----------------------------------------------------------------------------- shut-off domain
+
+
+def test_shut_off_backup_restore_verify(off_domain: statecapture.Domain, tmp_path: Path) -> None:
+    """A shut-off domain is copied in full (reason recorded, configuration captured); its
+    restore and a plain ``qemu-img convert`` both equal the disk; verify passes, then finds
+    one flipped byte; images are owner-only."""
+    repo = Repository.create(tmp_path / "repo")
+    source = Path(off_domain.disk("vda").source or "")
+    ref = _raw(source, tmp_path / "ref.raw")
+    p = repo.backup(off_domain)
+    assert p.kind is PointKind.FULL and p.reason == "domain shut off, first backup"
+    assert p.mode == "offline"
+    # the test driver cannot define a checkpoint of a shut-off domain: none, and no bitmap
+    assert p.checkpoint is None and "next backup is full" in p.notes[-1]
+    assert list(off_domain.checkpoints) == []
+    assert "bitmaps" not in _qemu_img("info", "--output=json", str(source))
+    assert p.config == ("inactive.xml",)
+    assert p.bytes_copied == 4 * MiB
+    assert (p.files["vda"].stat().st_mode & 0o777) == 0o600
+    files = repo.restore(p, tmp_path / "out", format="raw")
+    assert _sha(files["vda"]) == _sha(ref)
+    assert _sha(_raw(p.files["vda"], tmp_path / "plain.raw")) == _sha(ref)
+    assert repo.verify().ok and repo.check().ok
+    # flip one byte of stored data
+    ext = next(e for e in dg.read_map(p.files["vda"]) if e.data and e.start >= 9 * MiB)
+    assert ext.offset is not None
+    with open(p.files["vda"], "r+b") as f:
+        f.seek(ext.offset + 7)
+        f.write(b"\x00")
+    report = repo.verify(p)
+    assert not report.ok
+    assert [(d.point, d.disk, d.offset) for d in report.differences] == [(p.id, "vda", 9 * MiB)]
+
+
+def test_prune_and_restore_domain_shut_off(
+    off_domain: statecapture.Domain, test_conn: statecapture.Connection, tmp_path: Path
+) -> None:
+    """prune keeps the newest points, removes the others' files; restore_domain defines a
+    new domain (new name and UUID, new MAC) on the restored image."""
+    repo = Repository.create(tmp_path / "repo")
+    source = Path(off_domain.disk("vda").source or "")
+    first = repo.backup(off_domain)
+    ref1 = _raw(source, tmp_path / "ref1.raw")
+    _qemu_io(source, "write -P 0x55 4M 1M")
+    second = repo.backup(off_domain)
+    ref = _raw(source, tmp_path / "ref.raw")
+    # no checkpoint (test driver, shut off): a full copy again, with the reason
+    assert second.kind is PointKind.FULL and second.parent is None
+    assert second.reason == "domain shut off, checkpoint missing"
+    assert _sha(repo.restore(first, tmp_path / "r1", format="raw")["vda"]) == _sha(ref1)
+    assert _sha(repo.restore(second, tmp_path / "r2", format="raw")["vda"]) == _sha(ref)
+    assert repo.verify().ok
+    dry = repo.prune(off_domain, keep_last=1, dry_run=True)
+    assert [p.id for p in dry.removed] == [first.id] and len(repo.points()) == 2
+    report = repo.prune(off_domain, keep_last=1)
+    assert [p.id for p in report.removed] == [first.id]
+    assert [p.id for p in repo.points()] == [second.id]
+    assert not first.files["vda"].exists()
+    assert repo.check().ok and repo.verify().ok
+    assert _sha(repo.restore(second, tmp_path / "r3", format="raw")["vda"]) == _sha(ref)
+    with pytest.raises(NotFoundError):
+        repo.point(first.id)
+    dom = repo.restore_domain(second, test_conn, name="gamma-restored", dest_dir=tmp_path / "rd")
+    assert dom.name == "gamma-restored" and dom.uuid != off_domain.uuid
+    restored = Path(dom.disk("vda").source or "")
+    assert restored.parent == tmp_path / "rd"
+    assert _sha(_raw(restored, tmp_path / "rd.raw")) == _sha(ref)
+    assert "52:54:00:aa:bb:cc" not in dom.inactive_definition.raw
+    with pytest.raises(TargetExistsError):
+        repo.restore_domain(second, test_conn, name="gamma-restored", dest_dir=tmp_path / "rd2")
+    assert not (tmp_path / "rd2").exists()
+
+
+def test_bad_input_changes_nothing(off_domain: statecapture.Domain, tmp_path: Path) -> None:
+    """Unknown point, unknown disk, existing destination, bad format: typed errors before
+    anything is written."""
+    repo = Repository.create(tmp_path / "repo")
+    p = repo.backup(off_domain)
+    with pytest.raises(NotFoundError):
+        repo.point(new_point_id())
+    with pytest.raises(NotFoundError):
+        repo.point("nonsense")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(TargetExistsError):
+        repo.restore(p, tmp_path / "exists")
+    assert list((tmp_path / "exists").iterdir()) == []
+    with pytest.raises(UsageError):
+        repo.restore(p, tmp_path / "o1", format="vmdk")
+    with pytest.raises(NotFoundError):
+        repo.restore(p, tmp_path / "o2", disks=["vdz"])
+    with pytest.raises(NotFoundError):
+        repo.backup(off_domain, disks=["vdz"])
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert [q.id for q in repo.points()] == [p.id]
+
+
+def test_running_domain_without_backup_jobs(
+    test_domain: statecapture.Domain, tmp_path: Path
+) -> None:
+    """The test driver has no backup jobs: a running domain's backup is refused with
+    UnsupportedError and nothing is listed or left behind."""
+    repo = Repository.create(tmp_path / "repo")
+    with pytest.raises(UnsupportedError):
+        repo.backup(test_domain, quiesce=False)
+    assert repo.points() == []
+    assert repo.check().ok
+
+
+def test_failure_mid_backup_leaves_nothing_listed(
+    off_domain: statecapture.Domain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC while writing a point's metadata: a typed error, no point listed, no file
+    left behind, and the next backup works."""
+    repo = Repository.create(tmp_path / "repo")
+    real = store.write_atomic
+
+    def full_disk(directory: Path, name: str, data: bytes, *, replace: bool = True) -> Path:
+        if directory.name == "points":
+            raise RepositoryError(f"cannot write {name}: {os.strerror(errno.ENOSPC)}")
+        return real(directory, name, data, replace=replace)
+
+    from statecapture._repository import backup as repo_mod
+
+    monkeypatch.setattr(repo_mod, "write_atomic", full_disk)
+    with pytest.raises(RepositoryError, match="No space left"):
+        repo.backup(off_domain)
+    monkeypatch.undo()
+    assert repo.points() == []
+    report = repo.check()
+    assert report.ok, str(report)
+    assert repo.backup(off_domain).kind is PointKind.FULL
+
+
+def test_check_reports_and_repairs(off_domain: statecapture.Domain, tmp_path: Path) -> None:
+    """check() reports orphan files and points whose files are missing; repair=True removes
+    them so every listed point restores; the next backup also cleans orphans."""
+    repo = Repository.create(tmp_path / "repo")
+    p1 = repo.backup(off_domain)
+    p2 = repo.backup(off_domain)
+    assert p1.root is not None
+    orphan = p1.root / "images" / "leftover.qcow2"
+    orphan.write_bytes(b"x")
+    p1.files["vda"].unlink()
+    report = repo.check()
+    assert not report.ok
+    assert report.broken_points == (p1.id,)
+    assert any("leftover.qcow2" in o for o in report.orphans)
+    with pytest.raises(ChainError):
+        repo.restore(p1, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    fixed = repo.check(repair=True)
+    assert fixed.repaired
+    assert [p.id for p in repo.points()] == [p2.id]
+    assert repo.check().ok
+    orphan.write_bytes(b"x")
+    repo.backup(off_domain)
+    assert not orphan.exists()
+
+
+def test_second_writer_gets_locked_error_readers_are_not_blocked(
+    off_domain: statecapture.Domain, tmp_path: Path
+) -> None:
+    """While another process holds a domain's writer lock, backup() waits lock_timeout
+    seconds, then raises RepositoryLockedError without writing anything; listing, restore
+    and verify keep working meanwhile."""
+    repo = Repository.create(tmp_path / "repo", lock_timeout=0.3)
+    first = repo.backup(off_domain)
+    lock_path = repo.path / "locks" / f"{off_domain.uuid}.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import fcntl, os, time
+                fd = os.open({str(lock_path)!r}, os.O_RDWR)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                print("held", flush=True)
+                time.sleep(60)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with pytest.raises(RepositoryLockedError):
+            repo.backup(off_domain)
+        assert time.monotonic() - started >= 0.3
+        assert [p.id for p in repo.points()] == [first.id]
+        assert repo.verify().ok
+        repo.restore(first, tmp_path / "while-locked")
+        assert repo.check().ok
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert repo.backup(off_domain).kind is PointKind.FULL
