@@ -70,6 +70,7 @@ from ._backup import (  # backup
     BackupResult,
     DiskBackup,
 )
+from ._backup_plan import BackupPlan, BackupPlanDisk  # backup
 from ._restore import VerifyResult, restore_disk, verify  # backup
 from .xml import BackupDiskXML, BackupMode, BackupXML, DiskBackupMode, NBDServer  # backup
 
@@ -193,6 +194,8 @@ __all__ = [
     "CheckpointDisk",
     # backup
     "BackupJob",
+    "BackupPlan",
+    "BackupPlanDisk",
     "BackupResult",
     "DiskBackup",
     "BackupProgress",

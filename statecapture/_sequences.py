@@ -77,6 +77,7 @@ from .xml._base import parse, serialize
 
 if TYPE_CHECKING:
     from ._backup import BackupJob, BackupProgress
+    from ._backup_plan import BackupPlan
     from ._domain import Domain
 
 __all__ = [
@@ -587,7 +588,7 @@ def _plan_overlays(dom: Domain, overlay_dir: Path | None, run_id: str) -> tuple[
     return tuple(plans)
 
 
-def _refuse_jobs(dom: Domain, operation: str) -> None:
+def _refuse_jobs(dom: Domain, operation: str, *, backup: bool = True) -> None:
     try:
         jobs = dom.block_jobs()
     except UnsupportedError:  # a driver without block jobs has none running
@@ -599,6 +600,8 @@ def _refuse_jobs(dom: Domain, operation: str) -> None:
             operation=operation,
             domain_name=dom.name,
         )
+    if not backup:
+        return
     try:
         running = dom.active_backup()
     except UnsupportedError:
@@ -896,72 +899,31 @@ def _checkpoint_name(checkpoint: object, run_id: str) -> str | None:
     raise UsageError(f"checkpoint must be True, False or a name, got {checkpoint!r}")
 
 
-def _plan_backup_files(
-    dom: Domain,
-    target_dir: Path,
-    label: str | None,
-    *,
-    pull: bool,
-    disks: Sequence[str] | None = None,
-) -> dict[str, str]:
-    """``file:vda`` / ``partial:vda`` → the paths this run will write (known label only)."""
-    from ._backup import backup_file_name
+def _plan_files(plan: BackupPlan, target_dir: Path, *, pull: bool) -> dict[str, str]:
+    """``file:vda`` / ``partial:vda`` → the paths this run will write (from the plan)."""
+    from ._backup_plan import partial_name
 
-    if label is None:
-        return {}
     planned: dict[str, str] = {}
-    for disk in dom.definition.disks:
-        if disk.device != "disk" or disk.readonly or disk.source is None:
-            continue
-        if disks is not None and disk.target not in disks:
-            continue
-        name = backup_file_name(dom.name, disk.target, label)
-        planned[f"file:{disk.target}"] = str(target_dir / name)
+    for disk in plan.disks:
+        planned[f"file:{disk.disk}"] = str(target_dir / disk.file_name)
         if pull:
-            planned[f"partial:{disk.target}"] = str(target_dir / f".{name}.partial")
+            planned[f"partial:{disk.disk}"] = str(target_dir / partial_name(disk.file_name))
     for path in planned.values():
         _files.check_free(path, "backup file")
     return planned
 
 
-def _job_files(job: BackupJob, target_dir: Path, *, pull: bool) -> dict[str, str]:
-    """``file:vda`` / ``partial:vda`` → the paths the started ``job`` writes."""
-    from ._backup import backup_file_name
-
-    files: dict[str, str] = {}
-    for disk in job.disks:
-        name = backup_file_name(job.domain.name, disk, job.label)
-        files[f"file:{disk}"] = str(target_dir / name)
-        if pull:
-            files[f"partial:{disk}"] = str(target_dir / f".{name}.partial")
-    return files
-
-
-def _run_files(
-    writer: JournalWriter, job: BackupJob | None, target_dir: Path, *, pull: bool
-) -> dict[str, str]:
-    """Every file the run planned or wrote (journalled, staged, or known from the job)."""
-    files = {k: v for k, v in writer.journal.facts.items() if k.split(":")[0] in _FILE_KEYS}
-    if job is not None:
-        files.update(_job_files(job, target_dir, pull=pull))
-    return files
-
-
-_FILE_KEYS: Final = ("file", "partial")
-
-
-def _check_previous(dom: Domain, target_dir: Path, incremental_from: str) -> None:
+def _check_previous(dom: Domain, plan: BackupPlan, target_dir: Path) -> None:
     """Pull + incremental: the previous images must be in ``target_dir`` already."""
-    from ._backup import backup_file_name
+    from ._backup_plan import backup_file_name
 
-    tracked = {d.name for d in dom.checkpoints[incremental_from].definition.tracked_disks}
-    for disk in dom.definition.disks:
-        if disk.target not in tracked:
+    for disk in plan.disks:
+        if disk.incremental_from is None:
             continue
-        previous = target_dir / backup_file_name(dom.name, disk.target, incremental_from)
+        previous = target_dir / backup_file_name(dom.name, disk.disk, disk.incremental_from)
         if not previous.is_file():
             raise NotFoundError(
-                f"an incremental pull backup of {disk.target} writes a layer on top of the "
+                f"an incremental pull backup of {disk.disk} writes a layer on top of the "
                 f"previous backup {previous}, which is missing. Nothing was changed.",
                 operation=SEQ_DIRECT,
                 domain_name=dom.name,
@@ -1030,51 +992,39 @@ def direct_backup(
     tdir = Path(target_dir).absolute()
     if not tdir.is_dir():
         raise UsageError(f"target_dir {tdir} is not a directory")
-    from ._backup import check_writable
+    if pull:  # (the plan checks a push target_dir)
+        from ._backup_plan import check_writable
 
-    check_writable(tdir, "target_dir")  # pull and push: before any freeze, job or journal
+        check_writable(tdir, "target_dir")  # before any freeze, job or journal
     _checkpoint_name(checkpoint, "0" * 32)  # validates the argument
     if incremental_from is not None and not isinstance(incremental_from, str):
         raise UsageError(f"incremental_from must be a checkpoint name, got {incremental_from!r}")
     freeze, notes = _preflight(dom, qmode, SEQ_DIRECT)
-    try:
-        running = dom.active_backup()  # also the support probe (the test driver has none)
-    except UnsupportedError as exc:
-        raise UnsupportedError(f"{exc}. Nothing was changed.", operation=SEQ_DIRECT) from exc
-    if running is not None:
-        raise InvalidStateError(
-            f"domain {dom.name!r} already runs a {running.mode.value} backup job; end it "
-            "first (Domain.active_backup().end()). Nothing was changed.",
-            operation=SEQ_DIRECT,
-            domain_name=dom.name,
-        )
-    _refuse_jobs(dom, SEQ_DIRECT)  # a block job: libvirt would refuse only after the freeze
-    if incremental_from is not None:
-        if incremental_from not in dom.checkpoints:
-            raise NotFoundError(
-                f"domain {dom.name!r} has no checkpoint {incremental_from!r} to back up from",
-                operation=SEQ_DIRECT,
-                domain_name=dom.name,
-            )
-        if pull:
-            _check_previous(dom, tdir, incremental_from)
     run_id = _journal.new_run_id()
     cp_name = _checkpoint_name(checkpoint, run_id)
-    if cp_name is not None and cp_name in dom.checkpoints:
-        raise InvalidStateError(
-            f"domain {dom.name!r} already has a checkpoint {cp_name!r}",
-            operation=SEQ_DIRECT,
-            domain_name=dom.name,
+    # One plan from one read of the domain: disks, file names, checkpoint and backup XML.
+    from ._backup import BackupStart
+    from ._backup_plan import plan_backup
+
+    try:
+        plan = plan_backup(
+            dom,
+            mode=bmode,
+            disks=disks,
+            incremental_from=incremental_from,
+            checkpoint=cp_name,
+            target_dir=None if pull else tdir,
         )
-    planned = _plan_backup_files(dom, tdir, cp_name, pull=pull, disks=disks)
-    facts = {"mode": bmode.value, "target_dir": str(tdir), **planned}
+    except UnsupportedError as exc:
+        raise UnsupportedError(f"{exc}. Nothing was changed.", operation=SEQ_DIRECT) from exc
+    # A block job: libvirt would refuse only after the freeze (the plan refused a backup job).
+    _refuse_jobs(dom, SEQ_DIRECT, backup=False)
+    if pull and incremental_from is not None:
+        _check_previous(dom, plan, tdir)
+    planned = _plan_files(plan, tdir, pull=pull)
+    facts = {"mode": bmode.value, "target_dir": str(tdir), "label": plan.label, **planned}
     if cp_name is not None:
         facts["checkpoint"] = cp_name
-    # Domain.backup() first cleans up after a plain backup run that died (its record); do it
-    # now, so that clean-up never runs while the guest is frozen.
-    from ._backup import _recover_stale
-
-    _recover_stale(dom)
 
     watch = _PauseWatch()
     failures: list[str] = []
@@ -1087,12 +1037,11 @@ def direct_backup(
         undo.push(_journal_exit(writer, failures))
 
         def discard() -> list[str]:
-            files = _run_files(writer, holder[0] if holder else None, tdir, pull=pull)
             return discard_backup(
                 dom,
                 job=holder[0] if holder else None,
                 checkpoint=cp_name,
-                files=files,
+                files=planned,
                 adopt_checkpoint=cp_name,
             )
 
@@ -1102,28 +1051,24 @@ def direct_backup(
             undo, "end the backup job and remove its checkpoint and files", discard, failures
         )
 
-        def begin() -> None:
-            holder.append(
-                dom.backup(
-                    mode=bmode,
-                    incremental_from=incremental_from,
-                    checkpoint=cp_name,
-                    target_dir=None if pull else tdir,
-                    disks=disks,
-                )
-            )
-
         if freeze:
             writer.stage("frozen", "1")
         with writer.step("begin"):
-            frozen_for, quiesced = _capture(
-                dom, "begin", begin, freeze=freeze, quiesce=qmode, max_frozen=budget, notes=notes
-            )
-            job = holder[0]
+            # Entering writes the job's record and takes the lock; only the capture call
+            # (virDomainBackupBegin) runs inside the freeze; leaving reads the job back.
+            with BackupStart(dom, plan) as start:
+                frozen_for, quiesced = _capture(
+                    dom,
+                    "begin",
+                    start.begin,
+                    freeze=freeze,
+                    quiesce=qmode,
+                    max_frozen=budget,
+                    notes=notes,
+                )
+            job = start.job
+            holder.append(job)
             writer.stage("frozen", None)
-            writer.stage("label", job.label)
-            for key, path in _job_files(job, tdir, pull=pull).items():
-                writer.stage(key, path)
 
         reported: list[bool] = []
 

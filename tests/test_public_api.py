@@ -71,6 +71,8 @@ EXPECTED = {
     "CheckpointDisk",
     # backup
     "BackupJob",
+    "BackupPlan",
+    "BackupPlanDisk",
     "BackupResult",
     "DiskBackup",
     "BackupProgress",
