@@ -38,7 +38,7 @@ from .errors import SaveImageError
 
 # -- snapshot imports
 # isort: split
-from ._snapshot import Snapshot, SnapshotCollection, SnapshotKind
+from ._snapshot import Snapshot, SnapshotCollection, SnapshotKind, SnapshotPlan
 from .xml import SnapshotDisk, SnapshotDiskMode, SnapshotMemory, SnapshotMemoryMode, SnapshotXML
 
 # -- freeze imports
@@ -170,6 +170,7 @@ __all__ = [
     "SnapshotXML",
     "SnapshotMemory",
     "SnapshotMemoryMode",
+    "SnapshotPlan",
     "SnapshotDisk",
     "SnapshotDiskMode",
     # -- freeze names

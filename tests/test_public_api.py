@@ -47,6 +47,7 @@ EXPECTED = {
     "SnapshotXML",
     "SnapshotMemory",
     "SnapshotMemoryMode",
+    "SnapshotPlan",
     "SnapshotDisk",
     "SnapshotDiskMode",
     # -- freeze names
