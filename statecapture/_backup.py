@@ -1135,9 +1135,12 @@ class BackupStart:
     releases the lock; leaving by an exception undoes everything (:attr:`job` stays unset).
     """
 
-    def __init__(self, dom: Domain, plan: BackupPlan) -> None:
+    def __init__(self, dom: Domain, plan: BackupPlan, *, note: bool = True) -> None:
         self.dom = dom
         self.plan = plan
+        self.note = note
+        self.undone: list[str] = []
+        """What a rollback undid (noted on the error unless ``note=False``)."""
         self._job: BackupJob | None = None
         self._stack = contextlib.ExitStack()
         self._made: list[Path] = []
@@ -1273,7 +1276,9 @@ class BackupStart:
                 shutil.rmtree(d, ignore_errors=True)
         finally:
             self._stack.close()
-        _rolled_back_note(dom, exc, undone)
+        self.undone = undone
+        if self.note:
+            _rolled_back_note(dom, exc, undone)
         if errors:
             exc.add_note(
                 f"cleanup after the failed start left something behind: {'; '.join(errors)}"

@@ -261,10 +261,12 @@ def direct_backup(
         facts["checkpoint"] = cp_name
 
     holder: list[BackupJob] = []
+    # Its rollback (a failed or interrupted start) is reported by the run's undo below.
+    start = BackupStart(dom, plan, note=False)
     with Run(dom, SEQ_DIRECT, run_id=run_id, facts=facts) as run:
 
         def discard() -> list[str]:
-            return discard_backup(
+            return start.undone + discard_backup(
                 dom,
                 job=holder[0] if holder else None,
                 checkpoint=cp_name,
@@ -281,7 +283,7 @@ def direct_backup(
         with run.step("begin"):
             # Entering writes the job's record and takes the lock; only the capture call
             # (virDomainBackupBegin) runs inside the freeze; leaving reads the job back.
-            with BackupStart(dom, plan) as start:
+            with start:
                 frozen_for, quiesced = _capture(
                     dom,
                     "begin",
