@@ -322,7 +322,8 @@ def plan_backup(
     dom._require_active("backup")
     definition = dom.definition
     chosen = _choose_disks(dom, definition, disks)
-    existing = {c.name for c in dom.checkpoints.list()}
+    listed = {c.name: c for c in dom.checkpoints.list()}
+    existing = set(listed)
     with_bitmap: set[str] = set()
     if incremental_from is not None:
         if incremental_from not in existing:
@@ -331,7 +332,7 @@ def plan_backup(
                 operation="backup",
                 domain_name=dom.name,
             )
-        tracked = dom.checkpoints[incremental_from].definition.tracked_disks
+        tracked = listed[incremental_from].definition.tracked_disks
         with_bitmap = {d.name for d in tracked}
     cp_name, cp_xml = _checkpoint_xml(dom, definition, checkpoint, chosen, existing)
     label = cp_name or time.strftime(
