@@ -287,7 +287,7 @@ def _refuse_running_job(dom: Domain) -> None:
     if running is not None:
         raise InvalidStateError(
             f"domain {dom.name!r} already runs a {running.mode.value} backup job (one per "
-            "domain); end it with dom.active_backup().end()",
+            "domain); end it with dom.active_backup().end(). Nothing was changed.",
             operation="backup",
             domain_name=dom.name,
         )
