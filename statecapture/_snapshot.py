@@ -303,6 +303,8 @@ class SnapshotPlan:
     """External memory written while the guest runs."""
     metadata: bool
     """Whether libvirt keeps the snapshot's metadata."""
+    xml_text: str = attrs.field(default="", repr=False)
+    """:attr:`xml` serialized once, when the plan was made (sent as it is)."""
     host_files: bool = attrs.field(default=False, repr=False)
     """Whether :attr:`new_files` are made on this host (then made owner-only)."""
 
@@ -712,7 +714,7 @@ class SnapshotCollection:
                 guard.enter_context(_locks.domain_lock(dom.uuid, "snapshot create"))
                 self._refuse_internal()
             vir = dom._vir.snapshot_create(
-                plan.xml.to_xml(),
+                plan.xml_text or plan.xml.to_xml(),
                 disk_only=plan.disk_only,
                 quiesce=plan.quiesce,
                 atomic=plan.atomic,
@@ -819,6 +821,7 @@ class SnapshotCollection:
             atomic=atomic,
             live=live,
             metadata=metadata,
+            xml_text=plan.xml.to_xml(),
             host_files=_writes_host_files(dom.connection),
         )
 
