@@ -66,7 +66,7 @@ def discard_backup(
     job when its checkpoint is ``adopt_checkpoint``, or any running job when that is
     ``None``). ``checkpoint`` and ``files`` must be the run's own (made by it).
     """
-    from .._backup import RECORD_NS
+    from .._backup_record import RECORD_NS
 
     actions: list[str] = []
     if job is None and dom.is_active:
@@ -111,7 +111,7 @@ def discard_backup(
             with contextlib.suppress(UnsupportedError):
                 still = dom.active_backup()
         if still is None:
-            from .._backup import discard_stale_record
+            from .._backup_record import discard_stale_record
 
             for problem in discard_stale_record(dom):
                 problems.append(problem)
