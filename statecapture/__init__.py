@@ -39,7 +39,7 @@ from .errors import SaveImageError
 
 # -- snapshot imports
 # isort: split
-from ._snapshot import Snapshot, SnapshotCollection, SnapshotKind
+from ._snapshot import Snapshot, SnapshotCollection, SnapshotKind, SnapshotPlan
 from .xml import SnapshotDisk, SnapshotDiskMode, SnapshotMemory, SnapshotMemoryMode, SnapshotXML
 
 # -- freeze imports
@@ -71,6 +71,7 @@ from ._backup import (  # backup
     BackupResult,
     DiskBackup,
 )
+from ._backup_plan import BackupPlan, BackupPlanDisk  # backup
 from ._restore import VerifyResult, restore_disk, verify  # backup
 from .xml import BackupDiskXML, BackupMode, BackupXML, DiskBackupMode, NBDServer  # backup
 
@@ -175,6 +176,7 @@ __all__ = [
     "SnapshotXML",
     "SnapshotMemory",
     "SnapshotMemoryMode",
+    "SnapshotPlan",
     "SnapshotDisk",
     "SnapshotDiskMode",
     # -- freeze names
@@ -199,6 +201,8 @@ __all__ = [
     "CheckpointDisk",
     # backup
     "BackupJob",
+    "BackupPlan",
+    "BackupPlanDisk",
     "BackupResult",
     "DiskBackup",
     "BackupProgress",

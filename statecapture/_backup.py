@@ -33,20 +33,36 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-from lxml import etree
 
 from . import _bitmaps, _files, _locks, _nbd
+from ._backup_plan import (
+    BackupPlan,
+    backup_file_name,
+    check_writable,
+    partial_name,
+    plan_backup,
+    unsupported,
+)
+from ._backup_record import RECORD_KEY as RECORD_KEY
+from ._backup_record import RECORD_NS as RECORD_NS
+from ._backup_record import Record as _Record
+from ._backup_record import delete_checkpoint as _delete_checkpoint
+from ._backup_record import discard_stale_record as discard_stale_record
+from ._backup_record import final_path as _final_path
+from ._backup_record import publish as _publish
+from ._backup_record import read_record as _read_record
+from ._backup_record import recover_stale as _recover_stale
+from ._backup_record import remove_file as _remove
+from ._backup_record import write_record as _write_record
 from ._events import EventKind, Expectation
 from .errors import (
     CleanupError,
@@ -59,15 +75,11 @@ from .errors import (
     UsageError,
 )
 from .xml import (
-    BackupDiskXML,
     BackupMode,
     BackupXML,
     CheckpointXML,
     DiskBackupMode,
-    NBDServer,
 )
-from .xml._base import parse
-from .xml._checkpoint import check_checkpoint_name
 
 if TYPE_CHECKING:
     from ._domain import Domain
@@ -82,19 +94,10 @@ __all__ = [
     "begin_backup",
 ]
 
-RECORD_NS: Final = "urn:x-statecapture:backup:1"
-"""Metadata namespace of the record a running job keeps in the domain XML."""
-RECORD_KEY: Final = "scbackup"
-
 _END_TIMEOUT: Final = 60.0
 """Seconds to wait for ``JOB_COMPLETED`` after ``abortJob()``."""
 _UNLOCK_TIMEOUT: Final = 15.0
 """Seconds to wait for QEMU to release a push target after the job completed."""
-_SOCKET_MAX: Final = 107
-_PUSH_STAGING: Final = ".sc-push-"
-"""Prefix of the private directory QEMU writes push targets into (inside target_dir)."""
-_SCRATCH_STAGING: Final = ".sc-scratch-"
-"""Prefix of the private directory holding a pull job's scratch files (inside scratch_dir)."""
 
 
 # --------------------------------------------------------------------------- values
@@ -205,58 +208,6 @@ ProgressCallback = Callable[[BackupProgress], None]
 
 # --------------------------------------------------------------------------- helpers
 
-_SAFE = re.compile(r"[^A-Za-z0-9._+-]")
-
-
-def _safe(name: str) -> str:
-    """``name`` as a file-name component."""
-    return _SAFE.sub("_", name).lstrip(".") or "_"
-
-
-def backup_file_name(domain: str, disk: str, label: str) -> str:
-    """The file name statecapture gives disk ``disk``'s backup labelled ``label``."""
-    return f"{_safe(domain)}.{_safe(disk)}.{_safe(label)}.qcow2"
-
-
-def _unsupported(dom: Domain, exc: UnsupportedError, what: str) -> UnsupportedError:
-    api = "virDomainBackupBegin"
-    match = re.search(r"(virDomain\w+)", exc.libvirt_message or str(exc))
-    missing = match.group(1) if match else api
-    also = "" if missing == api else f" and {api}"
-    return UnsupportedError(
-        f"{what} on domain {dom.name!r}: the {dom.connection.driver} driver does not support "
-        f"backup jobs ({missing}{also} missing; they need the QEMU driver, libvirt >= 7.6 "
-        "and QEMU >= 6.1)",
-        code=exc.code,
-        operation=what,
-        domain_name=dom.name,
-        libvirt_message=exc.libvirt_message,
-    )
-
-
-def check_writable(directory: Path, what: str) -> None:
-    """Refuse (:class:`UsageError`) a directory this process cannot create files in.
-
-    Tried for real — a hidden probe file created exclusively (``O_EXCL|O_NOFOLLOW``) and
-    removed at once — because permission bits do not tell root about a read-only mount.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    name = f".sc-probe-{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise UsageError(f"{what} {directory} cannot be opened: {exc.strerror}") from exc
-    try:
-        try:
-            os.close(os.open(name, flags, 0o600, dir_fd=dir_fd))
-        except OSError as exc:
-            raise UsageError(
-                f"{what} {directory} is not writable ({exc.strerror}); nothing was changed"
-            ) from exc
-        os.unlink(name, dir_fd=dir_fd)
-    finally:
-        os.close(dir_fd)
-
 
 def require_local_nbd(dom: Domain, operation: str) -> None:
     """Refuse a pull-mode read over a remote connection (its NBD socket is on that host)."""
@@ -272,21 +223,6 @@ def require_local_nbd(dom: Domain, operation: str) -> None:
         )
 
 
-def _remove(path: Path, errors: list[str]) -> bool:
-    """Remove ``path``; ``True`` when a file was there and is gone now."""
-    if not os.path.lexists(path):
-        # Never created (on a read-only mount even unlinking a missing name fails: EROFS).
-        return False
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        errors.append(f"remove {path}: {exc}")
-        return False
-    return True
-
-
 def _rolled_back_note(dom: Domain, exc: BaseException, undone: list[str]) -> None:
     """Tell the caller, on the error itself, what the rollback undid (a Ctrl-C included)."""
     if undone:
@@ -294,37 +230,6 @@ def _rolled_back_note(dom: Domain, exc: BaseException, undone: list[str]) -> Non
             f"statecapture: rolled back the backup of {dom.name!r} after "
             f"{type(exc).__name__}: {'; '.join(undone)}"
         )
-
-
-def _partial_name(name: str) -> str:
-    """The name a download is written under until it is complete."""
-    return f".{name}.partial"
-
-
-def _final_path(store: Path) -> Path:
-    """Where the push target QEMU wrote at ``store`` goes: beside its staging directory."""
-    if store.parent.name.startswith(_PUSH_STAGING):
-        return store.parent.parent / store.name
-    return store
-
-
-def _publish(store: Path, final: Path) -> None:
-    """Move a finished push target from its staging directory to its final name.
-
-    Relative to both directories' descriptors, with ``RENAME_NOREPLACE``: a name that
-    appeared meanwhile raises :class:`TargetExistsError` and is left untouched.
-    """
-    with (
-        _files.Directory.open(final.parent, what="target_dir") as tdir,
-        _files.Directory.open(store.parent, what="staging directory") as stage,
-    ):
-        tdir.rename_from(stage, store.name, final.name)
-        tdir.fsync()
-
-
-def _checkpoint_bitmap_disks(dom: Domain, name: str) -> set[str]:
-    """Disks that have a bitmap for checkpoint ``name`` (others need a full backup)."""
-    return {d.name for d in dom.checkpoints[name].definition.tracked_disks}
 
 
 def _job_xml(dom: Domain) -> str | None:
@@ -335,41 +240,6 @@ def _job_xml(dom: Domain) -> str | None:
         if not dom.is_active:  # a shutdown ended the job (HAZARDS 7)
             return None
         raise
-
-
-def _delete_checkpoint(dom: Domain, name: str, errors: list[str]) -> bool:
-    """Delete checkpoint ``name`` if it exists, bitmaps included; ``True`` when deleted.
-
-    On a running domain libvirt deletes the bitmaps. When a shutdown ended the job (HAZARDS
-    7) QEMU is gone and libvirt 9.0 cannot: the bitmaps (written into the qcow2 images at the
-    clean close) are removed with ``qemu-img bitmap --remove``, then the metadata is dropped —
-    never metadata alone, which would leave bitmaps behind (HAZARDS 3).
-    """
-    try:
-        if name not in dom.checkpoints:
-            return False
-        cp = dom.checkpoints[name]
-        if dom.is_active:
-            cp.delete()
-            return True
-        definition = dom.definition
-        for disk in cp.definition.tracked_disks:
-            try:
-                image = definition.disk(disk.name).source
-            except KeyError:  # a hot-plugged disk that left with the live definition
-                continue
-            if image is None:
-                continue
-            try:
-                _nbd.qemu_img("bitmap", "--remove", image, disk.bitmap or name)
-            except StateCaptureError as exc:
-                if "not found" not in str(exc).lower():
-                    raise
-        cp.delete(metadata_only=True)
-    except StateCaptureError as exc:
-        errors.append(f"delete checkpoint {name!r}: {exc}")
-        return False
-    return True
 
 
 def _wait_usable(path: Path, timeout: float) -> None:
@@ -394,163 +264,6 @@ def _data_bytes(path: Path) -> int:
 
 def _virtual_size(path: Path) -> int:
     return int(json.loads(_nbd.qemu_img("info", "--output=json", str(path)))["virtual-size"])
-
-
-# --------------------------------------------------------------------------- the record
-
-
-@attrs.frozen
-class _Record:
-    """What a running job must remember for cleanup, kept in the domain's metadata."""
-
-    mode: str
-    checkpoint: str | None
-    created_checkpoint: bool
-    incremental_from: str | None
-    label: str
-    started: float
-    files: tuple[str, ...] = ()
-    dirs: tuple[str, ...] = ()
-    delivered: bool = False
-
-    def to_xml(self) -> str:
-        el = etree.Element("backup")
-        el.set("mode", self.mode)
-        if self.delivered:
-            el.set("delivered", "yes")
-        el.set("label", self.label)
-        el.set("started", repr(self.started))
-        if self.checkpoint is not None:
-            el.set("checkpoint", self.checkpoint)
-            el.set("created", "yes" if self.created_checkpoint else "no")
-        if self.incremental_from is not None:
-            el.set("incremental", self.incremental_from)
-        for f in self.files:
-            etree.SubElement(el, "file").set("path", f)
-        for d in self.dirs:
-            etree.SubElement(el, "dir").set("path", d)
-        return etree.tostring(el, encoding="unicode")
-
-    @classmethod
-    def from_xml(cls, text: str) -> _Record:
-        root = parse(text)
-        return cls(
-            mode=root.get("mode", "push"),
-            checkpoint=root.get("checkpoint"),
-            created_checkpoint=root.get("created") == "yes",
-            incremental_from=root.get("incremental"),
-            label=root.get("label", "backup"),
-            started=float(root.get("started", "0")),
-            files=tuple(e.get("path", "") for e in root.iterfind("file") if e.get("path")),
-            dirs=tuple(e.get("path", "") for e in root.iterfind("dir") if e.get("path")),
-            delivered=root.get("delivered") == "yes",
-        )
-
-
-def _read_record(dom: Domain) -> _Record | None:
-    text = dom._vir.get_metadata(RECORD_NS)
-    if text is None:
-        return None
-    try:
-        return _Record.from_xml(text)
-    except Exception:  # a damaged record must not block the domain's backups
-        return None
-
-
-def _write_record(dom: Domain, record: _Record | None) -> None:
-    dom._vir.set_metadata(RECORD_NS, RECORD_KEY, None if record is None else record.to_xml())
-
-
-def discard_stale_record(dom: Domain) -> list[str]:
-    """Remove what a dead run's record names — files and private directories — and the
-    record itself, delivered or not (a discarded run keeps nothing). Returns the problems."""
-    record = _read_record(dom)
-    errors: list[str] = []
-    if record is not None:
-        for f in record.files:
-            _remove(Path(f), errors)
-        for d in record.dirs:
-            try:
-                shutil.rmtree(d)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                errors.append(f"remove {d}: {exc}")
-    try:
-        _write_record(dom, None)
-    except LibvirtError as exc:
-        errors.append(f"clear the backup record: {exc}")
-    return errors
-
-
-def _push_delivered(files: Sequence[str]) -> bool:
-    """Whether a dead run's push job left every target: each staged target is still in its
-    staging directory, or was already moved to its final name. A final name counts only
-    when it is recorded (the run records it before the move), so a file someone else put
-    there never makes a job look delivered. Targets without staging (a job begun by an
-    older statecapture) must all exist themselves."""
-    recorded = set(files)
-    staged = [Path(f) for f in files if _final_path(Path(f)) != Path(f)]
-    if not staged:
-        return bool(files) and all(map(os.path.isfile, files))
-    return all(
-        p.is_file() or (str(_final_path(p)) in recorded and _final_path(p).is_file())
-        for p in staged
-    )
-
-
-def _recover_stale(dom: Domain) -> list[str]:
-    """Clean up after a run that died and whose job has ended since (no job runs now).
-
-    A push job that completed left every target (libvirt deletes the targets of a failed
-    push job); a pull run marked its record delivered after its last download. Anything
-    else never delivered: its checkpoint and files go, so no incremental builds on it.
-    Returns what it did (empty when there was no record).
-    """
-    record = _read_record(dom)
-    if record is None:
-        if dom._vir.get_metadata(RECORD_NS) is not None:  # damaged: drop it
-            _write_record(dom, None)
-            return ["cleared a damaged backup record"]
-        return []
-    actions: list[str] = []
-    delivered = record.delivered or (record.mode == "push" and _push_delivered(record.files))
-    errors: list[str] = []
-    if delivered:
-        actions.append(
-            f"the interrupted {record.mode} backup {record.label!r} had delivered every disk; "
-            "kept its files and checkpoint"
-        )
-    else:
-        cp = record.checkpoint
-        if cp is not None and record.created_checkpoint and cp in dom.checkpoints:
-            _delete_checkpoint(dom, cp, errors)
-            actions.append(f"deleted the checkpoint {cp!r} it created")
-        for f in record.files:
-            if os.path.lexists(f):
-                _remove(Path(f), errors)
-                actions.append(f"removed {f}")
-    if delivered and record.mode == "push":
-        for f in record.files:  # completed targets still in their staging directory
-            final = _final_path(Path(f))
-            if final != Path(f) and os.path.isfile(f):
-                try:
-                    _publish(Path(f), final)
-                    actions.append(f"moved {f} to {final}")
-                except (OSError, StateCaptureError) as exc:
-                    errors.append(f"move {f} to {final}: {exc}")
-    for d in record.dirs:
-        if os.path.lexists(d):
-            shutil.rmtree(d, ignore_errors=True)
-            actions.append(f"removed {d}")
-    if errors:
-        raise CleanupError(
-            f"cleaning up after an interrupted backup of {dom.name!r} failed (the record is "
-            f"kept for a retry): {'; '.join(errors)}"
-        )
-    _write_record(dom, None)
-    actions.append(f"cleared the stale record of the {record.mode} backup {record.label!r}")
-    return actions
 
 
 # --------------------------------------------------------------------------- the job
@@ -862,7 +575,7 @@ class BackupJob:
         for export in self.exports:
             name = backup_file_name(self.domain.name, export.disk, self.label)
             # One rule (a dangling symlink exists too), checked before anything changes.
-            ddir.check_free(name, _partial_name(name), what="backup file")
+            ddir.check_free(name, partial_name(name), what="backup file")
             target = dest / name
             backing: Path | None = None
             if export.mode is DiskBackupMode.INCREMENTAL:
@@ -906,13 +619,13 @@ class BackupJob:
         progress: ProgressCallback | None,
         client: str | None,
     ) -> None:
-        partial_name = _partial_name(target.name)
-        partial = ddir.join(partial_name)
+        pname = partial_name(target.name)
+        partial = ddir.join(pname)
         self._add_files(partial)  # recorded before it exists: a crash cannot orphan it
         try:
             # O_EXCL | O_NOFOLLOW relative to the directory opened once; every tool gets
             # the descriptor path, so a name swapped meanwhile redirects nothing.
-            fd = ddir.create(partial_name)
+            fd = ddir.create(pname)
         except BaseException:
             self._drop_files(partial)  # not ours: never remove what is at that name
             raise
@@ -944,11 +657,11 @@ class BackupJob:
             except BaseException:
                 self._drop_files(target)
                 raise
-            ddir.remove_if_same(partial_name, fd)
+            ddir.remove_if_same(pname, fd)
             self._drop_files(partial)
             ddir.fsync()
         except BaseException:
-            ddir.remove_if_same(partial_name, fd)  # only our file; a swapped-in name stays
+            ddir.remove_if_same(pname, fd)  # only our file; a swapped-in name stays
             self._drop_files(partial)
             raise
         finally:
@@ -1151,7 +864,7 @@ def active_backup(dom: Domain) -> BackupJob | None:
     try:
         text = _job_xml(dom)
     except UnsupportedError as exc:
-        raise _unsupported(dom, exc, "backup") from exc
+        raise unsupported(dom, exc, "backup") from exc
     if text is None:
         return None
     xml = BackupXML.from_xml(text)
@@ -1181,6 +894,7 @@ def active_backup(dom: Domain) -> BackupJob | None:
 def begin_backup(
     dom: Domain,
     *,
+    plan: BackupPlan | None = None,
     mode: BackupMode | str = BackupMode.PUSH,
     disks: Iterable[str] | None = None,
     incremental_from: str | None = None,
@@ -1189,241 +903,187 @@ def begin_backup(
     scratch_dir: str | os.PathLike[str] | None = None,
     socket: str | os.PathLike[str] | None = None,
 ) -> BackupJob:
-    """Start a backup job; see :meth:`Domain.backup`."""
-    try:
-        bmode = BackupMode(mode)
-    except ValueError:
-        raise UsageError(f"mode must be 'push' or 'pull', not {mode!r}") from None
-    push = bmode is BackupMode.PUSH
-    # -- refuse before changing anything
-    running = active_backup(dom)  # also the support probe: the test driver lacks backups
-    if running is not None:
-        raise InvalidStateError(
-            f"domain {dom.name!r} already runs a {running.mode.value} backup job (one per "
-            "domain); end it with dom.active_backup().end()",
-            operation="backup",
-            domain_name=dom.name,
-        )
-    dom._require_active("backup")
-    _recover_stale(dom)
-    definition = dom.definition
-    eligible = [
-        d.target
-        for d in definition.disks
-        if d.device == "disk" and not d.readonly and d.source is not None
-    ]
-    if disks is None:
-        chosen = list(eligible)
-    else:
-        if isinstance(disks, str):
-            raise UsageError("disks must be a list of disk targets, e.g. ['vda']")
-        chosen = list(dict.fromkeys(disks))
-        for name in chosen:
-            if name not in {d.target for d in definition.disks}:
-                raise NotFoundError(
-                    f"domain {dom.name!r} has no disk {name!r}",
-                    operation="backup",
-                    domain_name=dom.name,
-                )
-            if name not in eligible:
-                raise UsageError(f"disk {name!r} cannot be backed up (read-only, empty or cdrom)")
-    if not chosen:
-        raise UsageError(f"domain {dom.name!r} has no disk to back up")
-    existing_cps = {c.name for c in dom.checkpoints.list()}
-    with_bitmap: set[str] = set()
-    if incremental_from is not None:
-        if incremental_from not in existing_cps:
-            raise NotFoundError(
-                f"domain {dom.name!r} has no checkpoint {incremental_from!r} to back up from",
-                operation="backup",
-                domain_name=dom.name,
-            )
-        with_bitmap = _checkpoint_bitmap_disks(dom, incremental_from)
-    cp_name: str | None = None
-    cp_xml: str | None = None
-    if checkpoint is not None:
-        if isinstance(checkpoint, CheckpointXML):
-            if checkpoint.name is None:
-                raise UsageError("checkpoint= needs a named CheckpointXML")
-            cp_name = checkpoint.name
-            cp_xml = checkpoint.to_xml()
-        elif isinstance(checkpoint, str):
-            cp_name = check_checkpoint_name(checkpoint)
-            # Track exactly the disks this backup copies: a checkpoint over a disk that was
-            # not backed up would make its next incremental miss data.
-            cp_xml = CheckpointXML(name=cp_name, disks=dom.checkpoints._plan_disks(chosen)).to_xml()
-        else:
-            raise UsageError(f"checkpoint= takes a name or a CheckpointXML, not {checkpoint!r}")
-        if cp_name in existing_cps:
-            raise InvalidStateError(
-                f"domain {dom.name!r} already has a checkpoint {cp_name!r}",
-                operation="backup",
-                domain_name=dom.name,
-            )
-    label = cp_name or time.strftime(
-        f"{'inc' if incremental_from else 'full'}-%Y%m%dT%H%M%SZ", time.gmtime()
-    )
-    # -- files and directories. QEMU/libvirtd create the push targets and scratch files by
-    # path: they go into a private 0700 staging directory made inside the caller's
-    # directory (no one else can plant or swap a name there), and finished push targets
-    # are moved to their final names with renameat2(RENAME_NOREPLACE).
-    private_dirs: list[Path] = []
-    server: NBDServer | None = None
-    store: dict[str, Path] = {}
-    try:
-        if push:
-            if target_dir is None:
-                raise UsageError("a push backup needs target_dir= (where the images go)")
-            with _files.Directory.open(target_dir, what="target_dir") as tdir:
-                _files.require_trusted(tdir.path, staged=True, what="push backup target_dir")
-                check_writable(Path(tdir.path), "target_dir")
-                names = {name: backup_file_name(dom.name, name, label) for name in chosen}
-                tdir.check_free(*names.values(), what="backup target")
-                with tdir.staging(_PUSH_STAGING) as stage:
-                    private_dirs.append(stage.path)
-                    for name, fname in names.items():
-                        store[name] = stage.path / fname
-        else:
-            if target_dir is not None:
-                raise UsageError("a pull backup writes nowhere by itself: use download(dest_dir)")
-            if scratch_dir is None:
-                sdir = Path(tempfile.mkdtemp(prefix="sc-scratch-"))
-                private_dirs.append(sdir)
-            else:
-                with _files.Directory.open(scratch_dir, what="scratch_dir") as sd:
-                    _files.require_trusted(sd.path, staged=True, what="backup scratch_dir")
-                    with sd.staging(_SCRATCH_STAGING) as stage:
-                        sdir = stage.path
-                        private_dirs.append(sdir)
-            for name in chosen:
-                store[name] = sdir / f".{backup_file_name(dom.name, name, label)}.scratch"
-            if socket is None:
-                sock_dir = Path(tempfile.mkdtemp(prefix="sc-nbd-"))
-                private_dirs.append(sock_dir)
-                sock = sock_dir / "nbd.sock"
-            else:
-                sock = Path(socket).absolute()
-                _files.check_free(sock, "socket path")
-                _files.require_trusted(sock.parent, staged=True, what="NBD socket directory")
-            if len(str(sock)) > _SOCKET_MAX:
-                raise UsageError(f"socket path {sock} is longer than {_SOCKET_MAX} bytes")
-            server = NBDServer.unix(str(sock))
-        disk_entries = []
-        for d in definition.disks:
-            if d.target in chosen:
-                full = incremental_from is None or d.target not in with_bitmap
-                disk_entries.append(
-                    BackupDiskXML(
-                        d.target,
-                        mode=DiskBackupMode.FULL if full else DiskBackupMode.INCREMENTAL,
-                        incremental=None if full else incremental_from,
-                        store=str(store[d.target]),
-                        format="qcow2",
-                    )
-                )
-            elif d.device == "disk":
-                disk_entries.append(BackupDiskXML(d.target, backup=False))
-        bxml = BackupXML(mode=bmode, server=server, disks=tuple(disk_entries))
-        record = _Record(
-            mode=bmode.value,
-            checkpoint=cp_name,
-            created_checkpoint=cp_name is not None,
+    """Start a backup job; see :meth:`Domain.backup`: plan it (unless ``plan`` is given),
+    then execute the plan."""
+    if plan is None:
+        plan = plan_backup(
+            dom,
+            mode=mode,
+            disks=disks,
             incremental_from=incremental_from,
-            label=label,
-            started=time.time(),
-            files=tuple(str(p) for p in store.values()) if push else (),
-            dirs=tuple(str(p) for p in private_dirs),
+            checkpoint=checkpoint,
+            target_dir=target_dir,
+            scratch_dir=scratch_dir,
+            socket=socket,
         )
-    except BaseException:
-        for pdir in private_dirs:
-            shutil.rmtree(pdir, ignore_errors=True)
-        raise
-    # -- start: record first (so a crash right after begin can be cleaned up), then begin
-    exp = dom.connection.events.expect(kind=EventKind.JOB_COMPLETED, domain_uuid=dom.uuid)
-    # The start window holds the domain's lock: checkpoint operations and block-node
-    # queries must not overlap it (HAZARDS 21).
-    with _locks.domain_lock(dom.uuid, "backup begin"):
-        # A checkpoint made with the job must leave no bitmap if the start fails (HAZARDS
-        # 19): note QEMU's bitmaps first (one QMP query, a few ms).
-        before = _bitmaps.query_or_none(dom) if cp_xml is not None else None
-        try:
-            _write_record(dom, record)
-            try:
-                dom._vir.backup_begin(bxml.to_xml(), cp_xml)
-            except UnsupportedError as exc:
-                raise _unsupported(dom, exc, "backup") from exc
-            text = _job_xml(dom)
-        except BaseException as exc:
-            _rollback_begin(
-                dom, exc, exp, record, cp_name, existing_cps, store.values(), private_dirs
-            )
-            if before is not None:
-                from ._checkpoint import remove_orphan_bitmaps
-
-                remove_orphan_bitmaps(dom, before, exc)
-            raise
-    if push:
-        try:
-            _files.owner_only(store.values(), what="backup target")
-        except CleanupError as exc:
-            _rollback_begin(
-                dom, exc, exp, record, cp_name, existing_cps, store.values(), private_dirs
-            )
-            raise
-    if text is None:
-        # A push job of tiny disks can end before we ask; the event is queued in exp.
-        text = bxml.to_xml()
-    return BackupJob(
-        domain=dom,
-        mode=bmode,
-        checkpoint=cp_name,
-        incremental_from=incremental_from,
-        xml=BackupXML.from_xml(text),
-        record=record,
-        expect=exp,
-    )
-
-
-def _rollback_begin(
-    dom: Domain,
-    exc: BaseException,
-    exp: Expectation,
-    record: _Record,
-    cp_name: str | None,
-    existing_cps: set[str],
-    files: Iterable[Path],
-    private_dirs: list[Path],
-) -> None:
-    """Undo a failed start: any job, the checkpoint if it was made, files, the record.
-
-    What was undone is noted on ``exc`` (a ``KeyboardInterrupt`` too).
-    """
-    errors: list[str] = []
-    undone: list[str] = []
-    try:
-        if _job_xml(dom) is not None:
-            dom._vir.backup_abort_job()
-            undone.append("ended the half-started backup job (abortJob)")
-            with contextlib.suppress(OperationTimeoutError):
-                exp.wait(_END_TIMEOUT, what="JOB_COMPLETED")
-    except LibvirtError as e:
-        errors.append(f"end the half-started job: {e}")
-    exp.close()
-    if (
-        cp_name is not None
-        and cp_name not in existing_cps
-        and _delete_checkpoint(dom, cp_name, errors)
+    elif not isinstance(plan, BackupPlan):
+        raise UsageError(f"plan= takes a BackupPlan (dom.backup_plan(...)), not {plan!r}")
+    elif mode not in (BackupMode.PUSH, "push") or any(
+        a is not None
+        for a in (disks, incremental_from, checkpoint, target_dir, scratch_dir, socket)
     ):
-        undone.append(f"deleted the checkpoint {cp_name!r} made with it")
-    removed = [str(f) for f in files if _remove(f, errors)]
-    if removed:
-        undone.append(f"removed {', '.join(removed)}")
-    for d in private_dirs:
-        shutil.rmtree(d, ignore_errors=True)
-    try:
-        _write_record(dom, None)
-    except LibvirtError as e:
-        errors.append(f"clear the backup record: {e}")
-    _rolled_back_note(dom, exc, undone)
-    if errors:
-        exc.add_note(f"cleanup after the failed start left something behind: {'; '.join(errors)}")
+        raise UsageError("pass either plan= or the backup's arguments, not both")
+    with BackupStart(dom, plan) as start:
+        start.begin()
+    return start.job
+
+
+class BackupStart:
+    """The start of a planned backup job, as a context manager around the capture call.
+
+    Entering does everything that must come *before* the capture — re-checks that no job
+    runs and the checkpoint is new, settles a dead run's record, makes the private
+    directories, subscribes to ``JOB_COMPLETED``, takes the domain's lock, notes QEMU's
+    bitmaps and writes the job's record — so that :meth:`begin` is ``virDomainBackupBegin``
+    and nothing else (inside a freeze, only that runs). Leaving reads the job back and
+    releases the lock; leaving by an exception undoes everything (:attr:`job` stays unset).
+    """
+
+    def __init__(self, dom: Domain, plan: BackupPlan, *, note: bool = True) -> None:
+        self.dom = dom
+        self.plan = plan
+        self.note = note
+        self.undone: list[str] = []
+        """What a rollback undid (noted on the error unless ``note=False``)."""
+        self._job: BackupJob | None = None
+        self._stack = contextlib.ExitStack()
+        self._made: list[Path] = []
+        self._exp: Expectation | None = None
+        self._before: dict[str, Any] | None = None
+        self._record: _Record | None = None
+
+    @property
+    def job(self) -> BackupJob:
+        """The started job (after a successful exit)."""
+        if self._job is None:
+            raise InvalidStateError("the backup job has not started", operation="backup")
+        return self._job
+
+    def __enter__(self) -> BackupStart:
+        dom, plan = self.dom, self.plan
+        if plan.domain_uuid != dom.uuid:
+            raise UsageError(f"this plan is for domain {plan.domain!r}, not {dom.name!r}")
+        running = active_backup(dom)
+        if running is not None:
+            raise InvalidStateError(
+                f"domain {dom.name!r} already runs a {running.mode.value} backup job (one per "
+                "domain); end it with dom.active_backup().end()",
+                operation="backup",
+                domain_name=dom.name,
+            )
+        if plan.checkpoint is not None and plan.checkpoint in dom.checkpoints:
+            raise InvalidStateError(
+                f"domain {dom.name!r} already has a checkpoint {plan.checkpoint!r}",
+                operation="backup",
+                domain_name=dom.name,
+            )
+        _recover_stale(dom)
+        try:
+            for d in plan.private_dirs:
+                with _files.Directory.open(d.parent, what="directory") as parent:
+                    parent.private(d.name).close()
+                self._made.append(d)
+            self._exp = dom.connection.events.expect(
+                kind=EventKind.JOB_COMPLETED, domain_uuid=dom.uuid
+            )
+            # The start window holds the domain's lock: checkpoint operations and block-node
+            # queries must not overlap it (HAZARDS 21).
+            self._stack.enter_context(_locks.domain_lock(dom.uuid, "backup begin"))
+            # A checkpoint made with the job must leave no bitmap if the start fails
+            # (HAZARDS 19): note QEMU's bitmaps first (one QMP query, a few ms).
+            if plan.checkpoint_xml is not None:
+                self._before = _bitmaps.query_or_none(dom)
+            self._record = _Record(
+                mode=plan.mode.value,
+                checkpoint=plan.checkpoint,
+                created_checkpoint=plan.checkpoint is not None,
+                incremental_from=plan.incremental_from,
+                label=plan.label,
+                started=time.time(),
+                files=tuple(str(d.store) for d in plan.disks) if plan.target_dir else (),
+                dirs=tuple(str(p) for p in plan.private_dirs),
+            )
+            # Record first, so a crash right after the start can be cleaned up.
+            _write_record(dom, self._record)
+        except BaseException as exc:
+            self._rollback(exc)
+            raise
+        return self
+
+    def begin(self) -> None:
+        """``virDomainBackupBegin`` with the plan's XML: the capture call, nothing else."""
+        try:
+            self.dom._vir.backup_begin(self.plan.backup_xml, self.plan.checkpoint_xml)
+        except UnsupportedError as exc:
+            raise unsupported(self.dom, exc, "backup") from exc
+
+    def __exit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:
+            self._rollback(exc)
+            return
+        dom, plan = self.dom, self.plan
+        try:
+            text = _job_xml(dom)
+            if plan.target_dir is not None:
+                _files.owner_only([d.store for d in plan.disks], what="backup target")
+        except BaseException as error:
+            self._rollback(error)
+            raise
+        self._stack.close()
+        assert self._record is not None
+        self._job = BackupJob(
+            domain=dom,
+            mode=plan.mode,
+            checkpoint=plan.checkpoint,
+            incremental_from=plan.incremental_from,
+            # A push job of tiny disks can end before we ask; the event is queued.
+            xml=BackupXML.from_xml(text if text is not None else plan.backup_xml),
+            record=self._record,
+            expect=self._exp,
+        )
+
+    def _rollback(self, exc: BaseException) -> None:
+        """Undo a failed start: any job, the checkpoint if it was made, files, the record,
+        the private directories. What was undone is noted on ``exc`` (Ctrl-C too)."""
+        dom, plan = self.dom, self.plan
+        errors: list[str] = []
+        undone: list[str] = []
+        try:
+            if self._exp is not None:
+                try:
+                    if _job_xml(dom) is not None:
+                        dom._vir.backup_abort_job()
+                        undone.append("ended the half-started backup job (abortJob)")
+                        with contextlib.suppress(OperationTimeoutError):
+                            self._exp.wait(_END_TIMEOUT, what="JOB_COMPLETED")
+                except LibvirtError as e:
+                    errors.append(f"end the half-started job: {e}")
+                self._exp.close()
+            if self._record is not None:
+                cp = plan.checkpoint
+                if cp is not None and _delete_checkpoint(dom, cp, errors):
+                    undone.append(f"deleted the checkpoint {cp!r} made with it")
+                removed = [str(d.store) for d in plan.disks if _remove(d.store, errors)]
+                if removed:
+                    undone.append(f"removed {', '.join(removed)}")
+                try:
+                    _write_record(dom, None)
+                except LibvirtError as e:
+                    errors.append(f"clear the backup record: {e}")
+                if self._before is not None:
+                    from ._checkpoint import remove_orphan_bitmaps
+
+                    remove_orphan_bitmaps(dom, self._before, exc)
+            for d in self._made:
+                shutil.rmtree(d, ignore_errors=True)
+        finally:
+            self._stack.close()
+        self.undone = undone
+        if self.note:
+            _rolled_back_note(dom, exc, undone)
+        if errors:
+            exc.add_note(
+                f"cleanup after the failed start left something behind: {'; '.join(errors)}"
+            )

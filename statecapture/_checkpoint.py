@@ -40,7 +40,7 @@ from .errors import (
     UsageError,
     XMLError,
 )
-from .xml import CheckpointDisk, CheckpointXML
+from .xml import CheckpointDisk, CheckpointXML, DomainXML
 from .xml._base import parse, serialize
 from .xml._checkpoint import check_checkpoint_name
 
@@ -402,7 +402,9 @@ class CheckpointCollection:
                 raise
         return Checkpoint._from_vir(dom, vir)
 
-    def _plan_disks(self, disks: Sequence[str]) -> tuple[CheckpointDisk, ...]:
+    def _plan_disks(
+        self, disks: Sequence[str], *, definition: DomainXML | None = None
+    ) -> tuple[CheckpointDisk, ...]:
         dom = self.domain
         if isinstance(disks, str | bytes) or not all(isinstance(d, str) for d in disks):
             raise UsageError(f"disks must be a sequence of disk targets, got {disks!r}")
@@ -411,7 +413,8 @@ class CheckpointCollection:
             raise UsageError("disks=[] would track no disk; pass None for libvirt's default")
         if len(wanted) != len(disks):
             raise UsageError(f"disks names a disk more than once: {builtins.list(disks)!r}")
-        definition = dom.definition
+        if definition is None:
+            definition = dom.definition
         known = {d.target: d for d in definition.disks}
         for target in wanted:
             disk = known.get(target)

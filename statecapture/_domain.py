@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable  # backup
 
     from ._backup import BackupJob  # backup
+    from ._backup_plan import BackupPlan  # backup plan
     from ._blockjob import BlockJob
     from ._capabilities import Capabilities  # advisor
     from ._checkpoint import CheckpointCollection  # checkpoints
@@ -505,6 +506,7 @@ class Domain:
         target_dir: str | os.PathLike[str] | None = None,
         scratch_dir: str | os.PathLike[str] | None = None,
         socket: str | os.PathLike[str] | None = None,
+        plan: BackupPlan | None = None,
     ) -> BackupJob:
         """Start a backup job of the running domain's disks; returns a :class:`BackupJob`.
 
@@ -524,10 +526,44 @@ class Domain:
         (:class:`UnsupportedError`, naming the missing API), an existing file
         (:class:`TargetExistsError`), an unknown disk or checkpoint (:class:`NotFoundError`).
         Use the job as a context manager so it always ends.
+
+        ``plan=`` executes a :class:`BackupPlan` made by :meth:`backup_plan` (pass no other
+        argument then); without it the job is planned and executed in one call.
         """
         from ._backup import begin_backup
 
         return begin_backup(
+            self,
+            plan=plan,
+            mode=mode,
+            disks=disks,
+            incremental_from=incremental_from,
+            checkpoint=checkpoint,
+            target_dir=target_dir,
+            scratch_dir=scratch_dir,
+            socket=socket,
+        )
+
+    def backup_plan(
+        self,
+        *,
+        mode: BackupMode | str = "push",
+        disks: Iterable[str] | None = None,
+        incremental_from: str | None = None,
+        checkpoint: str | CheckpointXML | None = None,
+        target_dir: str | os.PathLike[str] | None = None,
+        scratch_dir: str | os.PathLike[str] | None = None,
+        socket: str | os.PathLike[str] | None = None,
+    ) -> BackupPlan:
+        """What :meth:`backup` with these arguments would do, as a :class:`BackupPlan`.
+
+        A dry run: the arguments are checked as :meth:`backup` checks them (the same errors)
+        and nothing changes. ``print(plan)`` shows the disks, modes, file names, checkpoint
+        and what a failure would undo; ``dom.backup(plan=plan)`` executes it.
+        """
+        from ._backup_plan import plan_backup
+
+        return plan_backup(
             self,
             mode=mode,
             disks=disks,

@@ -337,19 +337,29 @@ class Directory:
     def staging(self, prefix: str) -> Directory:
         """Make and open a new private (0700) directory ``<prefix><random>`` in this one."""
         for _ in range(100):
-            name = f"{prefix}{secrets.token_hex(6)}"
             try:
-                os.mkdir(name, DIR_MODE, dir_fd=self.fd)
-            except FileExistsError:
+                return self.private(f"{prefix}{secrets.token_hex(6)}")
+            except TargetExistsError:
                 continue
-            fd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=self.fd)
-            try:
-                os.fchmod(fd, DIR_MODE)
-            except BaseException:
-                os.close(fd)
-                raise
-            return Directory(fd, self.join(name))
         raise TargetExistsError(f"could not make a staging directory in {self.path}")
+
+    def private(self, name: str) -> Directory:
+        """Make and open the new private (0700) directory ``name`` in this one.
+
+        Raises :class:`TargetExistsError` when anything (a symlink too) is at ``name``.
+        """
+        _check_name(name)
+        try:
+            os.mkdir(name, DIR_MODE, dir_fd=self.fd)
+        except FileExistsError:
+            raise _exists_error(str(self.join(name)), "private directory") from None
+        fd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=self.fd)
+        try:
+            os.fchmod(fd, DIR_MODE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Directory(fd, self.join(name))
 
     def remove_tree(self, name: str) -> None:
         """Remove the directory ``name`` here and its contents, never following symlinks."""

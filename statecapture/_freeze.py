@@ -368,8 +368,10 @@ class _Freeze:
         self.deadline = math.inf
         self.stopped = False
         self.watchdog: threading.Thread | None = None
-        self.frozen_at: float | None = None
-        self.thawed_at: float | None = None
+        self.freeze_called_at: float | None = None  # just before the freeze call
+        self.frozen_at: float | None = None  # the freeze call returned
+        self.thaw_called_at: float | None = None  # the successful thaw call started
+        self.thawed_at: float | None = None  # the thaw call returned
         self.frozen_count = 0
         self.thawed_count: int | None = None
         self.held = False  # the guest is (or may be) frozen by this freeze
@@ -385,6 +387,7 @@ class _Freeze:
         with self.lock:
             if not self.held:
                 return None
+            called = time.monotonic()
             try:
                 count = self._thaw_call()
             except Exception as exc:  # libvirt's refusal, a closed connection ...: report it
@@ -398,6 +401,7 @@ class _Freeze:
                 self.thaw_error = error
                 return error
             self.thawed_at = time.monotonic()
+            self.thaw_called_at = called
             self.thawed_count = count
             self.held = False
             self.thaw_error = None
@@ -632,19 +636,33 @@ class FreezeScope:
 
     @property
     def frozen_for(self) -> float:
-        """Seconds the filesystems were frozen: from the end of the freeze call to the end
-        of the thaw call, or to now while frozen (for a joined scope: while it was inside)."""
+        """Seconds the filesystems may have been frozen — the bound a guest owner cares
+        about: from the start of the freeze call to the return of the thaw call, or to now
+        while frozen (for a joined scope: while it was inside the shared freeze)."""
         freeze = self._freeze
         if freeze is None or freeze.frozen_at is None:
             return 0.0
         now = time.monotonic()
         end = freeze.thawed_at if freeze.thawed_at is not None else now
         if not self._joined:
-            return max(0.0, end - freeze.frozen_at)
+            start = freeze.freeze_called_at
+            return max(0.0, end - (start if start is not None else freeze.frozen_at))
         assert self._joined_at is not None
         if self._exited_at is not None:
             end = min(end, self._exited_at)
         return max(0.0, end - self._joined_at)
+
+    @property
+    def frozen_inner(self) -> float:
+        """Seconds between the return of the freeze call and the start of the thaw call
+        (or now while frozen): the time the block itself held the guest frozen — the
+        narrower figure, without the agent's freeze and thaw work (0.0 for a joined scope:
+        see :attr:`frozen_for`)."""
+        freeze = self._freeze
+        if freeze is None or freeze.frozen_at is None or self._joined:
+            return 0.0
+        end = freeze.thaw_called_at if freeze.thaw_called_at is not None else time.monotonic()
+        return max(0.0, end - freeze.frozen_at)
 
     @property
     def thaw_error(self) -> ThawError | None:
@@ -774,8 +792,8 @@ class FreezeScope:
             undo.callback(freeze.stop_and_join_watchdog)
             hold = _SignalHold()
             undo.callback(hold.release)  # on failure: restore handlers, re-deliver signals
-            started = time.monotonic()
             targets = list(self.mountpoints) if self.mountpoints is not None else None
+            started = freeze.freeze_called_at = time.monotonic()
             try:
                 if self.agent_timeout is None:
                     freeze.frozen_count = dom._vir.fs_freeze(targets)

@@ -242,14 +242,14 @@ class _Recovery:
     def backup_leftovers(self, journal: Journal | None) -> None:
         if journal is None or journal.sequence != SEQ_DIRECT:
             return
-        from . import _backup
+        from . import _backup_record
 
         dom = self.dom
         checkpoint = journal.fact("checkpoint")
         files = {k: v for k, v in journal.facts.items() if k.split(":")[0] in ("file", "partial")}
         # A job killed between its start and the journal's next write: its own record
         # (kept by the backup module) still names the label's files and the checkpoint.
-        record = _backup._read_record(dom)
+        record = _backup_record.read_record(dom)
         if record is not None and not journal.facts_with_prefix("file"):
             files.update({f"file:{i}": f for i, f in enumerate(record.files)})
             if checkpoint is None and record.created_checkpoint:
@@ -273,10 +273,10 @@ class _Recovery:
 
     # ---- 5. a stale record of a plain backup job
     def stale_backup_record(self) -> None:
-        from . import _backup
+        from . import _backup_record
 
         dom = self.dom
-        if dom._vir.get_metadata(_backup.RECORD_NS) is None:
+        if dom._vir.get_metadata(_backup_record.RECORD_NS) is None:
             return
         if dom.is_active:
             try:
@@ -288,7 +288,7 @@ class _Recovery:
             "the record of a backup job that ended without its run (a crash, a lost "
             "connection or a daemon restart)"
         )
-        self.actions += _backup._recover_stale(dom)
+        self.actions += _backup_record.recover_stale(dom)
 
 
 def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) -> RecoveryReport:

@@ -66,6 +66,7 @@ __all__ = [
     "SnapshotDiskMode",
     "SnapshotKind",
     "SnapshotMemoryMode",
+    "SnapshotPlan",
 ]
 
 EXTERNAL_REVERT_SINCE: Final = (9, 9, 0)
@@ -244,6 +245,67 @@ class _Plan:
     disk_only_flag: bool
     new_files: tuple[str, ...]
     internal: bool
+
+
+@attrs.frozen
+class SnapshotPlan:
+    """A snapshot checked and worked out before anything changes; see
+    :meth:`SnapshotCollection.plan`. ``print(plan)`` tells what it would create;
+    ``dom.snapshots.create(plan=plan)`` takes it with one libvirt call — the form to use
+    inside :func:`~statecapture.fs_frozen`, where only the capture call should run::
+
+        plan = dom.snapshots.plan("before-upgrade", disk_only=True)
+        with statecapture.fs_frozen(dom):
+            snap = dom.snapshots.create(plan=plan)
+    """
+
+    domain: str
+    """Name of the domain."""
+    domain_uuid: str
+    """UUID of the domain (the plan is taken only on that domain)."""
+    name: str
+    """The snapshot's name."""
+    internal: bool
+    """An internal snapshot (inside the qcow2 images) rather than external overlays."""
+    xml: SnapshotXML
+    """The ``<domainsnapshot>`` to pass to libvirt."""
+    new_files: tuple[str, ...]
+    """Files the snapshot creates (overlays, memory state file)."""
+    disk_only: bool
+    """Whether libvirt is asked for a disk-only snapshot."""
+    quiesce: bool
+    """Whether libvirt freezes the guest's filesystems itself (guest agent)."""
+    atomic: bool
+    """All-or-nothing over the disks."""
+    live: bool
+    """External memory written while the guest runs."""
+    metadata: bool
+    """Whether libvirt keeps the snapshot's metadata."""
+    xml_text: str = attrs.field(default="", repr=False)
+    """:attr:`xml` serialized once, when the plan was made (sent as it is)."""
+    host_files: bool = attrs.field(default=False, repr=False)
+    """Whether :attr:`new_files` are made on this host (then made owner-only)."""
+
+    def __str__(self) -> str:
+        kind = "internal" if self.internal else ("disk-only" if self.disk_only else "external")
+        lines = [f"{kind} snapshot {self.name!r} of {self.domain!r}"]
+        for d in self.xml.disks:
+            mode = d.mode.value if d.mode is not None else "default"
+            lines.append(f"  {d.name}: {mode}" + (f" -> {d.source}" if d.source else ""))
+        if self.xml.memory is not None:
+            mem = self.xml.memory
+            lines.append(f"  memory: {mem.mode.value}" + (f" -> {mem.file}" if mem.file else ""))
+        flags = [f for f in ("quiesce", "atomic", "live") if getattr(self, f)]
+        if not self.metadata:
+            flags.append("no metadata")
+        if flags:
+            lines.append(f"  flags: {', '.join(flags)}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        return f"<pre>{escape(str(self))}</pre>"
 
 
 # ---------------------------------------------------------------------------------- handles
@@ -547,6 +609,7 @@ class SnapshotCollection:
         live: bool = False,
         description: str | None = None,
         metadata: bool = True,
+        plan: SnapshotPlan | None = None,
     ) -> Snapshot:
         """Take a snapshot; returns its handle.
 
@@ -587,7 +650,109 @@ class SnapshotCollection:
           :class:`InvalidStateError` when memory is asked of a shut-off domain.
 
         Files the snapshot creates on this host are made owner-only (0600).
+
+        ``plan=`` takes a :class:`SnapshotPlan` made by :meth:`plan` (pass no other
+        argument then): the preflight ran when the plan was made, so this is one libvirt
+        call — what should run inside a freeze.
         """
+        if plan is None:
+            plan = self._prepare(
+                name,
+                disk_only=disk_only,
+                memory=memory,
+                external=external,
+                quiesce=quiesce,
+                atomic=atomic,
+                live=live,
+                description=description,
+                metadata=metadata,
+                check_internal=False,  # below, under the domain's lock
+            )
+        elif not isinstance(plan, SnapshotPlan):
+            raise UsageError(f"plan= takes a SnapshotPlan (dom.snapshots.plan(...)), not {plan!r}")
+        elif (name, disk_only, memory, external, quiesce, atomic, live, description, metadata) != (
+            None,
+            False,
+            None,
+            False,
+            False,
+            True,
+            False,
+            None,
+            True,
+        ):
+            raise UsageError("pass either plan= or the snapshot's arguments, not both")
+        dom = self.domain
+        if plan.domain_uuid != dom.uuid:
+            raise UsageError(f"this plan is for domain {plan.domain!r}, not {dom.name!r}")
+        with contextlib.ExitStack() as guard:
+            if plan.internal:
+                # Held from the bitmap check through the savevm: no checkpoint made by
+                # statecapture can slip in between (hazard 21).
+                guard.enter_context(_locks.domain_lock(dom.uuid, "snapshot create"))
+                self._refuse_internal()
+            vir = dom._vir.snapshot_create(
+                plan.xml_text or plan.xml.to_xml(),
+                disk_only=plan.disk_only,
+                quiesce=plan.quiesce,
+                atomic=plan.atomic,
+                live=plan.live,
+                no_metadata=not plan.metadata,
+                # No VALIDATE: libvirt 9.0 reloads its RelaxNG schema for every validated call
+                # (35-60 ms, spent inside a freeze for quiesced snapshots). The XML is ours,
+                # built by SnapshotXML, and the test suite checks it against that schema.
+                validate=False,
+            )
+        snapshot = Snapshot._from_vir(dom, vir, None if plan.metadata else plan.xml)
+        if plan.host_files:
+            _owner_only(plan.new_files)
+        return snapshot
+
+    def plan(
+        self,
+        name: str | None = None,
+        *,
+        disk_only: bool = False,
+        memory: SnapshotMemoryMode | PathLike | None = None,
+        external: bool | Mapping[str, PathLike | None] = False,
+        quiesce: bool = False,
+        atomic: bool = True,
+        live: bool = False,
+        description: str | None = None,
+        metadata: bool = True,
+    ) -> SnapshotPlan:
+        """Check a snapshot as :meth:`create` would and work it out; nothing changes.
+
+        Takes :meth:`create`'s arguments and raises its preflight errors. Returns a
+        :class:`SnapshotPlan`; ``create(plan=plan)`` takes the snapshot with one libvirt call.
+        """
+        return self._prepare(
+            name,
+            disk_only=disk_only,
+            memory=memory,
+            external=external,
+            quiesce=quiesce,
+            atomic=atomic,
+            live=live,
+            description=description,
+            metadata=metadata,
+            check_internal=True,
+        )
+
+    def _prepare(
+        self,
+        name: str | None = None,
+        *,
+        disk_only: bool = False,
+        memory: SnapshotMemoryMode | PathLike | None = None,
+        external: bool | Mapping[str, PathLike | None] = False,
+        quiesce: bool = False,
+        atomic: bool = True,
+        live: bool = False,
+        description: str | None = None,
+        metadata: bool = True,
+        check_internal: bool,
+    ) -> SnapshotPlan:
         dom = self.domain
         if description is not None and not isinstance(description, str):
             raise UsageError(f"description must be a string, got {description!r}")
@@ -598,55 +763,54 @@ class SnapshotCollection:
         plan = self._plan(
             name, disk_only=disk_only, memory=memory, external=external, description=description
         )
-        # ---- preflight: nothing below changes anything until the libvirt call.
+        # ---- preflight: nothing here changes anything.
         if name in self:
             raise UsageError(
                 f"domain {dom.name!r} already has a snapshot named {name!r}; pick another "
                 "name or delete that snapshot first"
             )
-        with contextlib.ExitStack() as guard:
-            if plan.internal:
-                # Held from the bitmap check through the savevm: no checkpoint made by
-                # statecapture can slip in between (hazard 21).
-                guard.enter_context(_locks.domain_lock(dom.uuid, "snapshot create"))
-                _refuse_bitmaps(
-                    dom,
-                    _dirty_bitmap_problems(dom, dom.definition.disks),
-                    "create an internal snapshot",
-                    "snapshot create",
-                )
-            if quiesce and agent_state(dom) is not AgentState.CONNECTED:
-                raise GuestAgentError(
-                    f"refusing to create a quiesced snapshot of domain {dom.name!r}: its guest "
-                    "agent is not connected (no running domain, no org.qemu.guest_agent.0 "
-                    "channel, or qemu-ga not answering yet). Nothing was changed. Start qemu-ga "
-                    "in the guest (right after boot, wait for it to connect), or snapshot "
-                    "without quiesce=True for crash-consistent disks.",
-                    operation="snapshot create",
-                    domain_name=dom.name,
-                )
-            for path in plan.new_files:
-                _check_file_name(path, "snapshot file")
-            if is_local_uri(dom.connection.uri):
-                check_dir = writes_host_files(dom.connection)
-                for path in plan.new_files:
-                    _check_target(path, "snapshot file", check_dir=check_dir)
-            vir = dom._vir.snapshot_create(
-                plan.xml.to_xml(),
-                disk_only=plan.disk_only_flag,
-                quiesce=quiesce,
-                atomic=atomic,
-                live=live,
-                no_metadata=not metadata,
-                # No VALIDATE: libvirt 9.0 reloads its RelaxNG schema for every validated call
-                # (35-60 ms, spent inside a freeze for quiesced snapshots). The XML is ours,
-                # built by SnapshotXML, and the test suite checks it against that schema.
-                validate=False,
+        if plan.internal and check_internal:
+            self._refuse_internal()
+        if quiesce and agent_state(dom) is not AgentState.CONNECTED:
+            raise GuestAgentError(
+                f"refusing to create a quiesced snapshot of domain {dom.name!r}: its guest "
+                "agent is not connected (no running domain, no org.qemu.guest_agent.0 "
+                "channel, or qemu-ga not answering yet). Nothing was changed. Start qemu-ga "
+                "in the guest (right after boot, wait for it to connect), or snapshot "
+                "without quiesce=True for crash-consistent disks.",
+                operation="snapshot create",
+                domain_name=dom.name,
             )
-        snapshot = Snapshot._from_vir(dom, vir, None if metadata else plan.xml)
-        if writes_host_files(dom.connection):
-            _owner_only(plan.new_files)
-        return snapshot
+        for path in plan.new_files:
+            _check_file_name(path, "snapshot file")
+        if is_local_uri(dom.connection.uri):
+            check_dir = writes_host_files(dom.connection)
+            for path in plan.new_files:
+                _check_target(path, "snapshot file", check_dir=check_dir)
+        return SnapshotPlan(
+            domain=dom.name,
+            domain_uuid=dom.uuid,
+            name=name,
+            internal=plan.internal,
+            xml=plan.xml,
+            new_files=plan.new_files,
+            disk_only=plan.disk_only_flag,
+            quiesce=quiesce,
+            atomic=atomic,
+            live=live,
+            metadata=metadata,
+            xml_text=plan.xml.to_xml(),
+            host_files=writes_host_files(dom.connection),
+        )
+
+    def _refuse_internal(self) -> None:
+        dom = self.domain
+        _refuse_bitmaps(
+            dom,
+            _dirty_bitmap_problems(dom, dom.definition.disks),
+            "create an internal snapshot",
+            "snapshot create",
+        )
 
     # ------------------------------------------------------------------ planning
     def _generated_name(self) -> str:

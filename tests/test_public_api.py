@@ -48,6 +48,7 @@ EXPECTED = {
     "SnapshotXML",
     "SnapshotMemory",
     "SnapshotMemoryMode",
+    "SnapshotPlan",
     "SnapshotDisk",
     "SnapshotDiskMode",
     # -- freeze names
@@ -72,6 +73,8 @@ EXPECTED = {
     "CheckpointDisk",
     # backup
     "BackupJob",
+    "BackupPlan",
+    "BackupPlanDisk",
     "BackupResult",
     "DiskBackup",
     "BackupProgress",

@@ -79,7 +79,7 @@ def decide(
         return None, f"bitmap broken ({exc.disk or '?'}: {exc})"
     except UnsupportedError:
         pass
-    from .._backup import backup_file_name
+    from .._backup_plan import backup_file_name
 
     index = _chain.file_index(points)
     for disk, entry in latest.disks.items():
@@ -258,7 +258,7 @@ def discard_run(
     files: Mapping[str, Path],
 ) -> None:
     """Undo a run whose point was not listed: its checkpoint and every file it made."""
-    from .._backup import _delete_checkpoint
+    from .._backup_record import delete_checkpoint as _delete_checkpoint
 
     errors: list[str] = []
     if cp_name is not None:
@@ -422,7 +422,7 @@ def offline_backup(
     closed cleanly (served by ``qemu-nbd --bitmap``), full otherwise. A new checkpoint is
     created (metadata + bitmaps in the qcow2 images) so the next backup can be incremental.
     """
-    from .._backup import backup_file_name
+    from .._backup_plan import backup_file_name
 
     definition = dom.inactive_definition
     chosen = [

@@ -1,0 +1,336 @@
+"""The guide's second sequence: a direct backup, frozen only for the job's start.
+
+::
+
+    plan (one read of the domain) → journal → freeze → backup begin → thaw
+    → wait (push) or download over NBD (pull) → end the job
+
+The backup is planned (:func:`~statecapture._backup_plan.plan_backup`) before anything
+changes; inside the freeze only ``virDomainBackupBegin`` runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from .. import _files, _journal
+from .._journal import boundary
+from ..errors import (
+    CleanupError,
+    LibvirtError,
+    NotFoundError,
+    UnsupportedError,
+    UsageError,
+)
+from .run import (
+    SEQ_DIRECT,
+    QuiesceMode,
+    Run,
+    SequenceResult,
+    _capture,
+    _check_domain,
+    _check_max_frozen,
+    _check_quiesce,
+    _preflight,
+    _refuse_jobs,
+)
+
+if TYPE_CHECKING:
+    from .._backup import BackupJob, BackupProgress
+    from .._backup_plan import BackupPlan
+    from .._domain import Domain
+
+__all__ = ["direct_backup", "discard_backup"]
+
+
+# --------------------------------------------------------------------------- sequence 2
+
+
+def discard_backup(
+    dom: Domain,
+    *,
+    job: BackupJob | None,
+    checkpoint: str | None,
+    files: Mapping[str, str] | None = None,
+    adopt_checkpoint: str | None = None,
+) -> list[str]:
+    """Undo a backup run: end its job, delete its checkpoint, remove its files.
+
+    State-driven and idempotent. ``job`` is the run's handle (``None``: adopt the running
+    job when its checkpoint is ``adopt_checkpoint``, or any running job when that is
+    ``None``). ``checkpoint`` and ``files`` must be the run's own (made by it).
+    """
+    from .._backup_record import RECORD_NS
+
+    actions: list[str] = []
+    if job is None and dom.is_active:
+        try:
+            running = dom.active_backup()
+        except UnsupportedError:
+            running = None
+        if running is not None and (
+            adopt_checkpoint is None
+            or running.checkpoint
+            in (
+                None,
+                adopt_checkpoint,
+            )
+        ):
+            job = running
+    if job is not None and job.running:
+        job.discard()
+        # What the job's own discard did (job ended, its checkpoint deleted, files removed).
+        actions.extend(
+            job._undone or [f"ended the {job.mode.value} backup job (abortJob, JOB_COMPLETED)"]
+        )
+    if checkpoint is not None:
+        try:
+            exists = checkpoint in dom.checkpoints
+        except UnsupportedError:
+            exists = False
+        if exists:
+            dom.checkpoints[checkpoint].delete()
+            actions.append(f"deleted the checkpoint {checkpoint!r} the run created")
+    problems: list[str] = []
+    for what, path in sorted((files or {}).items()):
+        if os.path.lexists(path):
+            try:
+                os.unlink(path)
+                actions.append(f"removed {path} ({what})")
+            except OSError as exc:
+                problems.append(f"remove {path}: {exc}")
+    if dom._vir.get_metadata(RECORD_NS) is not None:
+        still: BackupJob | None = None
+        if dom.is_active:
+            with contextlib.suppress(UnsupportedError):
+                still = dom.active_backup()
+        if still is None:
+            from .._backup_record import discard_stale_record
+
+            for problem in discard_stale_record(dom):
+                problems.append(problem)
+            actions.append("cleared the stale backup record (and removed its private directories)")
+    if problems:
+        raise CleanupError(f"backup clean-up on {dom.name!r} failed: {'; '.join(problems)}")
+    return actions
+
+
+def _checkpoint_name(checkpoint: object, run_id: str) -> str | None:
+    from ..xml._checkpoint import check_checkpoint_name
+
+    if checkpoint is True:
+        return f"sc-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{run_id[:6]}"
+    if checkpoint is False or checkpoint is None:
+        return None
+    if isinstance(checkpoint, str):
+        return check_checkpoint_name(checkpoint)
+    raise UsageError(f"checkpoint must be True, False or a name, got {checkpoint!r}")
+
+
+def _plan_files(plan: BackupPlan, target_dir: Path, *, pull: bool) -> dict[str, str]:
+    """``file:vda`` / ``partial:vda`` → the paths this run will write (from the plan)."""
+    from .._backup_plan import partial_name
+
+    planned: dict[str, str] = {}
+    for disk in plan.disks:
+        planned[f"file:{disk.disk}"] = str(target_dir / disk.file_name)
+        if pull:
+            planned[f"partial:{disk.disk}"] = str(target_dir / partial_name(disk.file_name))
+    for path in planned.values():
+        _files.check_free(path, "backup file")
+    return planned
+
+
+def _check_previous(dom: Domain, plan: BackupPlan, target_dir: Path) -> None:
+    """Pull + incremental: the previous images must be in ``target_dir`` already."""
+    from .._backup_plan import backup_file_name
+
+    for disk in plan.disks:
+        if disk.incremental_from is None:
+            continue
+        previous = target_dir / backup_file_name(dom.name, disk.disk, disk.incremental_from)
+        if not previous.is_file():
+            raise NotFoundError(
+                f"an incremental pull backup of {disk.disk} writes a layer on top of the "
+                f"previous backup {previous}, which is missing. Nothing was changed.",
+                operation=SEQ_DIRECT,
+                domain_name=dom.name,
+            )
+
+
+def direct_backup(
+    dom: Domain,
+    target_dir: str | os.PathLike[str],
+    *,
+    mode: str = "push",
+    incremental_from: str | None = None,
+    checkpoint: bool | str = True,
+    quiesce: QuiesceMode = True,
+    max_frozen: float = 10.0,
+    disks: Sequence[str] | None = None,
+    progress: Callable[[BackupProgress], None] | None = None,
+) -> SequenceResult:
+    """Back up a running domain's disks with a backup job, frozen only for its start.
+
+    The guide's second sequence, in one call::
+
+        freeze → backup begin (with the new checkpoint) → thaw
+        → wait for the push job, or download every disk over NBD (pull) → end the job
+
+    Images land in ``target_dir`` as ``<domain>.<disk>.<checkpoint>.qcow2`` (owner-only,
+    never replacing a file). ``checkpoint=True`` creates a checkpoint named
+    ``sc-<UTC time>-<run>`` atomically with the job's start (a name: that name; ``False``:
+    none); the next run passes it as ``incremental_from`` to copy only what changed.
+
+    The domain definition never changes. On any error or ``KeyboardInterrupt`` the job is
+    ended and its checkpoint and files removed before the error propagates, so the next
+    incremental never builds on a bad base; after a crash :func:`statecapture.recover`
+    does the same from the journal.
+
+    Refused before anything changes: a domain that is not running, ``quiesce=True`` without
+    a connected guest agent (:class:`GuestAgentError`), an unfinished earlier run, a
+    running backup job or block job (:class:`InvalidStateError`), a driver without backup jobs
+    (:class:`UnsupportedError`), an unknown ``incremental_from`` (:class:`NotFoundError`),
+    an existing checkpoint name or image file (:class:`InvalidStateError`,
+    :class:`TargetExistsError`), a ``target_dir`` nothing can be created in — a read-only
+    mount, for example (:class:`UsageError`).
+
+    Args:
+        dom: a running domain.
+        target_dir: an existing directory for the images.
+        mode: ``"push"`` (QEMU writes the images) or ``"pull"`` (statecapture reads the
+            disks over NBD while the job serves them).
+        incremental_from: copy only blocks changed since this checkpoint.
+        checkpoint: ``True`` (a generated name), a name, or ``False``.
+        quiesce: as for :func:`backup_via_temporary_snapshot`.
+        max_frozen: the freeze budget in seconds.
+        disks: the disk targets to copy (default: every writable disk with an image).
+        progress: called with :class:`BackupProgress` while the disks are copied.
+    """
+    from ..xml import BackupMode
+
+    dom = _check_domain(dom, SEQ_DIRECT)
+    qmode = _check_quiesce(quiesce)
+    budget = _check_max_frozen(max_frozen)
+    try:
+        bmode = BackupMode(mode)
+    except ValueError:
+        raise UsageError(f"mode must be 'push' or 'pull', not {mode!r}") from None
+    pull = bmode is BackupMode.PULL
+    if pull:  # the NBD export is a UNIX socket on the domain's host
+        from .._backup import require_local_nbd
+
+        require_local_nbd(dom, SEQ_DIRECT)
+    tdir = Path(target_dir).absolute()
+    if not tdir.is_dir():
+        raise UsageError(f"target_dir {tdir} is not a directory")
+    if pull:  # (the plan checks a push target_dir)
+        from .._backup_plan import check_writable
+
+        check_writable(tdir, "target_dir")  # before any freeze, job or journal
+    _checkpoint_name(checkpoint, "0" * 32)  # validates the argument
+    if incremental_from is not None and not isinstance(incremental_from, str):
+        raise UsageError(f"incremental_from must be a checkpoint name, got {incremental_from!r}")
+    freeze, notes = _preflight(dom, qmode, SEQ_DIRECT)
+    run_id = _journal.new_run_id()
+    cp_name = _checkpoint_name(checkpoint, run_id)
+    # One plan from one read of the domain: disks, file names, checkpoint and backup XML.
+    from .._backup import BackupStart
+    from .._backup_plan import plan_backup
+
+    try:
+        plan = plan_backup(
+            dom,
+            mode=bmode,
+            disks=disks,
+            incremental_from=incremental_from,
+            checkpoint=cp_name,
+            target_dir=None if pull else tdir,
+        )
+    except UnsupportedError as exc:
+        raise UnsupportedError(f"{exc}. Nothing was changed.", operation=SEQ_DIRECT) from exc
+    # A block job: libvirt would refuse only after the freeze (the plan refused a backup job).
+    _refuse_jobs(dom, SEQ_DIRECT, backup=False)
+    if pull and incremental_from is not None:
+        _check_previous(dom, plan, tdir)
+    planned = _plan_files(plan, tdir, pull=pull)
+    facts = {"mode": bmode.value, "target_dir": str(tdir), "label": plan.label, **planned}
+    if cp_name is not None:
+        facts["checkpoint"] = cp_name
+
+    holder: list[BackupJob] = []
+    # Its rollback (a failed or interrupted start) is reported by the run's undo below.
+    start = BackupStart(dom, plan, note=False)
+    with Run(dom, SEQ_DIRECT, run_id=run_id, facts=facts) as run:
+
+        def discard() -> list[str]:
+            return start.undone + discard_backup(
+                dom,
+                job=holder[0] if holder else None,
+                checkpoint=cp_name,
+                files=planned,
+                adopt_checkpoint=cp_name,
+            )
+
+        # Registered before the start (state-driven): a job that started just before an
+        # interrupt is found and ended too.
+        run.on_undo("end the backup job and remove its checkpoint and files", discard)
+
+        if freeze:
+            run.stage("frozen", "1")
+        with run.step("begin"):
+            # Entering writes the job's record and takes the lock; only the capture call
+            # (virDomainBackupBegin) runs inside the freeze; leaving reads the job back.
+            with start:
+                frozen_for, quiesced = _capture(
+                    dom,
+                    "begin",
+                    start.begin,
+                    freeze=freeze,
+                    quiesce=qmode,
+                    max_frozen=budget,
+                    notes=notes,
+                )
+            job = start.job
+            holder.append(job)
+            run.stage("frozen", None)
+
+        reported: list[bool] = []
+
+        def report(p: BackupProgress) -> None:
+            if not reported:
+                reported.append(True)
+                boundary("mid:transfer")
+            if progress is not None:
+                progress(p)
+
+        with run.step("transfer"):
+            if pull:
+                job.download(tdir, progress=report)
+            else:
+                job.wait(progress=report)
+
+        with run.step("end"):
+            result = job.end()
+            if result is None:
+                raise LibvirtError(
+                    f"the backup job of {dom.name!r} ended without delivering every disk",
+                    operation=SEQ_DIRECT,
+                    domain_name=dom.name,
+                )
+
+        run.commit()
+
+    return run.result(
+        files=MappingProxyType({d.disk: d.file for d in result.disks}),
+        frozen_for=frozen_for,
+        quiesced=quiesced,
+        checkpoint=cp_name,
+        notes=notes,
+    )

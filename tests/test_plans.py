@@ -1,0 +1,250 @@
+"""Plans: an operation is worked out before anything changes, and inside a freeze only the
+capture call runs.
+
+Fast tier (test driver): a snapshot plan is a dry run and ``create(plan=)`` takes it;
+``frozen_for`` covers the freeze and thaw calls themselves (a slow agent injected).
+
+Real tier (embedded QEMU): a backup plan changes nothing, prints what it would do and is
+executed by ``dom.backup(plan=)``; with the adapter wrapped from outside, exactly one
+libvirt call — the capture call — runs between the freeze and the thaw in
+``direct_backup``, ``backup_via_temporary_snapshot`` and ``fs_frozen`` + a planned
+snapshot, and ``frozen_for`` is at least the window measured from outside.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+import statecapture
+from statecapture import (
+    BackupPlan,
+    InvalidStateError,
+    SnapshotPlan,
+    UsageError,
+    _adapter,
+)
+
+# ----------------------------------------------------------------------------- fast tier
+
+
+def test_snapshot_plan_is_a_dry_run_then_one_call(test_domain: statecapture.Domain) -> None:
+    """snapshots.plan() checks and works out a snapshot without creating anything;
+    str(plan) says what it would make; create(plan=) makes exactly that; mixing plan= with
+    other arguments, or a plan of another domain, is a UsageError."""
+    before = test_domain._vir.xml_desc()
+    plan = test_domain.snapshots.plan("p1", description="planned")
+    assert isinstance(plan, SnapshotPlan) and plan.name == "p1" and plan.internal
+    assert "p1" in str(plan) and "internal" in str(plan) and "<pre>" in plan._repr_html_()
+    assert "p1" not in test_domain.snapshots and test_domain._vir.xml_desc() == before
+    with pytest.raises(UsageError, match="not both"):
+        test_domain.snapshots.create("p2", plan=plan)
+    with pytest.raises(UsageError, match="not both"):
+        test_domain.snapshots.create(plan=plan, atomic=False)
+    other = attrs.evolve(plan, domain_uuid="00000000-0000-0000-0000-000000000000")
+    with pytest.raises(UsageError, match="plan is for domain"):
+        test_domain.snapshots.create(plan=other)
+    snap = test_domain.snapshots.create(plan=plan)
+    assert snap.name == "p1" and snap.definition.description == "planned"
+    with pytest.raises(UsageError, match="already has a snapshot"):
+        test_domain.snapshots.plan("p1")
+
+
+def test_frozen_for_covers_the_freeze_and_thaw_calls(
+    test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """frozen_for runs from the start of the freeze call to the return of the thaw call —
+    a slow agent (injected: each call takes 0.2 s) counts in full — while frozen_inner is the
+    narrower window between the two calls."""
+    vir = test_domain._vir
+    freeze, thaw = vir.fs_freeze, vir.fs_thaw
+
+    def slow_freeze(*args: Any, **kwargs: Any) -> int:
+        time.sleep(0.2)
+        return freeze(*args, **kwargs)
+
+    def slow_thaw(*args: Any, **kwargs: Any) -> int:
+        result = thaw(*args, **kwargs)
+        time.sleep(0.2)
+        return result
+
+    monkeypatch.setattr(vir, "fs_freeze", slow_freeze)
+    monkeypatch.setattr(vir, "fs_thaw", slow_thaw)
+    monkeypatch.setattr(statecapture._freeze, "agent_connected", lambda dom: True)
+    try:
+        scope = statecapture.fs_frozen(test_domain, max_frozen=30)
+        with scope:
+            pass
+    except statecapture.GuestAgentError:
+        pytest.skip("the test driver's domain has no agent channel here")
+    assert scope.frozen_for >= 0.4
+    assert scope.frozen_inner < 0.2 < scope.frozen_for - scope.frozen_inner
+
+
+# ----------------------------------------------------------------------------- real tier
+
+
+@attrs.define
+class _Tap:
+    """Wraps every VirDomain/VirConnection method: records the calls made between the end
+    of the freeze call and the start of the thaw call (main thread), and the window from
+    just inside the freeze call to just inside the thaw call's return."""
+
+    frozen: bool = False
+    inside: list[str] = attrs.field(factory=list)
+    windows: list[float] = attrs.field(factory=list)
+    started: float = 0.0
+    depth: int = 0
+    main: int = attrs.field(factory=threading.get_ident)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for cls in (_adapter.VirDomain, _adapter.VirConnection):
+            for name, fn in list(vars(cls).items()):
+                if name.startswith("_") or not inspect.isfunction(fn):
+                    continue
+                monkeypatch.setattr(cls, name, self._wrap(name, fn))
+
+    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        tap = self
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            here = threading.get_ident() == tap.main
+            if name == "fs_freeze":
+                tap.started = time.monotonic()
+                result = fn(*args, **kwargs)
+                tap.frozen = True
+                return result
+            if name == "fs_thaw":
+                tap.frozen = False
+                result = fn(*args, **kwargs)
+                tap.windows.append(time.monotonic() - tap.started)
+                return result
+            if tap.frozen and here and not tap.depth:
+                tap.inside.append(name)  # a call from the library, not one inside the adapter
+            tap.depth += here
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                tap.depth -= here
+
+        return wrapper
+
+    def take(self) -> tuple[list[str], float]:
+        inside, self.inside = self.inside, []
+        assert len(self.windows) == 1, self.windows
+        window = self.windows.pop()
+        return inside, window
+
+
+@pytest.fixture
+def planned_guest(guest_factory: Any) -> Iterator[statecapture.Domain]:
+    dom = guest_factory(disks=2)
+    yield dom
+    for cp in dom.checkpoints.list():
+        cp.delete()
+
+
+def _state(dom: statecapture.Domain, *dirs: Path) -> tuple[Any, ...]:
+    return (
+        dom._vir.xml_desc(),
+        sorted(c.name for c in dom.checkpoints.list()),
+        dom.active_backup(),
+        [sorted(os.listdir(d)) for d in dirs],
+    )
+
+
+@pytest.mark.qemu
+def test_backup_plan_is_a_dry_run_then_executes(
+    planned_guest: statecapture.Domain, tmp_path: Path
+) -> None:
+    """dom.backup_plan() changes nothing — no checkpoint, file, directory, record or job —
+    and prints the disks, file names, checkpoint and undo; dom.backup(plan=) then delivers
+    exactly the planned files and checkpoint; the same plan cannot run twice."""
+    dom = planned_guest
+    out = tmp_path / "out"
+    out.mkdir()
+    before = _state(dom, out)
+    plan = dom.backup_plan(mode="push", target_dir=out, checkpoint="pl1")
+    pull = dom.backup_plan(mode="pull", incremental_from=None)
+    assert isinstance(plan, BackupPlan) and plan.checkpoint == "pl1" and plan.label == "pl1"
+    text = str(plan)
+    for disk in ("vda", "vdb"):
+        assert str(out / f"{dom.name}.{disk}.pl1.qcow2") in text
+    assert "pl1" in text and "on failure" in text and "<table>" in plan._repr_html_()
+    assert all(not p.exists() for p in (*plan.private_dirs, *pull.private_dirs))
+    assert pull.socket is not None and not pull.socket.exists() and "NBD socket" in str(pull)
+    assert _state(dom, out) == before
+    with pytest.raises(UsageError, match="not both"):
+        dom.backup(plan=plan, checkpoint="other")
+    with dom.backup(plan=plan) as job:
+        result = job.wait()
+    assert {d.disk: d.file for d in result.disks} == plan.files
+    assert all(f.is_file() for f in plan.files.values()) and "pl1" in dom.checkpoints
+    assert sorted(os.listdir(out)) == sorted(p.name for p in plan.files.values())
+    with pytest.raises(InvalidStateError, match="already has a checkpoint"):
+        dom.backup(plan=plan)
+    assert sorted(os.listdir(out)) == sorted(p.name for p in plan.files.values())
+    inc = dom.backup_plan(mode="push", target_dir=out, incremental_from="pl1")
+    assert {d.mode.value for d in inc.disks} == {"incremental"}
+
+
+@pytest.mark.qemu
+def test_only_the_capture_call_runs_inside_the_freeze(
+    planned_guest: statecapture.Domain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every adapter method wrapped from outside: between the return of the freeze
+    call and the start of the thaw call exactly one libvirt call runs — virDomainBackupBegin
+    in direct_backup (push and pull), the snapshot create in backup_via_temporary_snapshot
+    and in fs_frozen + snapshots.create(plan=) — and frozen_for is at least the window
+    measured from outside (inside the library's freeze and thaw calls)."""
+    dom = planned_guest
+    tap = _Tap()
+    tap.install(monkeypatch)
+
+    push = statecapture.direct_backup(dom, _dir(tmp_path, "a"))
+    inside, window = tap.take()
+    assert inside == ["backup_begin"]
+    assert push.frozen_for is not None and push.frozen_for >= window
+
+    pull = statecapture.direct_backup(
+        dom, tmp_path / "a", mode="pull", incremental_from=push.checkpoint
+    )
+    inside, window = tap.take()
+    assert inside == ["backup_begin"]
+    assert pull.frozen_for is not None and pull.frozen_for >= window
+
+    def copy(images: Mapping[str, Path]) -> None:
+        return None
+
+    snap = statecapture.backup_via_temporary_snapshot(dom, copy)
+    inside, window = tap.take()
+    assert inside == ["snapshot_create"]
+    assert snap.frozen_for is not None and snap.frozen_for >= window
+
+    plan = dom.snapshots.plan("planned", disk_only=True, metadata=False)
+    with statecapture.fs_frozen(dom) as scope:
+        dom.snapshots.create(plan=plan)
+    inside, window = tap.take()
+    assert inside == ["snapshot_create"]
+    assert scope.frozen_for >= window >= scope.frozen_inner
+    print(
+        f"frozen_for: direct push {push.frozen_for * 1000:.1f} ms, pull "
+        f"{pull.frozen_for * 1000:.1f} ms, temporary snapshot {snap.frozen_for * 1000:.1f} "
+        f"ms, fs_frozen + planned snapshot {scope.frozen_for * 1000:.1f} ms"
+    )
+
+
+def _dir(base: Path, name: str) -> Path:
+    path = base / name
+    path.mkdir()
+    return path
