@@ -50,6 +50,7 @@ from ._backup_plan import (
     check_writable,
     partial_name,
     plan_backup,
+    refuse_running_job,
     unsupported,
 )
 from ._backup_record import RECORD_KEY as RECORD_KEY
@@ -963,14 +964,7 @@ class BackupStart:
         dom, plan = self.dom, self.plan
         if plan.domain_uuid != dom.uuid:
             raise UsageError(f"this plan is for domain {plan.domain!r}, not {dom.name!r}")
-        running = active_backup(dom)
-        if running is not None:
-            raise InvalidStateError(
-                f"domain {dom.name!r} already runs a {running.mode.value} backup job (one per "
-                "domain); end it with dom.active_backup().end()",
-                operation="backup",
-                domain_name=dom.name,
-            )
+        refuse_running_job(dom)
         if plan.checkpoint is not None and plan.checkpoint in dom.checkpoints:
             raise InvalidStateError(
                 f"domain {dom.name!r} already has a checkpoint {plan.checkpoint!r}",

@@ -280,7 +280,16 @@ def _checkpoint_xml(
     return name, xml
 
 
-def _refuse_running_job(dom: Domain) -> None:
+def parse_mode(mode: BackupMode | str) -> BackupMode:
+    """``mode`` as a :class:`BackupMode`; :class:`UsageError` for anything else."""
+    try:
+        return BackupMode(mode)
+    except ValueError:
+        raise UsageError(f"mode must be 'push' or 'pull', not {mode!r}") from None
+
+
+def refuse_running_job(dom: Domain) -> None:
+    """:class:`InvalidStateError` when ``dom`` already runs a backup job (one per domain)."""
     from ._backup import active_backup
 
     running = active_backup(dom)  # also the support probe: the test driver lacks backups
@@ -309,16 +318,13 @@ def plan_backup(
     Reads the live definition once, the checkpoint list once and the ``incremental_from``
     checkpoint's definition once; changes nothing.
     """
-    try:
-        bmode = BackupMode(mode)
-    except ValueError:
-        raise UsageError(f"mode must be 'push' or 'pull', not {mode!r}") from None
+    bmode = parse_mode(mode)
     push = bmode is BackupMode.PUSH
     if push and target_dir is None:
         raise UsageError("a push backup needs target_dir= (where the images go)")
     if not push and target_dir is not None:
         raise UsageError("a pull backup writes nowhere by itself: use download(dest_dir)")
-    _refuse_running_job(dom)
+    refuse_running_job(dom)
     dom._require_active("backup")
     definition = dom.definition
     chosen = _choose_disks(dom, definition, disks)

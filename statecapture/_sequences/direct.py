@@ -11,7 +11,6 @@ changes; inside the freeze only ``virDomainBackupBegin`` runs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +38,7 @@ from .run import (
     _check_quiesce,
     _preflight,
     _refuse_jobs,
+    _running_backup,
 )
 
 if TYPE_CHECKING:
@@ -70,10 +70,7 @@ def discard_backup(
 
     actions: list[str] = []
     if job is None and dom.is_active:
-        try:
-            running = dom.active_backup()
-        except UnsupportedError:
-            running = None
+        running = _running_backup(dom)
         if running is not None and (
             adopt_checkpoint is None
             or running.checkpoint
@@ -106,10 +103,7 @@ def discard_backup(
             except OSError as exc:
                 problems.append(f"remove {path}: {exc}")
     if dom._vir.get_metadata(RECORD_NS) is not None:
-        still: BackupJob | None = None
-        if dom.is_active:
-            with contextlib.suppress(UnsupportedError):
-                still = dom.active_backup()
+        still = _running_backup(dom) if dom.is_active else None
         if still is None:
             from .._backup_record import discard_stale_record
 
@@ -213,15 +207,13 @@ def direct_backup(
         disks: the disk targets to copy (default: every writable disk with an image).
         progress: called with :class:`BackupProgress` while the disks are copied.
     """
+    from .._backup_plan import check_writable, parse_mode
     from ..xml import BackupMode
 
     dom = _check_domain(dom, SEQ_DIRECT)
     qmode = _check_quiesce(quiesce)
     budget = _check_max_frozen(max_frozen)
-    try:
-        bmode = BackupMode(mode)
-    except ValueError:
-        raise UsageError(f"mode must be 'push' or 'pull', not {mode!r}") from None
+    bmode = parse_mode(mode)
     pull = bmode is BackupMode.PULL
     if pull:  # the NBD export is a UNIX socket on the domain's host
         from .._backup import require_local_nbd
@@ -231,8 +223,6 @@ def direct_backup(
     if not tdir.is_dir():
         raise UsageError(f"target_dir {tdir} is not a directory")
     if pull:  # (the plan checks a push target_dir)
-        from .._backup_plan import check_writable
-
         check_writable(tdir, "target_dir")  # before any freeze, job or journal
     _checkpoint_name(checkpoint, "0" * 32)  # validates the argument
     if incremental_from is not None and not isinstance(incremental_from, str):

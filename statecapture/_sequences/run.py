@@ -40,6 +40,7 @@ from ..errors import (
 )
 
 if TYPE_CHECKING:
+    from .._backup import BackupJob
     from .._domain import Domain
 
 __all__ = [
@@ -344,6 +345,14 @@ def _capture(
     return scope.frozen_for, True
 
 
+def _running_backup(dom: Domain) -> BackupJob | None:
+    """The domain's running backup job; ``None`` also where the driver has no backups."""
+    try:
+        return dom.active_backup()
+    except UnsupportedError:
+        return None
+
+
 def _refuse_jobs(dom: Domain, operation: str, *, backup: bool = True) -> None:
     try:
         jobs = dom.block_jobs()
@@ -358,10 +367,7 @@ def _refuse_jobs(dom: Domain, operation: str, *, backup: bool = True) -> None:
         )
     if not backup:
         return
-    try:
-        running = dom.active_backup()
-    except UnsupportedError:
-        running = None
+    running = _running_backup(dom)
     if running is not None:
         raise InvalidStateError(
             f"domain {dom.name!r} runs a {running.mode.value} backup job; end it first "
