@@ -56,6 +56,7 @@ from ._backup_plan import (
 from ._backup_record import RECORD_KEY as RECORD_KEY
 from ._backup_record import RECORD_NS as RECORD_NS
 from ._backup_record import Record as _Record
+from ._backup_record import clear_record as _clear_record
 from ._backup_record import delete_checkpoint as _delete_checkpoint
 from ._backup_record import discard_stale_record as discard_stale_record
 from ._backup_record import final_path as _final_path
@@ -799,10 +800,7 @@ class BackupJob:
             self._undone.append(f"deleted the checkpoint {self.checkpoint!r} it created")
         if removed:
             self._undone.append(f"removed {', '.join(removed)}")
-        try:
-            _write_record(self.domain, None)
-        except LibvirtError as exc:
-            errors.append(f"clear the backup record: {exc}")
+        _clear_record(self.domain, errors)
         if error is not None:
             _rolled_back_note(self.domain, error, self._undone)
         if errors:
@@ -817,10 +815,7 @@ class BackupJob:
 
     def _close_record(self) -> None:
         errors = self._remove_scratch_and_dirs()
-        try:
-            _write_record(self.domain, None)
-        except LibvirtError as exc:
-            errors.append(f"clear the backup record: {exc}")
+        _clear_record(self.domain, errors)
         if errors:
             raise CleanupError(f"backup of {self.domain.name!r}: {'; '.join(errors)}")
 
@@ -1062,10 +1057,7 @@ class BackupStart:
                 removed = [str(d.store) for d in plan.disks if _remove(d.store, errors)]
                 if removed:
                     undone.append(f"removed {', '.join(removed)}")
-                try:
-                    _write_record(dom, None)
-                except LibvirtError as e:
-                    errors.append(f"clear the backup record: {e}")
+                _clear_record(dom, errors)
                 if self._before is not None:
                     from ._checkpoint import remove_orphan_bitmaps
 

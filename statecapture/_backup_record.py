@@ -180,6 +180,14 @@ def write_record(dom: Domain, record: Record | None) -> None:
     dom._vir.set_metadata(RECORD_NS, RECORD_KEY, None if record is None else record.to_xml())
 
 
+def clear_record(dom: Domain, errors: list[str]) -> None:
+    """Remove the domain's record; a failure is added to ``errors``."""
+    try:
+        write_record(dom, None)
+    except LibvirtError as exc:
+        errors.append(f"clear the backup record: {exc}")
+
+
 def discard_stale_record(dom: Domain) -> list[str]:
     """Remove what a dead run's record names — files and private directories — and the
     record itself, delivered or not (a discarded run keeps nothing). Returns the problems."""
@@ -195,10 +203,7 @@ def discard_stale_record(dom: Domain) -> list[str]:
                 pass
             except OSError as exc:
                 errors.append(f"remove {d}: {exc}")
-    try:
-        write_record(dom, None)
-    except LibvirtError as exc:
-        errors.append(f"clear the backup record: {exc}")
+    clear_record(dom, errors)
     return errors
 
 
