@@ -102,6 +102,10 @@ from .errors import (  # repository
     RepositoryLockedError,
 )
 
+# -- instant imports
+# isort: split
+from ._repository.instant import DetachProgress  # instant
+
 # -- advisor imports
 # isort: split
 from ._advisor import (  # advisor
@@ -225,6 +229,8 @@ __all__ = [
     "RepositoryFormatError",
     "RepositoryLockedError",
     "ChainError",
+    # -- instant names
+    "DetachProgress",
     # -- advisor names
     "advise",
     "Needs",

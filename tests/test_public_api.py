@@ -103,6 +103,8 @@ EXPECTED = {
     "RepositoryFormatError",
     "RepositoryLockedError",
     "ChainError",
+    # -- instant names
+    "DetachProgress",
     # -- advisor names
     "advise",
     "Needs",

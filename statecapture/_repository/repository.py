@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from .._backup import BackupProgress
     from .._connection import Connection
     from .._domain import Domain
+    from .instant import DetachProgress
 
 __all__ = ["Repository"]
 
@@ -482,6 +483,91 @@ class Repository:
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
+
+    # ------------------------------------------------------------------ instant recovery
+    def export(
+        self, point: RestorePoint | str, disk: str
+    ) -> contextlib.AbstractContextManager[str]:
+        """Serve ``disk`` of ``point`` read-only over NBD while the ``with`` block runs.
+
+        ``with repo.export(point, "vda") as uri:`` yields an NBD URI
+        (``nbd+unix:///vda?socket=/tmp/sc-export-.../nbd.sock``) any NBD client can read:
+        ``nbdfuse``, ``guestfish --format=raw -a URI``, ``qemu-img convert URI``, libnbd. The
+        server is ``qemu-nbd``, started as our child on a socket in a new owner-only
+        directory and stopped (the directory removed) when the block ends, also on an
+        error or ^C. The chain is validated first (:class:`ChainError`); a disk the point
+        does not hold is :class:`NotFoundError`. The repository's files are never written.
+        """
+        from .instant import export
+
+        return export(self, point, disk)
+
+    def boot(
+        self,
+        point: RestorePoint | str,
+        conn: Connection,
+        *,
+        name: str,
+        overlay_dir: str | os.PathLike[str],
+        start: bool = True,
+        detach: bool = False,
+        progress: Callable[[DetachProgress], None] | None = None,
+        timeout: float | None = None,
+    ) -> Domain:
+        """Define (and start) a new domain ``name`` that runs straight from ``point``.
+
+        Each disk of the point gets a new qcow2 overlay in the new owner-only directory
+        ``overlay_dir`` whose backing file is the disk's chain in the repository, opened
+        read-only by QEMU: the domain starts within seconds whatever the disk size, the
+        guest's writes go to the overlays, and the repository's files never change. The
+        configuration is the point's captured inactive XML with a new name, UUID and MAC
+        addresses (disks the point did not copy are left out; NVRAM is a copy in
+        ``overlay_dir``).
+
+        ``detach=True`` then pulls the backing data into the overlays while the guest runs
+        (libvirt block pull, one disk after the other, ``progress`` called with
+        :class:`DetachProgress` about twice a second) so the domain ends independent of the
+        repository; :meth:`detach` does the same later. Until then, do not prune the
+        point's domain (its ``qemu-img rebase`` is refused while QEMU holds the images).
+
+        Refused before anything is made: a domain ``name`` exists or ``overlay_dir`` exists
+        (:class:`TargetExistsError`), the point's chain does not validate
+        (:class:`ChainError`), the point has no configuration (:class:`RepositoryError`).
+        On a later failure the domain is destroyed and undefined and ``overlay_dir``
+        removed. The overlays are outside the repository: a crash while booted leaves them
+        (and the domain) for the caller; the repository is unchanged.
+        """
+        from .instant import boot
+
+        return boot(
+            self,
+            point,
+            conn,
+            name=name,
+            overlay_dir=overlay_dir,
+            start=start,
+            detach=detach,
+            progress=progress,
+            timeout=timeout,
+        )
+
+    def detach(
+        self,
+        dom: Domain,
+        *,
+        progress: Callable[[DetachProgress], None] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Pull every backing file of running ``dom`` into its top image (block pull).
+
+        For a domain made by :meth:`boot`: afterwards its overlays are standalone images
+        and it no longer reads the repository. ``timeout`` (seconds, overall) aborts the
+        pull still running with :class:`OperationTimeoutError`; the domain keeps running
+        on its chain.
+        """
+        from .instant import detach
+
+        detach(dom, progress=progress, timeout=timeout)
 
     # ------------------------------------------------------------------ verify
     def verify(self, point: RestorePoint | str | None = None) -> VerifyReport:
