@@ -192,18 +192,27 @@ def record_layer(
         if str(backing) != name:
             qemu_img("rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", name, str(path))
         parent_file = name
+    if repo.info.compression is not None:
+        from .transform import compress_layer
+
+        compress_layer(path, parent_file, repo.info.compression)
     size = int(top["virtual-size"])
     extents = _dg.read_map(path)
     files = [images / path.name] + [images / Path(str(x["filename"])).name for x in layers[1:]]
     copied = sum(e.length for e in extents if e.depth == 0 and e.data)
-    if parent_file is None:
-        blocks = _dg.digest_blocks(path, size, extents=extents, files=files)
-        blocks = {k: v for k, v in blocks.items() if v != _dg.zero_digest(size, k)}
-        dmap = _dg.DigestMap(size, blocks, complete=True)
-    else:
-        touched = _dg.layer_blocks(extents)
-        blocks = _dg.digest_blocks(path, size, touched.__contains__, extents=extents, files=files)
-        dmap = _dg.DigestMap(size, blocks, complete=False)
+    from .transform import reader
+
+    with reader(repo, path) as read:
+        if parent_file is None:
+            blocks = _dg.digest_blocks(path, size, extents=extents, files=files, read=read)
+            blocks = {k: v for k, v in blocks.items() if v != _dg.zero_digest(size, k)}
+            dmap = _dg.DigestMap(size, blocks, complete=True)
+        else:
+            touched = _dg.layer_blocks(extents)
+            blocks = _dg.digest_blocks(
+                path, size, touched.__contains__, extents=extents, files=files, read=read
+            )
+            dmap = _dg.DigestMap(size, blocks, complete=False)
     dname = f"{pid}.{_safe(disk)}.json"
     write_atomic(ddir / "digests", dname, dmap.to_json(), replace=False)
     return DiskEntry(

@@ -108,6 +108,7 @@ def digest_blocks(
     *,
     extents: list[Extent] | None = None,
     files: list[Path] | None = None,
+    read: Callable[[int, int], bytes] | None = None,
 ) -> dict[int, str]:
     """SHA-256 of each wanted block (all when ``wanted`` is ``None``) of the chain at ``top``.
 
@@ -133,7 +134,9 @@ def digest_blocks(
                         if cur is not None:
                             out[cur_idx] = cur.hexdigest()
                         cur, cur_idx = hashlib.sha256(), b
-                    if e.data:
+                    if e.data and read is not None:  # through QEMU (compressed, encrypted)
+                        cur.update(read(pos, n))
+                    elif e.data:
                         if e.offset is None:
                             raise RepositoryError(
                                 f"{top}: compressed or unmappable clusters at {pos} are not "

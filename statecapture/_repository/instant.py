@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from .manifest import RestorePoint
     from .repository import Repository
 
-__all__ = ["DetachProgress", "boot", "detach", "export"]
+__all__ = ["DetachProgress", "boot", "detach", "export", "guest_reader", "serve_image"]
 
 _SOCKET_WAIT: Final = 30.0
 
@@ -85,26 +86,36 @@ def export(repo: Repository, point: RestorePoint | str, disk: str) -> Iterator[s
     if disk not in p.disks:
         raise _not_found(f"point {p.id} has no disk {disk!r}")
     top = _chain.validate_chain(ddir / "images", p, disk, _chain.file_index(points))[0]
+    name = _safe(disk)
+    with serve_image(top, name) as sock:
+        yield f"nbd+unix:///{name}?socket={sock}"
+
+
+@contextlib.contextmanager
+def serve_image(
+    top: Path, name: str, *, image_opts: str | None = None, objects: tuple[str, ...] = ()
+) -> Iterator[Path]:
+    """Serve the qcow2 chain at ``top`` read-only with ``qemu-nbd`` (our child) on a socket in
+    a new owner-only directory; yields the socket. Stopped and removed on exit, always.
+
+    ``image_opts`` replaces the plain file name (``--image-opts``), e.g. for an encrypted
+    chain; ``objects`` are ``--object`` arguments (secrets are passed by file, never inline).
+    """
     exe = shutil.which("qemu-nbd")
     if exe is None:
         raise UnsupportedError("qemu-nbd is not installed (Debian package qemu-utils)")
-    name = _safe(disk)
     with contextlib.ExitStack() as stack:
         sockdir = Path(tempfile.mkdtemp(prefix="sc-export-"))  # 0700, ours
         stack.callback(shutil.rmtree, sockdir, True)
         sock = sockdir / "nbd.sock"
-        argv = [
-            exe,
-            "--read-only",
-            "--persistent",
-            "--shared=16",
-            "--format=qcow2",
-            "--cache=none",
-            "--aio=native",
-            f"--export-name={name}",
-            f"--socket={sock}",
-            str(top),
-        ]
+        argv = [exe, "--read-only", "--persistent", "--shared=16", "--cache=none"]
+        argv += ["--aio=native", f"--export-name={name}", f"--socket={sock}"]
+        for obj in objects:
+            argv += ["--object", obj]
+        if image_opts is not None:
+            argv += ["--image-opts", image_opts]
+        else:
+            argv += ["--format=qcow2", str(top)]
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -114,12 +125,40 @@ def export(repo: Repository, point: RestorePoint | str, disk: str) -> Iterator[s
         )
         stack.callback(_stop, proc)
         _wait_socket(proc, sock)
-        yield f"nbd+unix:///{name}?socket={sock}"
+        yield sock
+
+
+@contextlib.contextmanager
+def guest_reader(top: Path) -> Iterator[Callable[[int, int], bytes]]:
+    """``read(offset, length)`` of the guest-visible data of the chain at ``top``, through
+    QEMU (for compressed or encrypted images, whose host offsets hold no plain data)."""
+    from .._nbd import load_nbd
+
+    mod = load_nbd()
+    if mod is None:
+        raise UnsupportedError(
+            "reading compressed or encrypted images needs libnbd's Python binding "
+            "(Debian package python3-libnbd)"
+        )
+    with serve_image(top, "disk") as sock:
+        h = mod.NBD()
+        h.set_export_name("disk")
+        h.connect_unix(str(sock))
+        try:
+
+            def read(offset: int, length: int) -> bytes:
+                data: bytes = h.pread(length, offset)
+                return data
+
+            yield read
+        finally:
+            with contextlib.suppress(Exception):
+                h.shutdown()
 
 
 def _wait_socket(proc: subprocess.Popen[bytes], sock: Path) -> None:
     deadline = time.monotonic() + _SOCKET_WAIT
-    while not sock.exists():
+    while not _listening(sock):
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             raise StateCaptureError(f"qemu-nbd exited with {proc.returncode}: {err.strip()}")
@@ -129,6 +168,18 @@ def _wait_socket(proc: subprocess.Popen[bytes], sock: Path) -> None:
                 operation="repository export",
             )
         time.sleep(0.02)
+
+
+def _listening(sock: Path) -> bool:
+    """Whether the server accepts connections (the socket file appears before listen())."""
+    if not sock.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(sock))
+        except OSError:
+            return False
+    return True
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

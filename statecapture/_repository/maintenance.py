@@ -61,7 +61,12 @@ def verify_disk(
     wanted = _dg.layer_blocks(extents) | set(own.blocks)
     if own.complete:  # a full layer: every block it stores, and the zero ones too
         wanted |= set(range((size + _dg.BLOCK_SIZE - 1) // _dg.BLOCK_SIZE))
-    got = _dg.digest_blocks(layers[0], size, wanted.__contains__, extents=extents, files=layers)
+    from .transform import reader
+
+    with reader(repo, layers[0]) as through_qemu:
+        got = _dg.digest_blocks(
+            layers[0], size, wanted.__contains__, extents=extents, files=layers, read=through_qemu
+        )
     read = sum(e.length for e in extents if e.depth == 0 and e.data)
     bad: list[Difference] = []
     for b in sorted(wanted):

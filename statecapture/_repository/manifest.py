@@ -38,6 +38,9 @@ FORMAT: Final = "statecapture-repository"
 FORMAT_VERSION: Final = 1
 """The format version this statecapture writes (and the newest it reads)."""
 
+COMPRESSIONS: Final = (None, "zstd", "zlib")
+"""The values of ``compression`` in ``repository.json``."""
+
 _POINT_ID = re.compile(r"^[0-9]{8}T[0-9]{6}(?:\.[0-9]{6})?Z-[0-9a-f]{6}$")
 
 
@@ -73,15 +76,20 @@ class RepositoryInfo:
     """The format version the repository was written with."""
     created: float = 0.0
     """When the repository was created (UNIX time)."""
+    compression: str | None = None
+    """How stored images are compressed: ``"zstd"``, ``"zlib"`` or ``None`` (not)."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object."""
-        return {
+        out: dict[str, Any] = {
             "format": FORMAT,
             "version": self.version,
             "id": self.id,
             "created": _iso(self.created),
         }
+        if self.compression is not None:
+            out["compression"] = self.compression
+        return out
 
     @classmethod
     def from_json(cls, data: object, path: str) -> RepositoryInfo:
@@ -100,7 +108,17 @@ class RepositoryInfo:
         rid = data.get("id")
         if not isinstance(rid, str) or not re.fullmatch(r"[0-9a-f]{32}", rid):
             raise RepositoryFormatError(f"{path} has no valid repository id", path=path)
-        return cls(id=rid, version=version, created=_parse_iso(data.get("created")))
+        compression = data.get("compression")
+        if compression not in COMPRESSIONS:
+            raise RepositoryFormatError(
+                f"{path} names an unknown compression {compression!r}", path=path
+            )
+        return cls(
+            id=rid,
+            version=version,
+            created=_parse_iso(data.get("created")),
+            compression=compression,
+        )
 
 
 @attrs.frozen

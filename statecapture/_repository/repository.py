@@ -117,11 +117,23 @@ class Repository:
         self.lock_timeout = _check_timeout(lock_timeout)
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> Repository:
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        lock_timeout: float = 60.0,
+        compression: str | None = None,
+    ) -> Repository:
         """Create a new, empty repository at ``path`` (a new or empty directory), owner-only.
 
+        ``compression="zstd"`` (or ``"zlib"``) stores every image with qcow2 compressed
+        clusters (any QEMU tool still reads them); ``None`` stores them uncompressed.
         Raises :class:`TargetExistsError` when ``path`` is a non-empty directory or a file.
         """
+        from .manifest import COMPRESSIONS
+
+        if compression not in COMPRESSIONS:
+            raise UsageError(f"compression must be 'zstd', 'zlib' or None, not {compression!r}")
         root = Path(path).absolute()
         if not root.parent.is_dir():
             raise UsageError(f"{root.parent} is not a directory")
@@ -136,7 +148,7 @@ class Repository:
             private_dir(root)
         private_dir(root / "locks")
         private_dir(root / "domains")
-        info = RepositoryInfo(id=secrets.token_hex(16), created=now())
+        info = RepositoryInfo(id=secrets.token_hex(16), created=now(), compression=compression)
         write_atomic(root, HEADER, dumps(info.to_json()), replace=False)
         return cls(root, lock_timeout=lock_timeout)
 
