@@ -849,7 +849,8 @@ class DomainFacts:
     checkpoints: tuple[str, ...]
     snapshots: tuple[str, ...]
     bitmaps: Mapping[str, tuple[str, ...]]
-    """Persistent dirty bitmaps found inside qcow2 images, by disk target."""
+    """Dirty bitmaps by disk target: those inside the qcow2 images, and for a running QEMU
+    domain those QEMU holds (a bitmap on no known disk appears under ``node <name>``)."""
     journal: str | None
     """The unfinished sequence's name when a journal is present, else ``None``."""
     backup_job: bool
@@ -918,11 +919,20 @@ def _find_bitmaps(
     notes: list[str] = []
     if driver != "QEMU":
         return bitmaps, notes
+    from . import _bitmaps, _qemuimg
+
+    # QEMU's own view of a running domain: bitmaps that live only in QEMU (HAZARDS 19) are
+    # neither in the image files yet nor, when orphaned, in libvirt's checkpoint list.
+    try:
+        live = _bitmaps.query_or_none(dom) or {}
+    except StateCaptureError as exc:
+        live = {}
+        notes.append(f"QEMU's live dirty bitmaps could not be read: {exc}")
+    for target, found_live in live.items():
+        bitmaps[target] = tuple(dict.fromkeys(bm.name for bm in found_live))
     if not _is_local(dom.connection.uri):
         notes.append("images not inspected for dirty bitmaps: the host is remote")
         return bitmaps, notes
-    from . import _qemuimg
-
     for disk in disks:
         if disk.format != "qcow2" or disk.type != "file" or not disk.source:
             continue
@@ -935,7 +945,7 @@ def _find_bitmaps(
             notes.append(f"{disk.target}: could not inspect the image for bitmaps: {exc}")
             continue
         if found:
-            bitmaps[disk.target] = found
+            bitmaps[disk.target] = tuple(dict.fromkeys((*bitmaps.get(disk.target, ()), *found)))
     return bitmaps, notes
 
 
@@ -1429,8 +1439,10 @@ def advise(dom: Domain, needs: Needs | None = None) -> Advice:
     """Rank every state-capture method for ``dom`` and ``needs`` (default: :class:`Needs`).
 
     Only reads: the domain's capabilities are probed, its XML, snapshots, checkpoints, jobs
-    and metadata are queried, and local qcow2 images are inspected with ``qemu-img info
-    --force-share``. Nothing about the domain changes.
+    and metadata are queried, local qcow2 images are inspected with ``qemu-img info
+    --force-share``, and a running QEMU domain is asked for its live dirty bitmaps (a QMP
+    query through libvirt, which marks the domain tainted ``custom-monitor``; see
+    ``docs/hazards.md``). Nothing about the domain changes.
     """
     from ._domain import Domain
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from lxml import etree
 
-from . import _nbd
+from . import _bitmaps, _files, _locks, _nbd
 from ._events import EventKind, Expectation
 from .errors import (
     CleanupError,
@@ -55,7 +55,6 @@ from .errors import (
     NotFoundError,
     OperationTimeoutError,
     StateCaptureError,
-    TargetExistsError,
     UnsupportedError,
     UsageError,
 )
@@ -92,6 +91,10 @@ _END_TIMEOUT: Final = 60.0
 _UNLOCK_TIMEOUT: Final = 15.0
 """Seconds to wait for QEMU to release a push target after the job completed."""
 _SOCKET_MAX: Final = 107
+_PUSH_STAGING: Final = ".sc-push-"
+"""Prefix of the private directory QEMU writes push targets into (inside target_dir)."""
+_SCRATCH_STAGING: Final = ".sc-scratch-"
+"""Prefix of the private directory holding a pull job's scratch files (inside scratch_dir)."""
 
 
 # --------------------------------------------------------------------------- values
@@ -231,13 +234,78 @@ def _unsupported(dom: Domain, exc: UnsupportedError, what: str) -> UnsupportedEr
     )
 
 
-def _remove(path: Path, errors: list[str]) -> None:
+def check_writable(directory: Path, what: str) -> None:
+    """Refuse (:class:`UsageError`) a directory this process cannot create files in.
+
+    Tried for real — a hidden probe file created exclusively (``O_EXCL|O_NOFOLLOW``) and
+    removed at once — because permission bits do not tell root about a read-only mount.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    name = f".sc-probe-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"{what} {directory} cannot be opened: {exc.strerror}") from exc
+    try:
+        try:
+            os.close(os.open(name, flags, 0o600, dir_fd=dir_fd))
+        except OSError as exc:
+            raise UsageError(
+                f"{what} {directory} is not writable ({exc.strerror}); nothing was changed"
+            ) from exc
+        os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _remove(path: Path, errors: list[str]) -> bool:
+    """Remove ``path``; ``True`` when a file was there and is gone now."""
+    if not os.path.lexists(path):
+        # Never created (on a read-only mount even unlinking a missing name fails: EROFS).
+        return False
     try:
         path.unlink()
     except FileNotFoundError:
-        pass
+        return False
     except OSError as exc:
         errors.append(f"remove {path}: {exc}")
+        return False
+    return True
+
+
+def _rolled_back_note(dom: Domain, exc: BaseException, undone: list[str]) -> None:
+    """Tell the caller, on the error itself, what the rollback undid (a Ctrl-C included)."""
+    if undone:
+        exc.add_note(
+            f"statecapture: rolled back the backup of {dom.name!r} after "
+            f"{type(exc).__name__}: {'; '.join(undone)}"
+        )
+
+
+def _partial_name(name: str) -> str:
+    """The name a download is written under until it is complete."""
+    return f".{name}.partial"
+
+
+def _final_path(store: Path) -> Path:
+    """Where the push target QEMU wrote at ``store`` goes: beside its staging directory."""
+    if store.parent.name.startswith(_PUSH_STAGING):
+        return store.parent.parent / store.name
+    return store
+
+
+def _publish(store: Path, final: Path) -> None:
+    """Move a finished push target from its staging directory to its final name.
+
+    Relative to both directories' descriptors, with ``RENAME_NOREPLACE``: a name that
+    appeared meanwhile raises :class:`TargetExistsError` and is left untouched.
+    """
+    with (
+        _files.Directory.open(final.parent, what="target_dir") as tdir,
+        _files.Directory.open(store.parent, what="staging directory") as stage,
+    ):
+        tdir.rename_from(stage, store.name, final.name)
+        tdir.fsync()
 
 
 def _checkpoint_bitmap_disks(dom: Domain, name: str) -> set[str]:
@@ -255,8 +323,8 @@ def _job_xml(dom: Domain) -> str | None:
         raise
 
 
-def _delete_checkpoint(dom: Domain, name: str, errors: list[str]) -> None:
-    """Delete checkpoint ``name`` if it exists, bitmaps included.
+def _delete_checkpoint(dom: Domain, name: str, errors: list[str]) -> bool:
+    """Delete checkpoint ``name`` if it exists, bitmaps included; ``True`` when deleted.
 
     On a running domain libvirt deletes the bitmaps. When a shutdown ended the job (HAZARDS
     7) QEMU is gone and libvirt 9.0 cannot: the bitmaps (written into the qcow2 images at the
@@ -265,11 +333,11 @@ def _delete_checkpoint(dom: Domain, name: str, errors: list[str]) -> None:
     """
     try:
         if name not in dom.checkpoints:
-            return
+            return False
         cp = dom.checkpoints[name]
         if dom.is_active:
             cp.delete()
-            return
+            return True
         definition = dom.definition
         for disk in cp.definition.tracked_disks:
             try:
@@ -286,6 +354,8 @@ def _delete_checkpoint(dom: Domain, name: str, errors: list[str]) -> None:
         cp.delete(metadata_only=True)
     except StateCaptureError as exc:
         errors.append(f"delete checkpoint {name!r}: {exc}")
+        return False
+    return True
 
 
 def _wait_usable(path: Path, timeout: float) -> None:
@@ -302,8 +372,9 @@ def _wait_usable(path: Path, timeout: float) -> None:
 
 
 def _data_bytes(path: Path) -> int:
-    """Data bytes stored in the top layer of ``path``."""
-    out = _nbd.qemu_img("map", "--output=json", str(path))
+    """Data bytes stored in the top layer of ``path`` (its backing file is not opened)."""
+    spec = {"driver": "qcow2", "file": {"driver": "file", "filename": str(path)}, "backing": None}
+    out = _nbd.qemu_img("map", "--output=json", "json:" + json.dumps(spec))
     return sum(int(e["length"]) for e in json.loads(out) if e.get("depth") == 0 and e.get("data"))
 
 
@@ -376,32 +447,82 @@ def _write_record(dom: Domain, record: _Record | None) -> None:
     dom._vir.set_metadata(RECORD_NS, RECORD_KEY, None if record is None else record.to_xml())
 
 
-def _recover_stale(dom: Domain) -> None:
+def discard_stale_record(dom: Domain) -> list[str]:
+    """Remove what a dead run's record names — files and private directories — and the
+    record itself, delivered or not (a discarded run keeps nothing). Returns the problems."""
+    record = _read_record(dom)
+    errors: list[str] = []
+    if record is not None:
+        for f in record.files:
+            _remove(Path(f), errors)
+        for d in record.dirs:
+            try:
+                shutil.rmtree(d)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                errors.append(f"remove {d}: {exc}")
+    try:
+        _write_record(dom, None)
+    except LibvirtError as exc:
+        errors.append(f"clear the backup record: {exc}")
+    return errors
+
+
+def _recover_stale(dom: Domain) -> list[str]:
     """Clean up after a run that died and whose job has ended since (no job runs now).
 
     A push job that completed left every target (libvirt deletes the targets of a failed
     push job); a pull run marked its record delivered after its last download. Anything
     else never delivered: its checkpoint and files go, so no incremental builds on it.
+    Returns what it did (empty when there was no record).
     """
     record = _read_record(dom)
     if record is None:
-        return
+        if dom._vir.get_metadata(RECORD_NS) is not None:  # damaged: drop it
+            _write_record(dom, None)
+            return ["cleared a damaged backup record"]
+        return []
+    actions: list[str] = []
     delivered = record.delivered or (
         record.mode == "push" and bool(record.files) and all(map(os.path.isfile, record.files))
     )
     errors: list[str] = []
-    if not delivered:
-        if record.checkpoint is not None and record.created_checkpoint:
-            _delete_checkpoint(dom, record.checkpoint, errors)
+    if delivered:
+        actions.append(
+            f"the interrupted {record.mode} backup {record.label!r} had delivered every disk; "
+            "kept its files and checkpoint"
+        )
+    else:
+        cp = record.checkpoint
+        if cp is not None and record.created_checkpoint and cp in dom.checkpoints:
+            _delete_checkpoint(dom, cp, errors)
+            actions.append(f"deleted the checkpoint {cp!r} it created")
         for f in record.files:
-            _remove(Path(f), errors)
+            if os.path.lexists(f):
+                _remove(Path(f), errors)
+                actions.append(f"removed {f}")
+    if delivered and record.mode == "push":
+        for f in record.files:  # completed targets still in their staging directory
+            final = _final_path(Path(f))
+            if final != Path(f) and os.path.isfile(f):
+                try:
+                    _publish(Path(f), final)
+                    actions.append(f"moved {f} to {final}")
+                except (OSError, StateCaptureError) as exc:
+                    errors.append(f"move {f} to {final}: {exc}")
     for d in record.dirs:
-        shutil.rmtree(d, ignore_errors=True)
-    _write_record(dom, None)
+        if os.path.lexists(d):
+            shutil.rmtree(d, ignore_errors=True)
+            actions.append(f"removed {d}")
     if errors:
         raise CleanupError(
-            f"cleaning up after an interrupted backup of {dom.name!r} failed: {'; '.join(errors)}"
+            f"cleaning up after an interrupted backup of {dom.name!r} failed (the record is "
+            f"kept for a retry): {'; '.join(errors)}"
         )
+    _write_record(dom, None)
+    actions.append(f"cleared the stale record of the {record.mode} backup {record.label!r}")
+    return actions
 
 
 # --------------------------------------------------------------------------- the job
@@ -437,6 +558,7 @@ class BackupJob:
     _result: BackupResult | None = attrs.field(default=None, repr=False)
     _downloads: dict[str, DiskBackup] = attrs.field(factory=dict, repr=False)
     _transfer: dict[str, tuple[int, int]] = attrs.field(factory=dict, repr=False)
+    _undone: list[str] = attrs.field(factory=list, init=False, repr=False)
     adopted: bool = False
     """Whether the job was found by :meth:`Domain.active_backup` rather than started here."""
 
@@ -580,34 +702,48 @@ class BackupJob:
     def _push_result(self) -> BackupResult:
         duration = time.time() - self._record.started
         disks: list[DiskBackup] = []
+        staged: list[tuple[str, Path, Path, DiskBackupMode, str | None, Path | None]] = []
         for bd in self.xml.backed_up:
             target = Path(bd.store or "")
+            final = _final_path(target)
             _wait_usable(target, _UNLOCK_TIMEOUT)  # HAZARDS 14: the event comes first
-            os.chmod(target, 0o600)
+            _files.owner_only([target], what="backup target")
             mode = self.xml.disk_mode(bd.name)
             inc_from = self.xml.disk_checkpoint(bd.name)
             backing: Path | None = None
             if mode is DiskBackupMode.INCREMENTAL:
                 # libvirt made the target's backing file the live disk; point it at the
-                # previous backup when it sits beside it, else make the layer standalone.
+                # previous backup by its file name (relative: the chain can move as one).
+                # When that file is not beside it, the name still records what the layer
+                # sits on, so restore_disk() can refuse a chain it does not fit.
                 assert inc_from is not None
-                prev = target.parent / backup_file_name(self.domain.name, bd.name, inc_from)
+                prev = final.parent / backup_file_name(self.domain.name, bd.name, inc_from)
                 if prev.is_file():
                     backing = prev
-                    _nbd.qemu_img("rebase", "-u", "-F", "qcow2", "-b", prev.name, str(target))
-                else:
-                    _nbd.qemu_img("rebase", "-u", "-b", "", str(target))
+                _nbd.qemu_img("rebase", "-u", "-F", "qcow2", "-b", prev.name, str(target))
+            staged.append((bd.name, target, final, mode, inc_from, backing))
+        for _disk, target, final, *_rest in staged:
+            if target == final:  # a job begun by an older statecapture: no staging
+                continue
+            self._add_files(final)  # recorded first: a crash cannot orphan it
+            try:
+                _publish(target, final)
+            except BaseException:
+                self._drop_files(final)  # not ours (it appeared meanwhile): left alone
+                raise
+        # Measured in place: a relative backing name resolves beside the final file.
+        for disk, _target, final, mode, inc_from, backing in staged:
             disks.append(
                 DiskBackup(
-                    disk=bd.name,
-                    file=target,
+                    disk=disk,
+                    file=final,
                     mode=mode,
-                    bytes_written=_data_bytes(target),
+                    bytes_written=_data_bytes(final),
                     duration=duration,
                     checkpoint=self.checkpoint,
                     incremental_from=inc_from,
                     backing=backing,
-                    size=_virtual_size(target),
+                    size=_virtual_size(final),
                 )
             )
         return BackupResult(
@@ -671,18 +807,30 @@ class BackupJob:
                 f"the backup job has {self._state}; nothing left to download",
                 operation="backup download",
             )
-        dest = Path(dest_dir)
-        if not dest.is_dir():
-            raise UsageError(f"dest_dir {dest} is not a directory")
+        if not Path(dest_dir).is_dir():
+            raise UsageError(f"dest_dir {dest_dir} is not a directory")
+        check_writable(Path(dest_dir), "dest_dir")
         previous = dict(previous or {})
         unknown = set(previous) - set(self.disks)
         if unknown:
             raise UsageError(f"previous= names disks the job does not copy: {sorted(unknown)}")
+        with _files.Directory.open(dest_dir, what="dest_dir") as ddir:
+            return self._download_into(ddir, progress, previous, client)
+
+    def _download_into(
+        self,
+        ddir: _files.Directory,
+        progress: ProgressCallback | None,
+        previous: Mapping[str, str | os.PathLike[str]],
+        client: str | None,
+    ) -> BackupResult:
+        dest = Path(ddir.path)
         plan: list[tuple[BackupExport, Path, Path | None]] = []
         for export in self.exports:
-            target = dest / backup_file_name(self.domain.name, export.disk, self.label)
-            if target.exists():
-                raise TargetExistsError(f"{target} exists; not overwriting it", path=str(target))
+            name = backup_file_name(self.domain.name, export.disk, self.label)
+            # One rule (a dangling symlink exists too), checked before anything changes.
+            ddir.check_free(name, _partial_name(name), what="backup file")
+            target = dest / name
             backing: Path | None = None
             if export.mode is DiskBackupMode.INCREMENTAL:
                 assert export.incremental_from is not None
@@ -702,7 +850,7 @@ class BackupJob:
                     )
             plan.append((export, target, backing))
         for export, target, backing in plan:
-            self._download_one(export, target, backing, progress, client)
+            self._download_one(ddir, export, target, backing, progress, client)
         result = BackupResult(
             self.domain.name,
             self.mode,
@@ -718,19 +866,23 @@ class BackupJob:
 
     def _download_one(
         self,
+        ddir: _files.Directory,
         export: BackupExport,
         target: Path,
         backing: Path | None,
         progress: ProgressCallback | None,
         client: str | None,
     ) -> None:
-        partial = target.with_name(f".{target.name}.partial")
-        if partial.exists():
-            raise TargetExistsError(
-                f"{partial} exists (another download?); not overwriting it", path=str(partial)
-            )
+        partial_name = _partial_name(target.name)
+        partial = ddir.join(partial_name)
         self._add_files(partial)  # recorded before it exists: a crash cannot orphan it
-        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        try:
+            # O_EXCL | O_NOFOLLOW relative to the directory opened once; every tool gets
+            # the descriptor path, so a name swapped meanwhile redirects nothing.
+            fd = ddir.create(partial_name)
+        except BaseException:
+            self._drop_files(partial)  # not ours: never remove what is at that name
+            raise
         started = time.monotonic()
 
         def report(done: int, total: int) -> None:
@@ -739,21 +891,35 @@ class BackupJob:
                 progress(BackupProgress(done, total, time.monotonic() - started, disk=export.disk))
 
         try:
+            backing_name = None
+            if backing is not None:
+                same_dir = backing.parent.resolve() == Path(ddir.path).resolve()
+                backing_name = backing.name if same_dir else str(backing.absolute())
             stats = _nbd.copy_export(
                 _nbd.ExportSource(export.socket, export.export_name, export.bitmap_context),
-                partial,
+                Path(_files.fd_path(fd)),
                 backing=backing,
+                backing_name=backing_name,
                 progress=report,
                 client=client,
             )
-            os.chmod(partial, 0o600)
-            os.link(partial, target)  # fails rather than replace a file that appeared
+            os.fchmod(fd, _files.FILE_MODE)
+            os.fsync(fd)
             self._add_files(target)
-            partial.unlink()
+            try:
+                ddir.link_fd(fd, target.name)  # the file we wrote; never replaces a name
+            except BaseException:
+                self._drop_files(target)
+                raise
+            ddir.remove_if_same(partial_name, fd)
+            self._drop_files(partial)
+            ddir.fsync()
         except BaseException:
-            errors: list[str] = []
-            _remove(partial, errors)
+            ddir.remove_if_same(partial_name, fd)  # only our file; a swapped-in name stays
+            self._drop_files(partial)
             raise
+        finally:
+            os.close(fd)
         self._downloads[export.disk] = DiskBackup(
             disk=export.disk,
             file=target,
@@ -766,11 +932,19 @@ class BackupJob:
             size=stats.size,
         )
 
-    def _add_files(self, *paths: Path) -> None:
-        files = tuple(dict.fromkeys((*self._record.files, *(str(p) for p in paths))))
+    def _drop_files(self, *paths: Path) -> None:
+        gone = {str(p) for p in paths}
+        files = tuple(f for f in self._record.files if f not in gone)
         self._record = attrs.evolve(self._record, files=files)
         with contextlib.suppress(LibvirtError):
             _write_record(self.domain, self._record)
+
+    def _add_files(self, *paths: Path) -> None:
+        """Record ``paths`` as this job's files; a failed write raises (never suppressed)."""
+        files = tuple(dict.fromkeys((*self._record.files, *(str(p) for p in paths))))
+        record = attrs.evolve(self._record, files=files)
+        _write_record(self.domain, record)
+        self._record = record
 
     # ------------------------------------------------------------------ ending
     def end(self, *, timeout: float = _END_TIMEOUT) -> BackupResult | None:
@@ -812,6 +986,12 @@ class BackupJob:
         return None
 
     def _abort_and_wait(self, timeout: float) -> None:
+        # The end window (abortJob up to JOB_COMPLETED, when libvirt removes the job's
+        # scratch nodes) holds the domain's lock (HAZARDS 21).
+        with _locks.domain_lock(self.domain.uuid, "backup end"):
+            self._abort_and_wait_locked(timeout)
+
+    def _abort_and_wait_locked(self, timeout: float) -> None:
         vir = self.domain._vir
         exp = self._expectation()
         if _job_xml(self.domain) is None:
@@ -823,6 +1003,7 @@ class BackupJob:
             if _job_xml(self.domain) is not None:
                 raise
             return
+        self._undone.append(f"ended the running {self.mode.value} backup job (abortJob)")
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(OperationTimeoutError):
@@ -843,11 +1024,12 @@ class BackupJob:
                 if bd.store and bd.type == "file":
                     _remove(Path(bd.store), errors)
         for d in self._record.dirs:
-            with contextlib.suppress(FileNotFoundError):
-                try:
-                    shutil.rmtree(d)
-                except OSError as exc:
-                    errors.append(f"remove {d}: {exc}")
+            try:
+                shutil.rmtree(d)
+            except FileNotFoundError:  # gone already (e.g. recover() removed it)
+                pass
+            except OSError as exc:
+                errors.append(f"remove {d}: {exc}")
         if self._expect is not None:
             self._expect.close()
             self._expect = None
@@ -857,18 +1039,25 @@ class BackupJob:
         """Remove what a job that did not deliver left: checkpoint, files, scratch."""
         self._state = "failed"
         errors = self._remove_scratch_and_dirs()
-        for f in self._record.files:
-            _remove(Path(f), errors)
+        removed = [f for f in self._record.files if _remove(Path(f), errors)]
         if self.mode is BackupMode.PUSH:
             for bd in self.xml.backed_up:
-                if bd.store and bd.type == "file":
-                    _remove(Path(bd.store), errors)
-        if self.checkpoint is not None and self._record.created_checkpoint:
-            _delete_checkpoint(self.domain, self.checkpoint, errors)
+                if bd.store and bd.type == "file" and _remove(Path(bd.store), errors):
+                    removed.append(bd.store)
+        if (
+            self.checkpoint is not None
+            and self._record.created_checkpoint
+            and _delete_checkpoint(self.domain, self.checkpoint, errors)
+        ):
+            self._undone.append(f"deleted the checkpoint {self.checkpoint!r} it created")
+        if removed:
+            self._undone.append(f"removed {', '.join(removed)}")
         try:
             _write_record(self.domain, None)
         except LibvirtError as exc:
             errors.append(f"clear the backup record: {exc}")
+        if error is not None:
+            _rolled_back_note(self.domain, error, self._undone)
         if errors:
             cleanup = CleanupError(
                 f"backup of {self.domain.name!r} ended without delivering every disk and "
@@ -901,6 +1090,7 @@ class BackupJob:
         try:
             if e is not None:
                 self.discard()
+                _rolled_back_note(self.domain, e, self._undone)
             elif self.mode is BackupMode.PUSH:
                 self.wait()
             else:
@@ -1040,7 +1230,10 @@ def begin_backup(
     label = cp_name or time.strftime(
         f"{'inc' if incremental_from else 'full'}-%Y%m%dT%H%M%SZ", time.gmtime()
     )
-    # -- files and directories
+    # -- files and directories. QEMU/libvirtd create the push targets and scratch files by
+    # path: they go into a private 0700 staging directory made inside the caller's
+    # directory (no one else can plant or swap a name there), and finished push targets
+    # are moved to their final names with renameat2(RENAME_NOREPLACE).
     private_dirs: list[Path] = []
     server: NBDServer | None = None
     store: dict[str, Path] = {}
@@ -1048,11 +1241,15 @@ def begin_backup(
         if push:
             if target_dir is None:
                 raise UsageError("a push backup needs target_dir= (where the images go)")
-            tdir = Path(target_dir).absolute()
-            if not tdir.is_dir():
-                raise UsageError(f"target_dir {tdir} is not a directory")
-            for name in chosen:
-                store[name] = tdir / backup_file_name(dom.name, name, label)
+            with _files.Directory.open(target_dir, what="target_dir") as tdir:
+                _files.require_trusted(tdir.path, staged=True, what="push backup target_dir")
+                check_writable(Path(tdir.path), "target_dir")
+                names = {name: backup_file_name(dom.name, name, label) for name in chosen}
+                tdir.check_free(*names.values(), what="backup target")
+                with tdir.staging(_PUSH_STAGING) as stage:
+                    private_dirs.append(stage.path)
+                    for name, fname in names.items():
+                        store[name] = stage.path / fname
         else:
             if target_dir is not None:
                 raise UsageError("a pull backup writes nowhere by itself: use download(dest_dir)")
@@ -1060,9 +1257,11 @@ def begin_backup(
                 sdir = Path(tempfile.mkdtemp(prefix="sc-scratch-"))
                 private_dirs.append(sdir)
             else:
-                sdir = Path(scratch_dir).absolute()
-                if not sdir.is_dir():
-                    raise UsageError(f"scratch_dir {sdir} is not a directory")
+                with _files.Directory.open(scratch_dir, what="scratch_dir") as sd:
+                    _files.require_trusted(sd.path, staged=True, what="backup scratch_dir")
+                    with sd.staging(_SCRATCH_STAGING) as stage:
+                        sdir = stage.path
+                        private_dirs.append(sdir)
             for name in chosen:
                 store[name] = sdir / f".{backup_file_name(dom.name, name, label)}.scratch"
             if socket is None:
@@ -1071,14 +1270,11 @@ def begin_backup(
                 sock = sock_dir / "nbd.sock"
             else:
                 sock = Path(socket).absolute()
-                if sock.exists():
-                    raise TargetExistsError(f"socket path {sock} exists", path=str(sock))
+                _files.check_free(sock, "socket path")
+                _files.require_trusted(sock.parent, staged=True, what="NBD socket directory")
             if len(str(sock)) > _SOCKET_MAX:
                 raise UsageError(f"socket path {sock} is longer than {_SOCKET_MAX} bytes")
             server = NBDServer.unix(str(sock))
-        for path in store.values():
-            if path.exists():
-                raise TargetExistsError(f"{path} exists; not overwriting it", path=str(path))
         disk_entries = []
         for d in definition.disks:
             if d.target in chosen:
@@ -1111,20 +1307,36 @@ def begin_backup(
         raise
     # -- start: record first (so a crash right after begin can be cleaned up), then begin
     exp = dom.connection.events.expect(kind=EventKind.JOB_COMPLETED, domain_uuid=dom.uuid)
-    try:
-        _write_record(dom, record)
+    # The start window holds the domain's lock: checkpoint operations and block-node
+    # queries must not overlap it (HAZARDS 21).
+    with _locks.domain_lock(dom.uuid, "backup begin"):
+        # A checkpoint made with the job must leave no bitmap if the start fails (HAZARDS
+        # 19): note QEMU's bitmaps first (one QMP query, a few ms).
+        before = _bitmaps.query_or_none(dom) if cp_xml is not None else None
         try:
-            dom._vir.backup_begin(bxml.to_xml(), cp_xml)
-        except UnsupportedError as exc:
-            raise _unsupported(dom, exc, "backup") from exc
-        text = _job_xml(dom)
-    except BaseException as exc:
-        _rollback_begin(dom, exc, exp, record, cp_name, existing_cps, store.values(), private_dirs)
-        raise
+            _write_record(dom, record)
+            try:
+                dom._vir.backup_begin(bxml.to_xml(), cp_xml)
+            except UnsupportedError as exc:
+                raise _unsupported(dom, exc, "backup") from exc
+            text = _job_xml(dom)
+        except BaseException as exc:
+            _rollback_begin(
+                dom, exc, exp, record, cp_name, existing_cps, store.values(), private_dirs
+            )
+            if before is not None:
+                from ._checkpoint import remove_orphan_bitmaps
+
+                remove_orphan_bitmaps(dom, before, exc)
+            raise
     if push:
-        for path in store.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(path, 0o600)
+        try:
+            _files.owner_only(store.values(), what="backup target")
+        except CleanupError as exc:
+            _rollback_begin(
+                dom, exc, exp, record, cp_name, existing_cps, store.values(), private_dirs
+            )
+            raise
     if text is None:
         # A push job of tiny disks can end before we ask; the event is queued in exp.
         text = bxml.to_xml()
@@ -1149,25 +1361,36 @@ def _rollback_begin(
     files: Iterable[Path],
     private_dirs: list[Path],
 ) -> None:
-    """Undo a failed start: any job, the checkpoint if it was made, files, the record."""
+    """Undo a failed start: any job, the checkpoint if it was made, files, the record.
+
+    What was undone is noted on ``exc`` (a ``KeyboardInterrupt`` too).
+    """
     errors: list[str] = []
+    undone: list[str] = []
     try:
         if _job_xml(dom) is not None:
             dom._vir.backup_abort_job()
+            undone.append("ended the half-started backup job (abortJob)")
             with contextlib.suppress(OperationTimeoutError):
                 exp.wait(_END_TIMEOUT, what="JOB_COMPLETED")
     except LibvirtError as e:
         errors.append(f"end the half-started job: {e}")
     exp.close()
-    if cp_name is not None and cp_name not in existing_cps:
-        _delete_checkpoint(dom, cp_name, errors)
-    for f in files:
-        _remove(f, errors)
+    if (
+        cp_name is not None
+        and cp_name not in existing_cps
+        and _delete_checkpoint(dom, cp_name, errors)
+    ):
+        undone.append(f"deleted the checkpoint {cp_name!r} made with it")
+    removed = [str(f) for f in files if _remove(f, errors)]
+    if removed:
+        undone.append(f"removed {', '.join(removed)}")
     for d in private_dirs:
         shutil.rmtree(d, ignore_errors=True)
     try:
         _write_record(dom, None)
     except LibvirtError as e:
         errors.append(f"clear the backup record: {e}")
+    _rolled_back_note(dom, exc, undone)
     if errors:
         exc.add_note(f"cleanup after the failed start left something behind: {'; '.join(errors)}")

@@ -38,10 +38,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 import attrs
 from lxml import etree
 
+from . import _files
 from ._enums import DomainState
 from ._events import Event, EventKind, Expectation
 from .errors import (
@@ -759,7 +761,7 @@ def _plan_copy(
     current = _disk_source(el)
     if current is not None and os.path.abspath(current) == str(dest):
         raise UsageError(f"destination {dest} is the image disk {target!r} runs on")
-    exists = os.path.lexists(dest)
+    exists = _files.lexists(dest)
     if exists and not reuse_external:
         raise TargetExistsError(
             f"copy destination {dest} exists; pass reuse_external=True to copy into it",
@@ -778,7 +780,17 @@ def _plan_copy(
             domain_name=dom.name,
         )
     block = exists and stat.S_ISBLK(os.stat(dest).st_mode)
+    if not block and _is_local_driver(dom):
+        # libvirtd/QEMU open (and without reuse_external create) the destination by this
+        # path, and the disk keeps it: no one else may plant or swap a name on the way.
+        _files.require_trusted(dest.parent, staged=False, what=f"copy destination {dest}")
     return _CopyPlan(target, dest, format, block, reuse_external)
+
+
+def _is_local_driver(dom: Domain) -> bool:
+    """Whether the driver creates real files on this host (not remote, not test:///)."""
+    conn = dom.connection
+    return not urlsplit(conn.uri).netloc and conn.driver.lower() != "test"
 
 
 def _start_copy(
@@ -810,7 +822,8 @@ def _start_copy(
     )
     if not plan.reuse_external:
         try:
-            os.chmod(plan.destination, 0o600)  # libvirt created it; statecapture files are 0600
+            # libvirt created it; statecapture files are 0600 (raises when it cannot)
+            _files.owner_only([plan.destination], what="copy destination")
         except BaseException as exc:
             with contextlib.suppress(BaseException):
                 job.abort()

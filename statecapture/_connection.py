@@ -11,8 +11,9 @@ import attrs
 
 from . import _adapter
 from ._events import Callback, Event, EventBus, EventKind, Subscription
+from ._hints import add_names_hint
 from ._version import Version, Versions
-from .errors import UsageError
+from .errors import NotFoundError, UnsupportedError, UsageError
 from .xml import DomainXML
 
 if TYPE_CHECKING:
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from ._memory import SaveImage
 
 __all__ = ["DEFAULT_URI", "Connection", "connect", "resolve_uri"]
+
+#: libvirt's VIR_ERR_NO_CONNECT: "no connection driver available for <uri>".
+_NO_CONNECT = 5
 
 DEFAULT_URI = "test:///default"
 """The URI used when neither an argument nor ``$LIBVIRT_DEFAULT_URI`` names one."""
@@ -43,6 +47,10 @@ def connect(uri: str | None = None, *, readonly: bool = False) -> Connection:
     ``qemu:///system``, ``qemu+ssh://host/system``, ``qemu:///embed?root=/path`` (embedded
     QEMU driver, no daemon). ``None`` means ``$LIBVIRT_DEFAULT_URI``, else ``test:///default``.
 
+    Raises :class:`UnsupportedError` when no libvirt driver handles the URI (an unknown
+    scheme, or a driver not installed here): no connection existed, so it is not a
+    :class:`ConnectionLostError`.
+
     libvirt's event loop is registered and started (once per process, in a daemon thread)
     before the connection is opened, so events such as block-job readiness and job
     completion are delivered. Use the connection as a context manager, or call
@@ -53,7 +61,19 @@ def connect(uri: str | None = None, *, readonly: bool = False) -> Connection:
                 print(dom.name, dom.state)
     """
     resolved = resolve_uri(uri)
-    vir = _adapter.VirConnection.open(resolved, readonly=readonly)
+    try:
+        vir = _adapter.VirConnection.open(resolved, readonly=readonly)
+    except UnsupportedError as exc:
+        if exc.code != _NO_CONNECT:
+            raise
+        raise UnsupportedError(
+            f"no libvirt driver handles {resolved!r}: its scheme is unknown, or the driver "
+            "for it is not installed on this host (check the spelling, e.g. qemu:///system, "
+            f"test:///default); libvirt said: {exc.libvirt_message}",
+            code=exc.code,
+            operation=exc.operation,
+            libvirt_message=exc.libvirt_message,
+        ) from exc
     conn = Connection(vir)
     try:
         vir.register_events(conn.events.publish)
@@ -65,7 +85,18 @@ def connect(uri: str | None = None, *, readonly: bool = False) -> Connection:
 
 @attrs.define(eq=False)
 class Connection:
-    """A live connection to a libvirt driver. Built by :func:`connect`."""
+    """A live connection to a libvirt driver. Built by :func:`connect`.
+
+    Thread safety: a connection may be shared by any number of threads, and so may the
+    :class:`Domain`, :class:`Checkpoint` and :class:`Snapshot` handles made from it (they
+    keep only their identity and query libvirt on every access). Operations that QEMU or
+    libvirt cannot run side by side on one domain — checkpoint create/delete/listing and
+    dirty-size queries, a backup job's start and end, QEMU block-node queries — are
+    serialized per domain, within the process and across processes (``docs/hazards.md``,
+    hazard 21). Objects that track one operation (:class:`BackupJob`, :class:`BlockJob`, an
+    ``fs_frozen`` scope) belong to one thread at a time. :meth:`close` ends the connection
+    for every thread; event callbacks run on libvirt's event thread.
+    """
 
     _vir: _adapter.VirConnection = attrs.field(repr=False)
     events: EventBus = attrs.field(factory=EventBus, repr=False)
@@ -124,12 +155,23 @@ class Connection:
 
     # ---- domains
     def domain(self, name_or_uuid: str) -> Domain:
-        """The domain with this name or UUID; :class:`NotFoundError` when there is none."""
+        """The domain with this name or UUID.
+
+        :class:`NotFoundError` when there is none; its message lists the domains that exist
+        (or, among many, the closest names).
+        """
         from ._domain import Domain
 
         if not isinstance(name_or_uuid, str) or not name_or_uuid:
             raise UsageError(f"a domain name or UUID string is required, got {name_or_uuid!r}")
-        return Domain._from_vir(self, self._vir.lookup_domain(name_or_uuid))
+        try:
+            vir = self._vir.lookup_domain(name_or_uuid)
+        except NotFoundError as exc:
+            add_names_hint(
+                exc, name_or_uuid, lambda: (v.name for v in self._vir.list_domains()), "domain"
+            )
+            raise
+        return Domain._from_vir(self, vir)
 
     def domains(self) -> tuple[Domain, ...]:
         """Every domain the driver knows, active and inactive, sorted by name."""

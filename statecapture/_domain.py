@@ -11,7 +11,13 @@ import attrs
 from . import _adapter
 from ._enums import DomainState, ShutdownMode
 from ._events import EventKind
-from .errors import InvalidStateError, NotFoundError, OperationTimeoutError, UsageError
+from .errors import (
+    InvalidStateError,
+    LibvirtError,
+    NotFoundError,
+    OperationTimeoutError,
+    UsageError,
+)
 from .xml import Disk, DomainXML
 
 if TYPE_CHECKING:
@@ -30,6 +36,21 @@ if TYPE_CHECKING:
 
 __all__ = ["Domain"]
 
+#: What libvirt's refusal to undefine mentions → the keyword argument that allows it.
+_UNDEFINE_HINTS = {
+    "checkpoint": (
+        "pass undefine(checkpoints_metadata=True) to drop the checkpoint metadata with the "
+        "definition (the dirty bitmaps stay in the qcow2 images: delete the checkpoints "
+        "first to remove those too)"
+    ),
+    "snapshot": (
+        "pass undefine(snapshots_metadata=True) to drop the snapshot metadata with the "
+        "definition (the snapshot data in the images and overlay files stays)"
+    ),
+    "managed save": "pass undefine(managed_save=True) to remove the managed-save image too",
+    "nvram": "pass undefine(nvram=True) to remove the NVRAM file too",
+}
+
 
 @attrs.define(eq=False)
 class Domain:
@@ -38,6 +59,12 @@ class Domain:
     Properties query libvirt each time (nothing is cached but the name and UUID), so a
     handle always shows the domain as it is now. Two handles on the same domain are
     different objects; compare :attr:`uuid` to tell whether they name the same domain.
+
+    Thread safety: a handle may be used from several threads at once (see
+    :class:`Connection`); statecapture serializes per domain the operations QEMU/libvirt
+    cannot overlap (checkpoint changes and a backup job's start and end, hazard 21). What one
+    thread read may be stale when it acts: a checkpoint listed by one thread may be deleted
+    by another (:class:`NotFoundError`).
     """
 
     connection: Connection
@@ -158,14 +185,28 @@ class Domain:
         """Remove the persistent definition (a running domain becomes transient).
 
         libvirt refuses while managed-save images, snapshot or checkpoint metadata exist
-        unless the matching flag asks to remove those too.
+        unless the matching flag asks to remove those too; the error then names the flag.
         """
-        self._vir.undefine(
-            managed_save=managed_save,
-            snapshots_metadata=snapshots_metadata,
-            checkpoints_metadata=checkpoints_metadata,
-            nvram=nvram,
-        )
+        try:
+            self._vir.undefine(
+                managed_save=managed_save,
+                snapshots_metadata=snapshots_metadata,
+                checkpoints_metadata=checkpoints_metadata,
+                nvram=nvram,
+            )
+        except LibvirtError as exc:
+            said = (exc.libvirt_message or "").lower()
+            asked = {
+                "checkpoint": checkpoints_metadata,
+                "snapshot": snapshots_metadata,
+                "managed save": managed_save,
+                "nvram": nvram,
+            }
+            for word, hint in _UNDEFINE_HINTS.items():
+                if word in said and not asked[word] and exc.args:
+                    exc.args = (f"{exc.args[0]}; {hint}", *exc.args[1:])
+                    break
+            raise
 
     def wait_for_state(self, *states: DomainState, timeout: float) -> DomainState:
         """Block until the domain is in one of ``states``; returns the state reached."""

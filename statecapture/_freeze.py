@@ -32,11 +32,11 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from numbers import Real
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import attrs
 
@@ -314,11 +314,68 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, GuestAgentError | OperationTimeoutError)
 
 
+class _AgentCallPending(OperationTimeoutError):
+    """A guest-agent call did not return within the scope's client-side ``agent_timeout``."""
+
+
+_T = TypeVar("_T")
+
+
+class _AgentCall(Generic[_T]):
+    """One guest-agent call run in a helper thread, so the caller waits at most a limit.
+
+    ``agent_timeout`` is enforced here, on the client side, and never by changing the
+    domain's agent response timeout (``virDomainAgentSetResponseTimeout``): that setting is
+    shared by every client of the domain, outlives the process, and libvirt offers no call
+    to read its current value, so it could not be put back (HAZARDS 23). A libvirt call
+    cannot be cancelled: when the limit passes, the call keeps running and may still land
+    (a freeze queued behind a hung agent freezes when the agent wakes up).
+    """
+
+    def __init__(self, fn: Callable[[], _T], name: str) -> None:
+        self.done = threading.Event()
+        self.value: _T | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], _T]) -> None:
+        try:
+            self.value = fn()
+        except BaseException as exc:  # handed to the waiting thread
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def result(self, limit: float, what: str, dom: Domain) -> _T:
+        """The call's value (or its error) once it returns within ``limit`` seconds."""
+        if not self.done.wait(max(0.0, limit)):
+            raise _AgentCallPending(
+                f"{what} on domain {dom.name!r}: the guest agent did not answer within "
+                f"{limit:g} s (statecapture's agent_timeout; the call may still complete)",
+                operation=what,
+                domain_name=dom.name,
+            )
+        if self.error is not None:
+            raise self.error
+        assert self.value is not None
+        return self.value
+
+
 class _Freeze:
     """One freeze of one domain held by this process, shared by the scopes that joined it."""
 
-    def __init__(self, dom: Domain, max_frozen: float, mountpoints: tuple[str, ...] | None) -> None:
+    def __init__(
+        self,
+        dom: Domain,
+        max_frozen: float,
+        mountpoints: tuple[str, ...] | None,
+        agent_timeout: float | None = None,
+    ) -> None:
         self.dom = dom
+        self.agent_timeout = agent_timeout
+        self.pending_freeze: _AgentCall[int] | None = None
+        self.pending_thaw: _AgentCall[int] | None = None
         self.key = _key(dom)
         self.thread_id = threading.get_ident()
         self.mountpoints = mountpoints
@@ -347,7 +404,7 @@ class _Freeze:
             if not self.held:
                 return None
             try:
-                count = self.dom._vir.fs_thaw()
+                count = self._thaw_call()
             except Exception as exc:  # libvirt's refusal, a closed connection ...: report it
                 self.count_unknown = True
                 error = ThawError(
@@ -369,6 +426,21 @@ class _Freeze:
             _unregister(self)
             return None
 
+    def _thaw_call(self) -> int:
+        """``fs_thaw``, bounded by ``agent_timeout`` when set; a thaw still pending from an
+        earlier attempt is waited for rather than queued again."""
+        if self.agent_timeout is None:
+            return self.dom._vir.fs_thaw()
+        call = self.pending_thaw
+        if call is None:
+            call = _AgentCall(self.dom._vir.fs_thaw, f"statecapture-thaw-{self.dom.name}")
+            self.pending_thaw = call
+        try:
+            return call.result(self.agent_timeout, "filesystem thaw", self.dom)
+        finally:
+            if call.done.is_set():
+                self.pending_thaw = None
+
     def thaw(self, reason: str, *, until: float) -> ThawError | None:
         """Thaw, retrying while the agent does not answer and ``until`` is not reached."""
         attempt = 0
@@ -386,10 +458,14 @@ class _Freeze:
     def start_watchdog(self) -> None:
         """Start the (unarmed) watchdog thread, before the freeze: its start-up then does
         not count against the frozen time."""
+        # Not a daemon — explicitly: a thread inherits the daemon flag of the thread that
+        # starts it, and an interpreter shutting down must wait for it to thaw the guest
+        # even when the block runs (and hangs) in a daemon thread.
         thread = threading.Thread(
-            target=self._watch, name=f"statecapture-freeze-watchdog-{self.dom.name}"
+            target=self._watch,
+            name=f"statecapture-freeze-watchdog-{self.dom.name}",
+            daemon=False,
         )
-        # Not a daemon: an interpreter shutting down waits for it to thaw the guest.
         thread.start()
         self.watchdog = thread
 
@@ -520,7 +596,6 @@ class FreezeScope:
     _outcome: FreezeStatus | None = attrs.field(default=None, init=False)
     _sigterm_previous: Any = attrs.field(default=None, init=False)
     _sigterm_installed: bool = attrs.field(default=False, init=False)
-    _timeout_set: bool = attrs.field(default=False, init=False)
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -612,7 +687,7 @@ class FreezeScope:
         with _registry_lock:
             existing = _registry.get(key)
             if existing is None:
-                freeze = _Freeze(dom, self.max_frozen, self.mountpoints)
+                freeze = _Freeze(dom, self.max_frozen, self.mountpoints, self.agent_timeout)
                 _registry[key] = freeze
         if existing is not None:
             return self._join(existing)
@@ -681,7 +756,12 @@ class FreezeScope:
                 domain_name=dom.name,
             )
         try:
-            filesystems: tuple[Filesystem, ...] | None = fs_info(dom)
+            filesystems: tuple[Filesystem, ...] | None
+            if self.agent_timeout is None:
+                filesystems = fs_info(dom)
+            else:
+                probe = _AgentCall(lambda: fs_info(dom), f"statecapture-fsinfo-{dom.name}")
+                filesystems = probe.result(self.agent_timeout, "guest filesystem info", dom)
         except LibvirtError as exc:
             # An agent without (or blocking) guest-get-fsinfo can still freeze; anything
             # more specific (agent gone, domain stopped, already frozen) is a refusal.
@@ -708,20 +788,22 @@ class FreezeScope:
         dom = self.domain
         with ExitStack() as undo:
             dom._require_active("filesystem freeze")
-            if self.agent_timeout is not None:  # covers the probe's agent call too
-                dom._vir.set_agent_timeout(math.ceil(self.agent_timeout))
-                self._timeout_set = True
-                undo.callback(self._restore_agent_timeout)
             freeze.filesystems = self._filesystems = self._probe()
             freeze.start_watchdog()
             undo.callback(freeze.stop_and_join_watchdog)
             hold = _SignalHold()
             undo.callback(hold.release)  # on failure: restore handlers, re-deliver signals
             started = time.monotonic()
+            targets = list(self.mountpoints) if self.mountpoints is not None else None
             try:
-                freeze.frozen_count = dom._vir.fs_freeze(
-                    list(self.mountpoints) if self.mountpoints is not None else None
-                )
+                if self.agent_timeout is None:
+                    freeze.frozen_count = dom._vir.fs_freeze(targets)
+                else:
+                    call = _AgentCall(
+                        lambda: dom._vir.fs_freeze(targets), f"statecapture-freeze-{dom.name}"
+                    )
+                    freeze.pending_freeze = call
+                    freeze.frozen_count = call.result(self.agent_timeout, "filesystem freeze", dom)
             except BaseException as exc:
                 freeze.frozen_at = time.monotonic()
                 if _may_have_frozen(exc):
@@ -749,7 +831,6 @@ class FreezeScope:
             freeze.stop_watchdog()
             error = freeze.thaw("scope", until=time.monotonic() + self.max_frozen)
             freeze.join_watchdog()
-            self._restore_agent_timeout()
             if error is not None:
                 self._failed = FreezeStatus.THAW_FAILED
                 signalled.add_note(f"statecapture: thawing after the signal failed: {error}")
@@ -758,6 +839,11 @@ class FreezeScope:
     def _thaw_after_failed_freeze(self, freeze: _Freeze, exc: BaseException, until: float) -> None:
         freeze.held = True  # the guest may be frozen (or freeze when its agent wakes up)
         freeze.count_unknown = True
+        pending = freeze.pending_freeze
+        if pending is not None:
+            # The freeze call still runs (agent_timeout passed): a thaw sent now would only
+            # queue behind it, so wait for it within the budget, then thaw what it froze.
+            pending.done.wait(max(0.0, until - time.monotonic()))
         error = freeze.thaw("scope", until=max(until, time.monotonic()))
         if error is None:
             count = freeze.thawed_count or 0
@@ -785,17 +871,6 @@ class FreezeScope:
             self._sigterm_installed = False
             if signal.getsignal(signal.SIGTERM) is _raise_system_exit:
                 signal.signal(signal.SIGTERM, self._sigterm_previous)
-
-    def _restore_agent_timeout(self) -> None:
-        if not self._timeout_set:
-            return
-        self._timeout_set = False
-        try:
-            self.domain._vir.set_agent_timeout(None)
-        except LibvirtError as exc:
-            if self.domain.is_active:
-                raise
-            del exc  # the domain is gone, and its agent timeout with it
 
     # ------------------------------------------------------------------ leaving
     def __exit__(
@@ -842,10 +917,6 @@ class FreezeScope:
         problems: list[BaseException] = []
         if error is not None:
             problems.append(error)
-        try:
-            self._restore_agent_timeout()
-        except LibvirtError as restore_error:
-            problems.append(restore_error)
         misnested = [s for s in freeze.joined if not s._exited]
         if misnested:
             problems.append(
@@ -984,11 +1055,12 @@ def fs_frozen(
         dom: a running domain with a connected guest agent.
         mountpoints: guest mount points to freeze (``["/data"]``); ``None`` freezes all.
         max_frozen: the freeze budget in seconds, enforced by the watchdog.
-        agent_timeout: seconds libvirt waits for the agent's answer to the freeze and thaw
-            (rounded up to whole seconds). It sets the domain's agent response timeout
-            (``virDomainAgentSetResponseTimeout``, for every client of that domain) while the
-            scope is active and restores libvirt's default afterwards; ``None`` leaves the
-            domain's setting alone (libvirt's default blocks until the agent answers).
+        agent_timeout: seconds statecapture waits for the agent's answer to the probe, the
+            freeze and each thaw attempt; past it the call raises
+            :class:`OperationTimeoutError` (a freeze that may still land is thawed as
+            above). Enforced on the client side: the domain's own agent response timeout
+            (``virDomainAgentSetResponseTimeout``, shared by every client) is never changed.
+            ``None``: wait as long as the domain's setting says.
 
     Nesting: in the same thread, a scope on a domain that an enclosing scope of this process
     holds frozen joins that freeze (:attr:`FreezeScope.joined`): it freezes and thaws

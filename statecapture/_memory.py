@@ -29,7 +29,6 @@ import contextlib
 import datetime as _dt
 import os
 import stat
-import tempfile
 import time
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -37,6 +36,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from . import _files
 from ._enums import DomainState
 from ._events import EventKind
 from .errors import (
@@ -44,6 +44,7 @@ from .errors import (
     LibvirtError,
     NotFoundError,
     SaveImageError,
+    StateCaptureError,
     TargetExistsError,
     UnsupportedError,
     UsageError,
@@ -241,10 +242,12 @@ def _use_params(conn: Connection) -> bool:
 class _Target:
     """Where a save writes, and how it is made final or taken back.
 
-    Local connections: without ``overwrite`` the target is reserved by creating it
-    exclusively (``O_EXCL``, mode 0600), so a file that appears meanwhile is never
-    clobbered; with ``overwrite`` the image goes to a 0600 temporary file beside the target
-    and replaces it atomically once complete. Remote connections: the path is on the
+    Local connections: libvirtd writes the image by path, so it writes into a private 0700
+    staging directory that statecapture makes inside the target's directory (no one else
+    can plant or swap a name there); the complete image is then renamed onto the target
+    name relative to the directory descriptors. Without ``overwrite`` the target name is
+    reserved first by creating it exclusively (``O_EXCL | O_NOFOLLOW``, mode 0600), so a
+    file that appears meanwhile is never clobbered. Remote connections: the path is on the
     daemon's host, libvirt writes it directly (libvirt creates new images 0600).
     """
 
@@ -252,45 +255,86 @@ class _Target:
     local: bool
     write_path: Path | None = None
     created: bool = False
+    _dir: _files.Directory | None = None
+    _stage: _files.Directory | None = None
+    _placeholder: int | None = None
 
     def prepare(self, *, overwrite: bool) -> None:
         if not self.local:
             self.write_path = self.final
             return
-        if overwrite:
-            fd, tmp = tempfile.mkstemp(
-                prefix=f".{self.final.name}.", suffix=".sc-partial", dir=self.final.parent
-            )
-            os.close(fd)
-            self.write_path = Path(tmp)
-        else:
-            try:
-                fd = os.open(
-                    self.final,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                )
-            except FileExistsError:
-                raise _exists(self.final) from None
-            os.close(fd)
-            self.write_path = self.final
-        self.created = True
+        directory = _files.Directory.open(self.final.parent, what="save directory")
+        try:
+            _files.require_trusted(directory.path, staged=True, what="save")
+            if not overwrite:
+                self._placeholder = directory.create(self.final.name)
+                self.created = True
+            self._stage = directory.staging(".sc-save-")
+        except BaseException:
+            if self._placeholder is not None:
+                directory.remove_if_same(self.final.name, self._placeholder)
+                os.close(self._placeholder)
+                self._placeholder = None
+                self.created = False
+            directory.close()
+            raise
+        self._dir = directory
+        self.write_path = self._stage.path / self.final.name
 
     def commit(self) -> None:
         """The image is complete: make it owner-only and put it in place."""
-        if not self.local or self.write_path is None:
+        if not self.local or self.write_path is None or self._dir is None:
             return
-        os.chmod(self.write_path, 0o600)
-        if self.write_path != self.final:
-            os.replace(self.write_path, self.final)
-            self.write_path = self.final
+        assert self._stage is not None
+        _files.owner_only([self.write_path], what="save image")
+        # Replaces only our placeholder or, with overwrite=True, the file the caller named.
+        os.replace(
+            self.final.name,
+            self.final.name,
+            src_dir_fd=self._stage.fd,
+            dst_dir_fd=self._dir.fd,
+        )
+        self._dir.fsync()
+        self.write_path = self.final
+        self.created = True
+        self._close()
 
     def discard(self) -> None:
         """The save failed: remove what statecapture created (never a pre-existing file)."""
-        if self.local and self.created and self.write_path is not None:
+        if not self.local:
+            return
+        if self._dir is not None and self._placeholder is not None:
+            self._dir.remove_if_same(self.final.name, self._placeholder)
+        elif self.created and self.write_path == self.final:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.write_path)
-            self.created = False
+        self.created = False
+        self._close()
+
+    def release(self) -> None:
+        """Close the descriptors and keep every file where it is (outcome unknown)."""
+        for d in (self._stage, self._dir):
+            if d is not None:
+                d.close()
+        self._stage = self._dir = None
+        if self._placeholder is not None:
+            os.close(self._placeholder)
+            self._placeholder = None
+
+    def _close(self) -> None:
+        if self._stage is not None:
+            stage_name = self._stage.path.name
+            self._stage.close()
+            self._stage = None
+            if self._dir is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self._dir.remove_tree(stage_name)
+        if self._placeholder is not None:
+            os.close(self._placeholder)
+            self._placeholder = None
+        if self._dir is not None:
+            self._dir.close()
+            self._dir = None
 
 
 def _exists(path: Path) -> TargetExistsError:
@@ -309,12 +353,12 @@ def _check_save_target(path: Path, *, overwrite: bool) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         return
+    if not overwrite:  # anything at the name, a dangling symlink too, is left alone
+        raise _exists(path)
     if stat.S_ISLNK(st.st_mode):
         raise UsageError(f"{path} is a symbolic link; statecapture does not write through links")
     if stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{path} is a directory, not a file")
-    if not overwrite:
-        raise _exists(path)
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"{path} is not a regular file; refusing to replace it")
 
@@ -334,6 +378,8 @@ def _after_failed_stop(
             f"statecapture could not tell whether the save of {dom.name!r} completed "
             f"({state_exc}){where}"
         )
+        if target is not None:
+            target.release()
         return
     if completed:
         # Interrupted (e.g. KeyboardInterrupt) after libvirt finished: the image is the only
@@ -345,7 +391,7 @@ def _after_failed_stop(
                     f"the save of {dom.name!r} completed before the interruption: the domain "
                     f"is shut off and its image is {target.final}"
                 )
-            except OSError as file_exc:
+            except (OSError, StateCaptureError) as file_exc:
                 exc.add_note(
                     f"the save of {dom.name!r} completed; its image stays at "
                     f"{target.write_path} ({file_exc})"

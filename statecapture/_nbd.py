@@ -395,7 +395,7 @@ def _requests(pieces: Iterator[tuple[int, int, bool]]) -> Iterator[tuple[int, in
 
 def _copy_libnbd(
     source: ExportSource,
-    dest: Path,
+    dest: _Target,
     progress: Progress | None,
 ) -> CopyStats:
     started = time.monotonic()
@@ -418,7 +418,7 @@ def _copy_libnbd(
             progress(0, planned)
         if source.bitmap_context is None and _full_copy_engine == "qemu-img":
             src.shutdown()
-            _convert(source, dest, planned, progress)
+            _convert(source, dest.path, planned, progress)
             written, zeroed = planned, 0
         else:
             written, zeroed = _copy_pipeline(src, size, source, dest, planned, progress)
@@ -433,13 +433,13 @@ def _copy_pipeline(
     src: NBDHandle,
     size: int,
     source: ExportSource,
-    dest: Path,
+    dest: _Target,
     planned: int,
     progress: Progress | None,
 ) -> tuple[int, int]:
     dst = _new_handle()
     dst.connect_systemd_socket_activation(
-        ["qemu-nbd", "--format=qcow2", "--cache=unsafe", "--discard=ignore", str(dest)]
+        ["qemu-nbd", "--image-opts", "--cache=unsafe", "--discard=ignore", dest.image_opts()]
     )
     try:
         written, zeroed = _pipeline(
@@ -457,7 +457,7 @@ def _copy_pipeline(
 _PROGRESS_RE: Final = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
-def _convert(source: ExportSource, dest: Path, planned: int, progress: Progress | None) -> None:
+def _convert(source: ExportSource, dest: str, planned: int, progress: Progress | None) -> None:
     """Full copy by ``qemu-img convert`` into the empty image ``dest``, with byte progress.
 
     ``-n --target-is-zero``: write into the image we created and skip whatever reads as
@@ -468,7 +468,7 @@ def _convert(source: ExportSource, dest: Path, planned: int, progress: Progress 
     if exe is None:
         raise UnsupportedError("qemu-img is not installed (Debian package qemu-utils)")
     argv = [exe, "convert", "-p", "-n", "--target-is-zero", "-O", "qcow2", "--image-opts"]
-    argv += [_nbd_image_opts(source, bitmap=False), str(dest)]
+    argv += [_nbd_image_opts(source, bitmap=False), dest]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     other = bytearray()  # anything that is not progress: the error message, if it fails
@@ -684,7 +684,7 @@ def _map(source: ExportSource, *, bitmap: bool) -> list[dict[str, Any]]:
     return entries
 
 
-def _copy_qemu_img(source: ExportSource, dest: Path, progress: Progress | None) -> CopyStats:
+def _copy_qemu_img(source: ExportSource, dest: _Target, progress: Progress | None) -> CopyStats:
     started = time.monotonic()
     size_info = json.loads(
         qemu_img("info", "--output=json", "--image-opts", _nbd_image_opts(source, bitmap=False))
@@ -704,7 +704,7 @@ def _copy_qemu_img(source: ExportSource, dest: Path, progress: Progress | None) 
             "qcow2",
             "--image-opts",
             _nbd_image_opts(source, bitmap=False),
-            str(dest),
+            dest.path,
         )
         if progress is not None:
             progress(planned, planned)
@@ -718,7 +718,8 @@ def _copy_qemu_img(source: ExportSource, dest: Path, progress: Progress | None) 
     written = zeroed = 0
     if progress is not None:
         progress(0, planned)
-    with tempfile.TemporaryDirectory(prefix=".sc-copy-", dir=dest.parent) as td:
+    # Chunks go to a private 0700 directory of our own (``dest`` may be a descriptor path).
+    with tempfile.TemporaryDirectory(prefix="sc-copy-") as td:
         commands: list[str] = []
         batch_bytes = 0
 
@@ -728,7 +729,7 @@ def _copy_qemu_img(source: ExportSource, dest: Path, progress: Progress | None) 
                 args: list[str] = []
                 for c in commands:
                     args += ["-c", c]
-                _run(["qemu-io", "-f", "qcow2", *args, str(dest)])
+                _run(["qemu-io", "--image-opts", *args, dest.image_opts()])
                 for f in Path(td).iterdir():
                     f.unlink()
                 commands.clear()
@@ -794,18 +795,42 @@ def _dd(source: ExportSource, out: Path, offset: int, length: int) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
+@attrs.frozen
+class _Target:
+    """The image a copy writes: its path (often a descriptor path) and its backing's path."""
+
+    path: str
+    backing: str | None
+
+    def image_opts(self) -> str:
+        """``--image-opts`` for a writer: the backing is opened by its real path, not by
+        the name in the header (relative to a descriptor path, that would not resolve)."""
+        opts = ["driver=qcow2", "file.driver=file", f"file.filename={self.path}"]
+        if self.backing is not None:
+            opts += [
+                "backing.driver=qcow2",
+                "backing.file.driver=file",
+                f"backing.file.filename={self.backing}",
+            ]
+        return ",".join(o.replace(",", ",,") for o in opts)
+
+
 def copy_export(
     source: ExportSource,
     dest: Path,
     *,
     backing: Path | None,
+    backing_name: str | None = None,
     progress: Progress | None = None,
     client: str | None = None,
 ) -> CopyStats:
     """Copy ``source`` into the new qcow2 image ``dest`` (which must exist, empty, 0600).
 
-    ``backing`` (incremental only) is the previous backup in the chain; it is recorded as
-    a relative file name when it lives in the same directory, so a backup set can move.
+    ``dest`` may be a descriptor path (:func:`statecapture._files.fd_path`): every tool
+    reopens the file statecapture created, never a name someone could swap. ``backing``
+    (incremental only) is the previous backup in the chain, opened by that path;
+    ``backing_name`` is what the new layer's header records (default: the file name when it
+    lives beside ``dest``, so a backup set can move, else the absolute path).
     ``client`` forces ``"libnbd"`` or ``"qemu-img"``; default: libnbd when it loads.
     """
     if client is None:
@@ -817,15 +842,20 @@ def copy_export(
     size = _export_size(source, client)
     create = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
     if backing is not None:
-        ref = backing.name if backing.parent.resolve() == dest.parent.resolve() else str(backing)
-        create += ["-b", ref, "-F", "qcow2"]
+        ref = backing_name
+        if ref is None:
+            same_dir = backing.parent.resolve() == dest.parent.resolve()
+            ref = backing.name if same_dir else str(backing.absolute())
+        # -u: the header records ``ref``; the backing is opened by its real path below
+        create += ["-u", "-b", ref, "-F", "qcow2"]
     qemu_img(*create, str(dest), str(size))
+    target = _Target(str(dest), None if backing is None else str(backing.absolute()))
     with _Writeback(dest) as writeback:
         if client == "libnbd":
             mod = load_nbd()
             assert mod is not None
             try:
-                stats = _copy_libnbd(source, dest, progress)
+                stats = _copy_libnbd(source, target, progress)
             except BaseException as exc:
                 # The failed frames still reference the NBD handles; clearing them lets
                 # libnbd close the connections and reap its qemu-nbd now, not at garbage
@@ -837,7 +867,7 @@ def copy_export(
                     ) from exc
                 raise
         else:
-            stats = _copy_qemu_img(source, dest, progress)
+            stats = _copy_qemu_img(source, target, progress)
     if writeback.error is not None:
         raise StateCaptureError(f"writing {dest} to disk failed: {writeback.error}")
     # The writers ran without flushing (qemu-nbd cache=unsafe) and have exited: sync once.

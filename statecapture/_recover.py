@@ -13,7 +13,10 @@ connected to the same daemon — reads it and undoes the run, in this order:
    pivot; ``qemu-img commit`` when the domain is shut off) and remove it — overlays are also
    recognised by name (``*.sc-<run>.overlay.qcow2``) when no journal names them;
 4. delete the checkpoint and the (partial) image files of an unfinished direct backup;
-5. clear the journal — only when every step above succeeded, so a failed recovery can be
+5. clean up after a plain backup job whose run died and whose job has ended since (a daemon
+   restart ends a running job): its record in the domain's metadata names its checkpoint and
+   files; unless the run delivered every disk, both are removed, then the record;
+6. clear the journal — only when every step above succeeded, so a failed recovery can be
    retried: ``recover()`` is idempotent.
 """
 
@@ -268,6 +271,25 @@ class _Recovery:
             dom, job=None, checkpoint=checkpoint, files=files, adopt_checkpoint=checkpoint
         )
 
+    # ---- 5. a stale record of a plain backup job
+    def stale_backup_record(self) -> None:
+        from . import _backup
+
+        dom = self.dom
+        if dom._vir.get_metadata(_backup.RECORD_NS) is None:
+            return
+        if dom.is_active:
+            try:
+                if dom.active_backup() is not None:
+                    return  # a job still runs: stage 2 reported why it could not end it
+            except UnsupportedError:
+                return
+        self.found.append(
+            "the record of a backup job that ended without its run (a crash, a lost "
+            "connection or a daemon restart)"
+        )
+        self.actions += _backup._recover_stale(dom)
+
 
 def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) -> RecoveryReport:
     """Undo what an interrupted sequence left on ``dom``; say what was found and done.
@@ -275,9 +297,10 @@ def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) ->
     Idempotent and safe on a clean domain (it then finds nothing and does nothing). It
     thaws a frozen guest, ends a leftover backup job, merges temporary overlays back into
     the original disks (active commit + pivot, or ``qemu-img commit`` when the domain is
-    shut off), removes the checkpoint and the partial files of an unfinished backup, and
-    clears the journal — the last only when all of that succeeded, so the report's
-    ``errors`` can be fixed and ``recover()`` called again.
+    shut off), removes the checkpoint and the partial files of an unfinished backup (a
+    sequence's, or a plain backup job's whose run died: its record), and clears the
+    journal — the last only when all of that succeeded, so the report's ``errors`` can be
+    fixed and ``recover()`` called again.
 
     Run it after a crash, from any process or host connected to the domain's daemon. It
     refuses (:class:`InvalidStateError`) while the process that wrote the journal still
@@ -328,6 +351,7 @@ def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) ->
     run.attempt("end the backup job", lambda: run.end_backup_job(journal))
     run.attempt("overlays", lambda: run.overlays(journal))
     run.attempt("backup leftovers", lambda: run.backup_leftovers(journal))
+    run.attempt("stale backup record", run.stale_backup_record)
     if not run.errors and (journal is not None or damaged):
         try:
             clear_journal(dom)

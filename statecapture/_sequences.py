@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import attrs
 from lxml import etree
 
-from . import _journal
+from . import _files, _journal
 from ._advisor import Consistency
 from ._blockjob import BlockJob, BlockJobKind
 from ._events import Event, EventKind
@@ -60,7 +60,6 @@ from .errors import (
     InvalidStateError,
     LibvirtError,
     NotFoundError,
-    TargetExistsError,
     ThawError,
     UnsupportedError,
     UsageError,
@@ -280,13 +279,22 @@ class _PauseWatch:
 def _push_undo(
     stack: ExitStack, what: str, undo: Callable[[], object], failures: list[str]
 ) -> None:
-    """Register ``undo`` so that its failure never masks the error being unwound."""
+    """Register ``undo`` so that its failure never masks the error being unwound.
+
+    When ``undo`` returns a list of what it did, that list is noted on the error being
+    unwound (``KeyboardInterrupt`` included), so the caller learns what was rolled back.
+    """
 
     def _exit(
         et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
         try:
-            undo()
+            done = undo()
+            if exc is not None and isinstance(done, list) and done:
+                exc.add_note(
+                    f"statecapture: rolled back after {type(exc).__name__} — {what}: "
+                    + "; ".join(str(d) for d in done)
+                )
         except BaseException as cleanup:
             # Recorded first, so the journal is kept for recover() whatever happens next.
             failures.append(f"{what}: {cleanup!r}")
@@ -569,12 +577,13 @@ def _plan_overlays(dom: Domain, overlay_dir: Path | None, run_id: str) -> tuple[
         raise UsageError(f"domain {dom.name!r} has no writable disk to back up")
     for plan in plans:
         path = Path(plan.overlay)
-        if os.path.lexists(path):
-            raise TargetExistsError(f"{path} exists; not overwriting it", path=str(path))
+        _files.check_free(path, "overlay")
         if not path.parent.is_dir():
             raise UsageError(f"the overlay directory {path.parent} does not exist")
         if not os.access(path.parent, os.W_OK | os.X_OK):
             raise UsageError(f"the overlay directory {path.parent} is not writable")
+        # libvirtd/QEMU create the overlay by this path (HAZARDS 20)
+        _files.require_trusted(path.parent, staged=False, what=f"overlay {path}")
     return tuple(plans)
 
 
@@ -706,15 +715,16 @@ def backup_via_temporary_snapshot(
         writer = JournalWriter.begin(dom, SEQ_SNAPSHOT, run_id=run_id, facts=facts)
         undo.push(_journal_exit(writer, failures))
 
-        def merge_back() -> None:
+        def merge_back() -> list[str]:
             # State-driven (see merge_overlay), so it is registered before the snapshot:
             # an interrupt between "snapshot made" and "undo registered" cannot leak it.
             problems: list[str] = []
+            done: list[str] = []
             for p in reversed(plans):
                 try:
                     # The planned overlay did not exist before the run (checked), so a file
                     # there now is the run's own, even when the snapshot call failed.
-                    merge_overlay(
+                    done += merge_overlay(
                         dom,
                         p.disk,
                         original=p.original,
@@ -729,6 +739,7 @@ def backup_via_temporary_snapshot(
                     f"merging the temporary overlays of {dom.name!r} back failed: "
                     + "; ".join(problems)
                 )
+            return done
 
         _push_undo(undo, "merge the temporary overlays back", merge_back, failures)
 
@@ -788,9 +799,8 @@ def backup_via_temporary_snapshot(
 
 
 def _owner_only(paths: Any) -> None:
-    for path in paths:
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o600)
+    """Make the overlays owner-only; a failure raises :class:`CleanupError` (never ignored)."""
+    _files.owner_only(paths, what="snapshot overlays")
 
 
 def _as_files(returned: object, bases: Mapping[str, Path]) -> Mapping[str, Path]:
@@ -819,7 +829,7 @@ def discard_backup(
     job when its checkpoint is ``adopt_checkpoint``, or any running job when that is
     ``None``). ``checkpoint`` and ``files`` must be the run's own (made by it).
     """
-    from ._backup import RECORD_KEY, RECORD_NS
+    from ._backup import RECORD_NS
 
     actions: list[str] = []
     if job is None and dom.is_active:
@@ -838,9 +848,9 @@ def discard_backup(
             job = running
     if job is not None and job.running:
         job.discard()
-        actions.append(
-            f"ended the {job.mode.value} backup job (abortJob, JOB_COMPLETED) and removed "
-            "what it wrote"
+        # What the job's own discard did (job ended, its checkpoint deleted, files removed).
+        actions.extend(
+            job._undone or [f"ended the {job.mode.value} backup job (abortJob, JOB_COMPLETED)"]
         )
     if checkpoint is not None:
         try:
@@ -864,8 +874,11 @@ def discard_backup(
             with contextlib.suppress(UnsupportedError):
                 still = dom.active_backup()
         if still is None:
-            dom._vir.set_metadata(RECORD_NS, RECORD_KEY, None)
-            actions.append("cleared the stale backup record")
+            from ._backup import discard_stale_record
+
+            for problem in discard_stale_record(dom):
+                problems.append(problem)
+            actions.append("cleared the stale backup record (and removed its private directories)")
     if problems:
         raise CleanupError(f"backup clean-up on {dom.name!r} failed: {'; '.join(problems)}")
     return actions
@@ -907,8 +920,7 @@ def _plan_backup_files(
         if pull:
             planned[f"partial:{disk.target}"] = str(target_dir / f".{name}.partial")
     for path in planned.values():
-        if os.path.lexists(path):
-            raise TargetExistsError(f"{path} exists; not overwriting it", path=path)
+        _files.check_free(path, "backup file")
     return planned
 
 
@@ -986,11 +998,12 @@ def direct_backup(
     does the same from the journal.
 
     Refused before anything changes: a domain that is not running, ``quiesce=True`` without
-    a connected guest agent (:class:`GuestAgentError`), an unfinished earlier run or a
-    running backup job (:class:`InvalidStateError`), a driver without backup jobs
+    a connected guest agent (:class:`GuestAgentError`), an unfinished earlier run, a
+    running backup job or block job (:class:`InvalidStateError`), a driver without backup jobs
     (:class:`UnsupportedError`), an unknown ``incremental_from`` (:class:`NotFoundError`),
     an existing checkpoint name or image file (:class:`InvalidStateError`,
-    :class:`TargetExistsError`).
+    :class:`TargetExistsError`), a ``target_dir`` nothing can be created in — a read-only
+    mount, for example (:class:`UsageError`).
 
     Args:
         dom: a running domain.
@@ -1017,6 +1030,9 @@ def direct_backup(
     tdir = Path(target_dir).absolute()
     if not tdir.is_dir():
         raise UsageError(f"target_dir {tdir} is not a directory")
+    from ._backup import check_writable
+
+    check_writable(tdir, "target_dir")  # pull and push: before any freeze, job or journal
     _checkpoint_name(checkpoint, "0" * 32)  # validates the argument
     if incremental_from is not None and not isinstance(incremental_from, str):
         raise UsageError(f"incremental_from must be a checkpoint name, got {incremental_from!r}")
@@ -1032,6 +1048,7 @@ def direct_backup(
             operation=SEQ_DIRECT,
             domain_name=dom.name,
         )
+    _refuse_jobs(dom, SEQ_DIRECT)  # a block job: libvirt would refuse only after the freeze
     if incremental_from is not None:
         if incremental_from not in dom.checkpoints:
             raise NotFoundError(
@@ -1069,9 +1086,9 @@ def direct_backup(
         writer = JournalWriter.begin(dom, SEQ_DIRECT, run_id=run_id, facts=facts)
         undo.push(_journal_exit(writer, failures))
 
-        def discard() -> None:
+        def discard() -> list[str]:
             files = _run_files(writer, holder[0] if holder else None, tdir, pull=pull)
-            discard_backup(
+            return discard_backup(
                 dom,
                 job=holder[0] if holder else None,
                 checkpoint=cp_name,

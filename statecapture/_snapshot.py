@@ -21,10 +21,10 @@ agent, and external files that exist already or cannot be written.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import enum
 import os
 import re
-import stat
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from html import escape
@@ -33,7 +33,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from . import _adapter, _qemuimg
+from . import _adapter, _bitmaps, _files, _locks, _qemuimg
+from ._hints import add_names_hint
 from .errors import (
     CleanupError,
     GuestAgentError,
@@ -44,6 +45,7 @@ from .errors import (
     UsageError,
 )
 from .xml import Disk, DomainXML, parse
+from .xml._checkpoint import METADATA_NAME_MAX
 from .xml._snapshot import (
     SnapshotDisk,
     SnapshotDiskMode,
@@ -73,6 +75,7 @@ EXTERNAL_DELETE_SINCE: Final = (9, 0, 0)
 
 _AGENT_CHANNEL: Final = "org.qemu.guest_agent.0"
 _BAD_NAME: Final = re.compile(r"[/\x00-\x1f\x7f]")
+_FILE_NAME_MAX: Final = 255
 
 PathLike = str | os.PathLike[str]
 
@@ -134,6 +137,12 @@ def _agent_connected(dom: Domain) -> bool:
 def _dirty_bitmap_problems(dom: Domain, disks: Iterable[Disk]) -> builtins.list[str]:
     """Reasons why the disks hold (or will hold) persistent dirty bitmaps."""
     problems: builtins.list[str] = []
+    # QEMU's own view first (HAZARDS 19): a bitmap that lives only in the running QEMU
+    # (metadata-only checkpoint delete, a failed checkpoint create, another tool) is in
+    # neither libvirt's checkpoint list nor the image file yet.
+    live = _bitmaps.query_or_none(dom)
+    if live:
+        problems.extend(_bitmaps.describe(live))
     checkpoints = dom._vir.snapshot_preflight_checkpoint_names()
     if checkpoints:
         problems.append(
@@ -168,12 +177,13 @@ def _refuse_bitmaps(dom: Domain, problems: builtins.list[str], action: str, oper
         return
     raise UnsupportedError(
         f"refusing to {action} of domain {dom.name!r}: " + "; ".join(problems) + ". "
-        "QEMU cannot load an internal snapshot on a disk with persistent dirty bitmaps: it "
+        "QEMU cannot load an internal snapshot on a disk with dirty bitmaps: it "
         "exits with 'Device has active dirty bitmaps' and the running domain dies (seen with "
         "QEMU 7.2). Nothing was changed. To proceed, take an external snapshot instead "
         "(create(disk_only=True) or create(external=True)), or remove the bitmaps first: "
-        "delete the checkpoints with their bitmaps, and remove bitmaps left in an image with "
-        "'qemu-img bitmap --remove IMAGE NAME' while the domain is shut off.",
+        "delete the checkpoints with their bitmaps, and remove a bitmap no checkpoint uses "
+        "with 'qemu-img bitmap --remove IMAGE NAME' once the domain is shut off (QEMU writes "
+        "a persistent bitmap into the image when it closes it).",
         operation=operation,
         domain_name=dom.name,
     )
@@ -184,6 +194,24 @@ def _check_name(name: str) -> None:
         raise UsageError(
             f"snapshot name must be a non-empty string without '/' or control characters, "
             f"got {name!r}"
+        )
+    size = len(name.encode("utf-8"))
+    if size > METADATA_NAME_MAX:
+        raise UsageError(
+            f"snapshot name is {size} bytes long; libvirt keeps at most {METADATA_NAME_MAX} "
+            "(its metadata file is named after it and file names have at most 255 bytes): "
+            f"{name[:40]}…"
+        )
+
+
+def _check_file_name(path: str, what: str) -> None:
+    """Refuse a file whose name (not path) exceeds the file system's 255 bytes."""
+    base = os.path.basename(path)
+    if len(os.fsencode(base)) > _FILE_NAME_MAX:
+        raise UsageError(
+            f"cannot create {what} {path}: its name is {len(os.fsencode(base))} bytes long and "
+            f"file names have at most {_FILE_NAME_MAX}. Choose a shorter snapshot name, or "
+            "name the file (external={'vda': '/path/short.qcow2'}, memory='/path/file')."
         )
 
 
@@ -196,7 +224,7 @@ def _abs_path(value: PathLike, what: str) -> str:
 
 def _check_target(path: str, what: str, *, check_dir: bool) -> None:
     """Refuse a target file that exists or whose directory cannot take a new file."""
-    if os.path.lexists(path):
+    if _files.lexists(path):
         raise TargetExistsError(
             f"{what} {path} already exists; statecapture never overwrites a file. Pick another "
             "snapshot name or path (external={'vda': '/path/new.qcow2'}), or move the file away.",
@@ -217,25 +245,17 @@ def _check_target(path: str, what: str, *, check_dir: bool) -> None:
             "process (or is on a read-only file system). Choose a writable directory "
             "(external={'vda': '/path/new.qcow2'}, memory='/path/file')."
         )
+    # libvirtd/QEMU create the file by this path and it keeps that path: no one else may
+    # be able to plant or swap a name on the way (HAZARDS 20).
+    _files.require_trusted(parent, staged=False, what=f"{what} {path}")
 
 
 def _owner_only(paths: Iterable[str]) -> None:
-    """chmod 0600 the files a snapshot just created; failures are a :class:`CleanupError`."""
-    failed: builtins.list[str] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
-                os.chmod(path, 0o600)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            failed.append(f"{path}: {exc.strerror}")
-    if failed:
-        raise CleanupError(
-            "the snapshot was created, but these files could not be made owner-only (0600): "
-            + "; ".join(failed)
-        )
+    """Make the files a snapshot just created owner-only; failures are a :class:`CleanupError`."""
+    try:
+        _files.owner_only(paths, what="snapshot files")
+    except CleanupError as exc:
+        raise CleanupError(f"the snapshot was created, but {exc}") from None
 
 
 @attrs.frozen
@@ -337,9 +357,12 @@ class Snapshot:
         * reverting to an external snapshot needs libvirt ≥ 9.9 on the daemon; older
           daemons raise :class:`UnsupportedError` (see ``docs/snapshots.md`` for a manual way);
         * an internal snapshot is refused with :class:`UnsupportedError` while any disk
-          holds persistent dirty bitmaps (checkpoints, or bitmaps left by a metadata-only
-          checkpoint delete): QEMU exits with "Device has active dirty bitmaps" and the
-          running domain dies.
+          holds dirty bitmaps (checkpoints, bitmaps in the image, or — read from the
+          running QEMU itself — bitmaps that live only in QEMU, as a metadata-only
+          checkpoint delete or a failed checkpoint create leaves them): QEMU exits with
+          "Device has active dirty bitmaps" and the running domain dies. The error names
+          the disk and the bitmap. Reading QEMU's view makes libvirt mark the domain
+          tainted (``custom-monitor``; see ``docs/hazards.md``, hazard 19).
 
         QEMU figures seen here: reverting an internal snapshot of a small TCG guest takes
         about 3.5 s, during which the guest is stopped.
@@ -361,7 +384,11 @@ class Snapshot:
                     operation="snapshot revert",
                     domain_name=dom.name,
                 )
-        else:
+            self._vir.revert(running=running, paused=paused, force=force)
+            return
+        # Held from the bitmap check through the revert: no checkpoint made by statecapture
+        # can slip in between (hazard 21).
+        with _locks.domain_lock(dom.uuid, "snapshot revert"):
             disks: builtins.list[Disk] = builtins.list(dom.definition.disks)
             if definition.domain is not None:
                 disks.extend(definition.domain.disks)
@@ -371,7 +398,7 @@ class Snapshot:
                 f"revert to internal snapshot {self.name!r}",
                 "snapshot revert",
             )
-        self._vir.revert(running=running, paused=paused, force=force)
+            self._vir.revert(running=running, paused=paused, force=force)
 
     def delete(
         self,
@@ -446,7 +473,8 @@ class Snapshot:
 class SnapshotCollection:
     """The snapshots of one domain: ``dom.snapshots``.
 
-    ``dom.snapshots["name"]`` looks one up (:class:`NotFoundError` when there is none),
+    ``dom.snapshots["name"]`` looks one up (:class:`NotFoundError` when there is none; its
+    message lists the snapshots that exist, or the closest names),
     ``"name" in dom.snapshots`` tests for one, ``len()`` counts them, iterating yields every
     snapshot with parents before children. :meth:`create` takes a new one after a preflight.
     """
@@ -487,7 +515,13 @@ class SnapshotCollection:
     def __getitem__(self, name: str) -> Snapshot:
         if not isinstance(name, str):
             raise UsageError(f"snapshots are looked up by name, got {name!r}")
-        return Snapshot._from_vir(self.domain, self.domain._vir.snapshot_lookup(name))
+        vir = self.domain._vir
+        try:
+            found = vir.snapshot_lookup(name)
+        except NotFoundError as exc:
+            add_names_hint(exc, name, lambda: (s.name for s in vir.snapshot_list()), "snapshot")
+            raise
+        return Snapshot._from_vir(self.domain, found)
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -592,39 +626,45 @@ class SnapshotCollection:
                 f"domain {dom.name!r} already has a snapshot named {name!r}; pick another "
                 "name or delete that snapshot first"
             )
-        if plan.internal:
-            _refuse_bitmaps(
-                dom,
-                _dirty_bitmap_problems(dom, dom.definition.disks),
-                "create an internal snapshot",
-                "snapshot create",
-            )
-        if quiesce and not _agent_connected(dom):
-            raise GuestAgentError(
-                f"refusing to create a quiesced snapshot of domain {dom.name!r}: its guest "
-                "agent is not connected (no running domain, no org.qemu.guest_agent.0 "
-                "channel, or qemu-ga not answering yet). Nothing was changed. Start qemu-ga "
-                "in the guest (right after boot, wait for it to connect), or snapshot "
-                "without quiesce=True for crash-consistent disks.",
-                operation="snapshot create",
-                domain_name=dom.name,
-            )
-        if _is_local(dom.connection):
-            check_dir = _writes_host_files(dom.connection)
+        with contextlib.ExitStack() as guard:
+            if plan.internal:
+                # Held from the bitmap check through the savevm: no checkpoint made by
+                # statecapture can slip in between (hazard 21).
+                guard.enter_context(_locks.domain_lock(dom.uuid, "snapshot create"))
+                _refuse_bitmaps(
+                    dom,
+                    _dirty_bitmap_problems(dom, dom.definition.disks),
+                    "create an internal snapshot",
+                    "snapshot create",
+                )
+            if quiesce and not _agent_connected(dom):
+                raise GuestAgentError(
+                    f"refusing to create a quiesced snapshot of domain {dom.name!r}: its guest "
+                    "agent is not connected (no running domain, no org.qemu.guest_agent.0 "
+                    "channel, or qemu-ga not answering yet). Nothing was changed. Start qemu-ga "
+                    "in the guest (right after boot, wait for it to connect), or snapshot "
+                    "without quiesce=True for crash-consistent disks.",
+                    operation="snapshot create",
+                    domain_name=dom.name,
+                )
             for path in plan.new_files:
-                _check_target(path, "snapshot file", check_dir=check_dir)
-        vir = dom._vir.snapshot_create(
-            plan.xml.to_xml(),
-            disk_only=plan.disk_only_flag,
-            quiesce=quiesce,
-            atomic=atomic,
-            live=live,
-            no_metadata=not metadata,
-            # No VALIDATE: libvirt 9.0 reloads its RelaxNG schema for every validated call
-            # (35-60 ms, spent inside a freeze for quiesced snapshots). The XML is ours,
-            # built by SnapshotXML, and the test suite checks it against that schema.
-            validate=False,
-        )
+                _check_file_name(path, "snapshot file")
+            if _is_local(dom.connection):
+                check_dir = _writes_host_files(dom.connection)
+                for path in plan.new_files:
+                    _check_target(path, "snapshot file", check_dir=check_dir)
+            vir = dom._vir.snapshot_create(
+                plan.xml.to_xml(),
+                disk_only=plan.disk_only_flag,
+                quiesce=quiesce,
+                atomic=atomic,
+                live=live,
+                no_metadata=not metadata,
+                # No VALIDATE: libvirt 9.0 reloads its RelaxNG schema for every validated call
+                # (35-60 ms, spent inside a freeze for quiesced snapshots). The XML is ours,
+                # built by SnapshotXML, and the test suite checks it against that schema.
+                validate=False,
+            )
         snapshot = Snapshot._from_vir(dom, vir, None if metadata else plan.xml)
         if _writes_host_files(dom.connection):
             _owner_only(plan.new_files)

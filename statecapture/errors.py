@@ -5,7 +5,8 @@ Every error statecapture raises derives from :class:`StateCaptureError`::
     StateCaptureError
     ├── LibvirtError                  libvirt refused or failed (.code, .operation, .domain_name)
     │   ├── NotFoundError             no such domain, snapshot, checkpoint, job (a LookupError)
-    │   ├── UnsupportedError          this driver, daemon or hypervisor cannot do it
+    │   ├── UnsupportedError          this driver, daemon or hypervisor cannot do it (or no
+    │   │                             driver handles the URI)
     │   ├── InvalidStateError         wrong state for the call (e.g. domain not running)
     │   ├── GuestAgentError           the guest agent is missing, unresponsive or failed the command
     │   ├── OperationTimeoutError     the operation timed out (also a TimeoutError)
@@ -112,9 +113,14 @@ class NotFoundError(LibvirtError, LookupError):
 
 
 class UnsupportedError(LibvirtError):
-    """The driver, daemon or hypervisor cannot do this (or this version cannot)."""
+    """The driver, daemon or hypervisor cannot do this (or this version cannot).
 
-    codes = frozenset({3, 67, 74, 84})
+    Also raised by :func:`~statecapture.connect` when no libvirt driver handles the URI
+    (an unknown scheme, or a driver not installed on the host; code 5, ``NO_CONNECT``).
+    """
+
+    # 5 NO_CONNECT "no connection driver available": nothing was connected, so nothing lost.
+    codes = frozenset({3, 5, 67, 74, 84})
 
 
 class InvalidStateError(LibvirtError):
@@ -164,9 +170,15 @@ class CheckpointInconsistentError(LibvirtError):
 
 
 class ConnectionLostError(LibvirtError):
-    """The connection to libvirt is gone (daemon restarted, socket closed, RPC failure)."""
+    """The connection to libvirt is gone (daemon restarted, socket closed, RPC failure).
 
-    codes = frozenset({5, 6, 39})
+    libvirt reports most of these as generic errors ("client socket is closed" is an
+    internal error, HAZARDS 22); statecapture recognises them by error domain, message and
+    ``virConnectIsAlive``. A connection that could not be opened at all (unknown URI scheme,
+    no daemon listening) is not a lost one.
+    """
+
+    codes = frozenset({6, 39})
 
 
 class SaveImageError(LibvirtError):

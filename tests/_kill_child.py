@@ -8,7 +8,8 @@ so every action on the kill-matrix root runs here, in a fresh interpreter::
 ACTION is ``setup`` (define + start the guest, wait for its agent), ``run`` (write a known
 file in the guest, then run a sequence and SIGKILL this process at one boundary), ``check``
 (``recover()`` from a fresh process, then verify everything the issue demands),
-``destroy`` (power cut), ``start`` or ``teardown``. Results are printed as one line
+``reset`` (after each case: restore and verify the clean state), ``destroy`` (power cut),
+``start`` or ``teardown``. Results are printed as one line
 ``RESULT {json}`` on stdout (``run`` prints its guest facts *before* it dies).
 """
 
@@ -249,7 +250,53 @@ def check(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     )
 
 
+def reset(conn: statecapture.Connection, args: dict[str, Any]) -> None:
+    """After a kill-matrix case: bring the shared guest back to the clean state the next
+    case starts from, and report everything that had to be repaired (a case that left any
+    of it behind fails in its teardown, so no state leaks into the next case)."""
+    from statecapture._backup import RECORD_NS
+
+    dom = conn.domain(NAME)
+    repaired: list[str] = []
+    report = statecapture.recover(dom)
+    if report.found or report.actions or not report.clean:
+        repaired.append(f"recover() had work: {report}")
+    if not dom.is_active:
+        repaired.append("the guest was not running")
+        dom.start()
+    wait_agent(dom._vir._raw, timeout=300)
+    dom._vir.set_agent_timeout(None)  # libvirt's default, whatever a case set
+    if dom._vir.fs_freeze_status() != "thawed":
+        repaired.append("the guest was frozen")
+        dom._vir.fs_thaw()
+    originals: dict[str, str] = args["originals"]
+    for label, definition in (("live", dom.definition), ("persistent", dom.inactive_definition)):
+        sources = {d.target: d.source for d in definition.disks if d.device == "disk"}
+        if sources != originals:
+            repaired.append(f"{label} disk sources {sources} != originals {originals}")
+    if dom.block_jobs() or dom.active_backup() is not None:
+        repaired.append("a block or backup job was running")
+    if _journal.read_journal(dom) is not None or dom._vir.get_metadata(RECORD_NS) is not None:
+        repaired.append("a journal or backup record was left")
+    for cp in reversed(dom.checkpoints.list()):
+        repaired.append(f"checkpoint {cp.name} was left")
+        cp.delete(metadata_only=True)
+    for key in ("target_dir", "after_dir"):
+        for f in sorted(Path(args[key]).iterdir()):
+            repaired.append(f"{f} was left")
+            f.unlink()
+    expected = set(args["image_files"])
+    extra = sorted(p.name for p in Path(args["image_dir"]).iterdir() if p.name not in expected)
+    if extra:
+        repaired.append(f"files left next to the images: {extra}")
+    scratch = sorted(p.name for p in Path(os.environ["TMPDIR"]).iterdir())
+    if scratch:
+        repaired.append(f"scratch files/dirs left in TMPDIR: {scratch}")
+    emit(repaired=repaired)
+
+
 ACTIONS = {
+    "reset": reset,
     "setup": setup,
     "start": start,
     "destroy": destroy,

@@ -11,8 +11,21 @@ Real tier (tests marked ``qemu``)
     as ``qemu_conn``. ``guest_factory`` boots the tiny test guest built from Debian packages
     (``tests/_harness``) under TCG, waits for its agent, and always destroys and undefines
     it — together with snapshot/checkpoint metadata and block/backup jobs — afterwards.
-    Set ``STATECAPTURE_SKIP_QEMU=1`` to skip that tier on a machine without QEMU; CI never
-    sets it, so there the real tier must run.
+    Set ``STATECAPTURE_SKIP_QEMU=1`` to skip that tier on a machine without QEMU. Under
+    ``CI=true`` the session refuses that variable (usage error) and fails when any test is
+    skipped (CI installs every dependency); it prints ``statecapture real tier: ran N,
+    skipped M``, which ``.ci/run`` checks.
+
+Isolation (every run)
+    ``tempfile``'s directory is a private directory for the session (pytest's own ``tmp_path``
+    tree stays where it was). At session end the run FAILS (exit status 1) when that
+    directory is not empty, when a tracked directory (embed roots ...) still exists, when a
+    domain a fixture made is still defined, or when a ``qemu-system``/``qemu-nbd`` process
+    started by this session still runs (``tests/_harness/isolation.py``).
+
+Hypothesis
+    Profile ``dev`` (the default) and ``ci`` (more examples; selected when ``CI=true``, or
+    with ``--hypothesis-profile=ci``).
 """
 
 from __future__ import annotations
@@ -26,8 +39,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import statecapture
+from tests._harness import isolation
+
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.register_profile(
+    "ci",
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
 
 TEST_NODE_XML = """<node>
 <domain type='test'>
@@ -94,10 +119,37 @@ def test_domain(test_conn: statecapture.Connection) -> statecapture.Domain:
 # ----------------------------------------------------------------------------- real tier
 
 
+def _in_ci() -> bool:
+    return os.environ.get("CI") == "true"
+
+
 def _qemu_skip_reason() -> str | None:
     if os.environ.get("STATECAPTURE_SKIP_QEMU") == "1":
         return "STATECAPTURE_SKIP_QEMU=1"
     return None
+
+
+_SESSION_TMP: list[Path] = []  # the private tempfile directory of this session
+_REAL_TIER = {"ran": 0, "skipped": 0}
+_SKIPPED: list[str] = []  # node ids of every skipped test (CI installs everything: none may skip)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _in_ci() and _qemu_skip_reason() is not None:
+        raise pytest.UsageError(
+            "CI=true with STATECAPTURE_SKIP_QEMU=1: CI must run the real QEMU tier; "
+            "unset STATECAPTURE_SKIP_QEMU"
+        )
+    if _SESSION_TMP:
+        return
+    # pytest's tmp_path tree stays in the system temporary directory; everything else made
+    # through tempfile (by statecapture or the tests) goes to a private directory that must
+    # be empty at session end.
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    private = Path(tempfile.mkdtemp(prefix="sc-t-", dir=tempfile.gettempdir()))
+    _SESSION_TMP.append(private)
+    os.environ["TMPDIR"] = str(private)
+    tempfile.tempdir = str(private)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -108,6 +160,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "qemu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _SKIPPED.append(report.nodeid)
+    if "qemu" not in report.keywords:
+        return
+    if report.skipped:
+        _REAL_TIER["skipped"] += 1
+    elif report.when == "call":
+        _REAL_TIER["ran"] += 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when the session left anything behind (or, in CI, skipped real tests)."""
+    lines: list[str] = []
+    if _SESSION_TMP:
+        private = _SESSION_TMP[0]
+        left = sorted(private.iterdir()) if private.is_dir() else []
+        lines.extend(f"{p} left in the session's temporary directory" for p in left)
+        if not left:
+            with contextlib.suppress(OSError):
+                private.rmdir()
+    lines.extend(isolation.problems(search=_SESSION_TMP))
+    summary = f"statecapture real tier: ran {_REAL_TIER['ran']}, skipped {_REAL_TIER['skipped']}"
+    if _in_ci() and _SKIPPED:
+        lines.append(f"CI=true: tests were skipped ({summary}): {', '.join(_SKIPPED[:10])}")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_line(summary)
+        for line in lines:
+            reporter.write_line(f"SESSION CHECK FAILED: {line}", red=True, bold=True)
+    if lines and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -123,10 +210,11 @@ def qemu_root() -> Iterator[Path]:
     """The embedded QEMU driver's root directory (one per pytest process)."""
     from tests._harness.guestkit import prepare_embed_root
 
-    root = Path(tempfile.mkdtemp(prefix="sc-embed-"))
+    # Under /tmp itself: socket paths below the root must stay short.
+    root = isolation.track(tempfile.mkdtemp(prefix="sc-embed-", dir="/tmp"))
     prepare_embed_root(root)
     yield root
-    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)  # the session-end check verifies it is gone
 
 
 @pytest.fixture(scope="session")
@@ -142,33 +230,56 @@ def qemu_conn(qemu_uri: str) -> Iterator[statecapture.Connection]:
     finally:
         for dom in conn.domains():  # nothing outlives the session
             _remove_domain(dom)
+        with contextlib.suppress(Exception):
+            left = [dom.name for dom in conn.domains()]
+            if left:
+                isolation.record_leak(f"domains still defined on {qemu_uri}: {left}")
         conn.close()
 
 
 def _remove_domain(dom: statecapture.Domain) -> None:
+    """Tear *dom* down as far as possible; what cannot be removed is recorded as a leak.
+
+    Each step may fail (the guest may be half dead): the errors are kept, and when the
+    domain is still defined afterwards they go into the session-end isolation report.
+    """
     vir = dom._vir._raw
-    with contextlib.suppress(Exception):
-        vir.abortJob()
-    with contextlib.suppress(Exception):
-        for disk in dom.disks:
-            with contextlib.suppress(Exception):
-                vir.blockJobAbort(disk.target, 0)
-    with contextlib.suppress(Exception):
-        # A dead agent behind a "connected" channel would block fsThaw forever otherwise.
-        vir.agentSetResponseTimeout(5, 0)
-    with contextlib.suppress(Exception):
-        vir.fsThaw()
-    with contextlib.suppress(Exception):
-        if dom.is_active:
-            dom.destroy()
-    with contextlib.suppress(Exception):
-        for snap in vir.listAllSnapshots(0):
-            snap.delete(4)  # METADATA_ONLY
-    with contextlib.suppress(Exception):
-        for cp in vir.listAllCheckpoints(0):
-            cp.delete(2)  # METADATA_ONLY
-    with contextlib.suppress(Exception):
-        dom.undefine(managed_save=True, snapshots_metadata=True, checkpoints_metadata=True)
+    failures: list[str] = []
+
+    def step(what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            failures.append(f"{what}: {exc}")
+
+    step("abort job", vir.abortJob)
+    for disk in _safe(lambda: dom.disks, ()):
+        step(f"abort block job {disk.target}", lambda t=disk.target: vir.blockJobAbort(t, 0))
+    # A dead agent behind a "connected" channel would block fsThaw forever otherwise.
+    step("agent timeout", lambda: vir.agentSetResponseTimeout(5, 0))
+    step("thaw", vir.fsThaw)
+    step("destroy", lambda: dom.destroy() if dom.is_active else None)
+    for snap in _safe(lambda: vir.listAllSnapshots(0), []):
+        step(f"snapshot {snap.getName()}", lambda s=snap: s.delete(4))  # METADATA_ONLY
+    for cp in _safe(lambda: vir.listAllCheckpoints(0), []):
+        step(f"checkpoint {cp.getName()}", lambda c=cp: c.delete(2))  # METADATA_ONLY
+    step(
+        "undefine",
+        lambda: dom.undefine(managed_save=True, snapshots_metadata=True, checkpoints_metadata=True),
+    )
+    try:
+        still = dom.name in {d.name for d in dom.connection.domains()}
+    except Exception as exc:
+        still, failures = True, [*failures, f"list domains: {exc}"]
+    if still:
+        isolation.record_leak(f"domain {dom.name} still defined after teardown: {failures}")
+
+
+def _safe(fn: Callable[[], Any], default: Any) -> Any:
+    try:
+        return fn()
+    except Exception:
+        return default
 
 
 GuestFactory = Callable[..., statecapture.Domain]

@@ -112,17 +112,17 @@ def test_bad_mode_is_a_usage_error(test_domain: statecapture.Domain) -> None:
 
 
 def test_restore_flattens_a_chain_and_never_overwrites(tmp_path: Path) -> None:
-    """restore_disk applies incrementals over the full image, ignoring the layers' headers."""
+    """restore_disk applies incrementals over the full image; nothing outside the list is read.
+
+    The layers name their base by relative file name (as statecapture writes them); what
+    the base's own header says is ignored (the full image's stale backing is never opened).
+    """
     full = _image(tmp_path / "full.qcow2")
     _write(full, 0, b"A" * 65536)
     _write(full, 2 * MiB, b"B" * 65536)
-    # a push-style incremental: standalone header (no backing), only the changed cluster
-    inc1 = _image(tmp_path / "inc1.qcow2")
+    inc1 = _image(tmp_path / "inc1.qcow2", backing=Path("full.qcow2"))
     _write(inc1, 2 * MiB, b"C" * 65536)
-    # a pull-style incremental whose header names a wrong backing file: it must be ignored
-    decoy = _image(tmp_path / "decoy.qcow2")
-    _write(decoy, 4 * MiB, b"D" * 65536)
-    inc2 = _image(tmp_path / "inc2.qcow2", backing=decoy)
+    inc2 = _image(tmp_path / "inc2.qcow2", backing=Path("inc1.qcow2"))
     subprocess.run(
         ["qemu-io", "-f", "qcow2", "-c", f"write -q -z {0} {65536}", str(inc2)], check=True
     )
@@ -144,6 +144,102 @@ def test_restore_flattens_a_chain_and_never_overwrites(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     with pytest.raises(NotFoundError):
         restore_disk([tmp_path / "missing.qcow2"], tmp_path / "x.qcow2")
+
+
+def _three_layers(tmp_path: Path, *, absolute: bool = False) -> tuple[Path, Path, Path]:
+    """full <- inc1 <- inc2, each incremental naming its base (relative or absolute)."""
+    full = _image(tmp_path / "full.qcow2")
+    _write(full, 0, b"A" * 65536)
+    inc1 = _image(tmp_path / "inc1.qcow2", backing=full if absolute else Path("full.qcow2"))
+    _write(inc1, MiB, b"B" * 65536)
+    inc2 = _image(tmp_path / "inc2.qcow2", backing=inc1 if absolute else Path("inc1.qcow2"))
+    _write(inc2, 2 * MiB, b"C" * 65536)
+    return full, inc1, inc2
+
+
+@pytest.mark.parametrize(
+    ("order", "bad_layer", "says"),
+    [
+        (("full", "inc2"), 1, "does not fit: it sits on 'inc1.qcow2'"),
+        (("inc1", "full"), 0, "is an incremental layer on 'full.qcow2'"),
+        (("inc2",), 0, "is an incremental layer on 'inc1.qcow2'"),
+        (("full", "inc2", "inc1"), 1, "does not fit"),
+        (("full", "full"), 1, "records no base image"),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_restore_refuses_a_chain_that_does_not_fit(
+    tmp_path: Path, order: tuple[str, ...], bad_layer: int, says: str, fmt: str
+) -> None:
+    """A gap, a wrong order or a lone incremental is a UsageError naming the layer (index
+    and path) that does not fit, raised before anything is written: no destination, no
+    partial file; verify() refuses the same chain."""
+    layers = dict(zip(("full", "inc1", "inc2"), _three_layers(tmp_path), strict=True))
+    chain = [layers[name] for name in order]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    dest = tmp_path / f"restored.{fmt}"
+    with pytest.raises(UsageError) as info:
+        restore_disk(chain, dest, format=fmt)
+    message = str(info.value)
+    assert f"layer {bad_layer} of the chain ({chain[bad_layer]})" in message
+    assert says in message
+    assert not os.path.lexists(dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with pytest.raises(UsageError, match=f"layer {bad_layer} "):
+        verify(chain, layers["full"])
+
+
+def test_restore_checks_absolute_and_relative_backing_names(tmp_path: Path) -> None:
+    """Absolute backing paths and relative names both resolve against the layer's directory;
+    a chain moved as a whole (relative names) still fits, and restores the same content."""
+    absolute = tmp_path / "abs"
+    absolute.mkdir()
+    chain = list(_three_layers(absolute, absolute=True))
+    out = restore_disk(chain, tmp_path / "abs.raw", format="raw")
+    moved = tmp_path / "moved"
+    (tmp_path / "rel").mkdir()
+    rel = list(_three_layers(tmp_path / "rel"))
+    (tmp_path / "rel").rename(moved)
+    rel = [moved / p.name for p in rel]
+    out2 = restore_disk(rel, tmp_path / "rel.raw", format="raw")
+    assert out.read_bytes() == out2.read_bytes()
+    assert out.read_bytes()[2 * MiB : 2 * MiB + 4] == b"CCCC"
+
+
+def test_restore_refuses_a_layer_of_another_chain(tmp_path: Path) -> None:
+    """A layer whose base is a different file with the same name (another chain's) or a
+    layer of another disk size is refused, naming it."""
+    full, inc1, _inc2 = _three_layers(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    *_rest, o_inc2 = _three_layers(other)
+    with pytest.raises(UsageError, match=r"layer 2 of the chain .* does not fit"):
+        restore_disk([full, inc1, o_inc2], tmp_path / "x.qcow2")
+    big = _image(tmp_path / "big.qcow2", "16M", backing=Path("full.qcow2"))
+    with pytest.raises(UsageError, match=r"layer 1 of the chain .* virtual size"):
+        restore_disk([full, big], tmp_path / "x.qcow2")
+    raw = tmp_path / "inc.raw"
+    raw.write_bytes(bytes(8 * MiB))
+    with pytest.raises(UsageError, match=r"layer 1 of the chain .* is raw"):
+        restore_disk([full, raw], tmp_path / "x.qcow2")
+    assert not os.path.lexists(tmp_path / "x.qcow2")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_restore_never_writes_through_a_symlinked_destination(tmp_path: Path) -> None:
+    """A symlink at the destination counts as an existing file: refused, its target untouched."""
+    full, _inc1, _inc2 = _three_layers(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    link = tmp_path / "restored.qcow2"
+    link.symlink_to(victim)
+    with pytest.raises(TargetExistsError):
+        restore_disk([full], link)
+    dangling = tmp_path / "dangling.qcow2"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(TargetExistsError):
+        restore_disk([full], dangling)
+    assert victim.read_bytes() == b"keep" and not (tmp_path / "nowhere").exists()
 
 
 # ----------------------------------------------------------------------------- real tier
@@ -248,8 +344,8 @@ def test_push_full_then_two_incrementals(guest: statecapture.Domain, tmp_path: P
     assert [Path(i["filename"]).name for i in info] == [p.name for p in reversed(chain)]
     restored = restore_disk(chain, tmp_path / "push-restored.qcow2")
     assert image_digest(restored) == image_digest(refs[2])
-    # an incremental whose previous backup is not beside it becomes a standalone layer
-    # (libvirt made the live disk its backing file): restore_disk still applies it
+    # an incremental whose previous backup is not beside it names that backup by file name
+    # (libvirt made the live disk its backing file): restore_disk places it by that name
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     _guest_writes(guest, "push4")
@@ -266,7 +362,11 @@ def test_push_full_then_two_incrementals(guest: statecapture.Domain, tmp_path: P
     with job:
         lone = job.wait().disk("vda")
     assert lone.backing is None
-    assert "backing-filename" not in json.loads(_qemu_img("info", "--output=json", str(lone.file)))
+    # its header still records what it sits on (by name), so the chain check can place it
+    lone_info = json.loads(_qemu_img("info", "-U", "--output=json", str(lone.file)))
+    assert lone_info["backing-filename"] == chain[2].name
+    with pytest.raises(UsageError, match="layer 2 of the chain"):
+        verify([*chain[:2], lone.file], ref["vda"])
     assert verify([*chain, lone.file], ref["vda"]).identical
     assert {c.name for c in guest.checkpoints} == {"p1", "p2", "p3", "p4"}
 
@@ -322,6 +422,20 @@ def test_pull_full_then_two_incrementals_with_added_disk(
                 assert exports["vda"].bitmap_context == "qemu:dirty-bitmap:backup-vda"
                 assert exports["vdb"].mode is DiskBackupMode.FULL
                 assert exports["vdb"].bitmap_context is None
+            if i == 2:
+                # never overwrite: an existing file with a target's name is refused up
+                # front, before any disk is copied, and the job can still be downloaded
+                from statecapture._backup import backup_file_name
+
+                clash = dest / backup_file_name(guest.name, "vdb", job.label)
+                clash.write_bytes(b"precious")
+                with pytest.raises(statecapture.TargetExistsError) as refused:
+                    job.download(dest, client=client)
+                assert refused.value.path == str(clash)
+                assert clash.read_bytes() == b"precious"
+                assert not (dest / backup_file_name(guest.name, "vda", job.label)).exists()
+                assert not list(dest.glob(".*.partial"))
+                clash.unlink()
             result = job.download(dest, progress=progress.append, client=client)
             assert job.progress().bytes_done > 0
         assert not sock.exists() and not sock.parent.exists()
@@ -346,7 +460,7 @@ def test_pull_full_then_two_incrementals_with_added_disk(
     # a pull incremental is a real qcow2 layer over the previous backup
     info = json.loads(_qemu_img("info", "--output=json", str(results[2].disk("vda").file)))
     assert info["backing-filename"] == results[1].disk("vda").file.name
-    # never overwrite: a second download target with the same name is refused up front
+    # no partial file of any download is left
     assert not list(dest.glob(".*.partial"))
 
 
@@ -415,6 +529,199 @@ def test_one_job_per_domain_and_failed_jobs_leave_nothing(guest_factory, tmp_pat
     info = json.loads(_qemu_img("info", "--output=json", str(guest.disk("vda").source)))
     bitmaps = info["format-specific"]["data"].get("bitmaps", [])
     assert [b["name"] for b in bitmaps] == []
+
+
+@pytest.mark.qemu
+def test_interrupted_backup_notes_what_was_rolled_back(
+    guest_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt that rolls a backup back carries a note saying what was undone:
+    inside the job's block and right after libvirt started the job, the job is ended and
+    its checkpoint deleted, and the note says so; nothing is left behind (libvirt removes the
+    target file of a cancelled push job itself)."""
+    dom = guest_factory(agent=False, start=False)
+    dom.start(paused=True)  # a backup needs a QEMU process, not a booted guest
+    with pytest.raises(KeyboardInterrupt) as info, dom.backup(mode="pull", checkpoint="k1"):
+        raise KeyboardInterrupt
+    note = "\n".join(info.value.__notes__)
+    assert f"rolled back the backup of {dom.name!r} after KeyboardInterrupt" in note
+    assert "ended the running pull backup job" in note
+    assert "deleted the checkpoint 'k1'" in note
+    assert len(dom.checkpoints) == 0 and dom.active_backup() is None
+
+    vir = dom._vir
+    real_begin = vir.backup_begin
+
+    def begin_then_interrupt(*args: object, **kwargs: object) -> None:
+        real_begin(*args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C the moment libvirt returns
+
+    monkeypatch.setattr(vir, "backup_begin", begin_then_interrupt)
+    with pytest.raises(KeyboardInterrupt) as info:
+        dom.backup(mode="push", target_dir=tmp_path, checkpoint="k2")
+    monkeypatch.undo()
+    note = "\n".join(info.value.__notes__)
+    assert "deleted the checkpoint 'k2' made with it" in note
+    assert "ended the half-started backup job" in note
+    assert list(tmp_path.glob("*.k2.*")) == []
+    assert len(dom.checkpoints) == 0 and dom.active_backup() is None
+
+
+# ----------------------------------------------------------------------------- planted names
+
+
+def _plant(directory: Path, name: str, outside: Path) -> Path:
+    """A dangling symlink at ``directory/name`` pointing to ``outside/name``."""
+    link = directory / name
+    link.symlink_to(outside / name)
+    return link
+
+
+def _untouched(link: Path, outside: Path) -> None:
+    assert link.is_symlink() and os.readlink(link) == str(outside / link.name)
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.qemu
+def test_planted_symlinks_never_redirect_backup_files(
+    guest: statecapture.Domain, tmp_path: Path
+) -> None:
+    """A dangling symlink at a push target name, a pull download's final or ``.partial`` name
+    is a TargetExistsError raised before anything changes; the link is left as it was and
+    nothing is created where it points. Scratch files live in a private directory inside
+    scratch_dir, so a link at the name they used to get is never followed either; the
+    directory is gone after the job. A link planted at a push target's name while the job
+    runs is never written through or replaced; a completed job whose process died has its
+    image moved into place by the next backup. A shared directory others can rename entries
+    in is refused for push targets (QEMU creates them by path)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = _plant(out, f"{guest.name}.vda.s1.qcow2", outside)
+    with pytest.raises(TargetExistsError) as info:
+        guest.backup(mode="push", target_dir=out, checkpoint="s1")
+    assert info.value.path == str(link)
+    _untouched(link, outside)
+    assert "s1" not in guest.checkpoints and guest.active_backup() is None
+    link.unlink()
+    # A name planted while the job runs: QEMU writes into the job's private directory, and
+    # the finished image is never moved over (or through) the planted name: the job fails
+    # cleanly, its checkpoint and files go, and the link stays.
+    job = guest.backup(mode="push", target_dir=out, checkpoint="s1")
+    assert all(Path(d.store).parent.parent == out.resolve() for d in job.xml.backed_up)
+    late = _plant(out, f"{guest.name}.vda.s1.qcow2", outside)
+    with pytest.raises(TargetExistsError):
+        job.wait()
+    _untouched(late, outside)
+    assert job.state == "failed" and "s1" not in guest.checkpoints
+    assert list(out.iterdir()) == [late]
+    late.unlink()
+
+    # A process that died after its push job completed (simulated: the handle is dropped
+    # without wait()): the next backup's clean-up moves the completed image from the private
+    # directory to its final name and removes the directory.
+    from statecapture import _backup
+
+    job = guest.backup(mode="push", target_dir=out, checkpoint="s0")
+    job.adopted = True  # dropped on purpose: no "never ended" warning
+    deadline = time.monotonic() + 120
+    while _backup._job_xml(guest) is not None:
+        assert time.monotonic() < deadline, "the push job did not finish"
+        time.sleep(0.2)
+    time.sleep(1)  # HAZARDS 14: QEMU releases the file just after the job ends
+    _backup._recover_stale(guest)
+    done = out / f"{guest.name}.vda.s0.qcow2"
+    assert list(out.iterdir()) == [done] and done.is_file() and not done.is_symlink()
+    assert "s0" in guest.checkpoints
+    done.unlink()
+    guest.checkpoints["s0"].delete()
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UsageError, match="not sticky"):
+        guest.backup(mode="push", target_dir=shared, checkpoint="s1")
+    assert list(shared.iterdir()) == [] and "s1" not in guest.checkpoints
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    old_scratch = _plant(scratch, f".{guest.name}.vda.s2.qcow2.scratch", outside)
+    with guest.backup(mode="pull", checkpoint="s2", scratch_dir=scratch) as job:
+        stores = [Path(d.store) for d in job.xml.backed_up if d.store]
+        assert stores
+        for store in stores:
+            assert store.parent.parent == scratch.resolve()
+            assert store.is_file() and not store.is_symlink()
+            assert _mode(store.parent) == 0o700
+        final = _plant(out, f"{guest.name}.vda.s2.qcow2", outside)
+        with pytest.raises(TargetExistsError):
+            job.download(out)
+        _untouched(final, outside)
+        final.unlink()
+        partial = _plant(out, f".{guest.name}.vda.s2.qcow2.partial", outside)
+        with pytest.raises(TargetExistsError):
+            job.download(out)
+        _untouched(partial, outside)
+        partial.unlink()
+        result = job.download(out)
+    _untouched(old_scratch, outside)
+    assert list(scratch.iterdir()) == [old_scratch]
+    backup = result.disk("vda").file
+    assert backup.parent == out.resolve() and backup.is_file() and not backup.is_symlink()
+    assert _mode(backup) == 0o600
+    assert sorted(p.name for p in out.iterdir()) == [backup.name]
+
+
+@pytest.mark.qemu
+def test_partial_swapped_for_a_symlink_never_redirects_the_download(
+    guest: statecapture.Domain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone who can write dest_dir swaps the fresh ``.partial`` file for a symlink right
+    after statecapture created it (fault injected between creation and the copy): every
+    tool still writes the file statecapture created, the file the link points to keeps its
+    bytes, the result is a regular file inside dest_dir holding the backup, and the
+    swapped-in link is left alone. Then the same for an incremental layer (its backing
+    opened by path, its header naming the previous backup)."""
+    from statecapture import _nbd
+
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    real_copy = _nbd.copy_export
+    swapped: list[Path] = []
+
+    def swap_then_copy(source: _nbd.ExportSource, dest: Path, **kw: object) -> object:
+        (partial,) = out.glob(".*.partial")
+        partial.rename(out / f"stolen-{len(swapped)}")
+        partial.symlink_to(victim)
+        swapped.append(partial)
+        return real_copy(source, dest, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_nbd, "copy_export", swap_then_copy)
+    results, refs = [], []
+    for cp, prev, client in (("w1", None, "libnbd"), ("w2", "w1", "qemu-img")):
+        if prev:
+            _guest_writes(guest, "swap")
+        job, ref, _dirty = _start_paused(
+            guest, ["vda"], tmp_path, cp, mode="pull", checkpoint=cp, incremental_from=prev
+        )
+        with job:
+            results.append(job.download(out, client=client))
+        refs.append(ref["vda"])
+        assert victim.read_bytes() == b"precious"
+        link = swapped[-1]
+        assert link.is_symlink() and os.readlink(link) == str(victim)
+        link.unlink()
+    full, inc = (r.disk("vda").file for r in results)
+    for i, f in enumerate((full, inc)):
+        assert f.parent == out.resolve() and f.is_file() and not f.is_symlink()
+        assert _mode(f) == 0o600
+        assert f.stat().st_ino == (out / f"stolen-{i}").stat().st_ino
+    info = json.loads(_qemu_img("info", "--output=json", str(inc)))
+    assert info["backing-filename"] == full.name
+    assert verify([full], refs[0]).identical and verify([full, inc], refs[1]).identical
 
 
 # ----------------------------------------------------------------------------- killed process
@@ -515,9 +822,10 @@ def test_leftover_job_after_killed_process_is_found_and_ended(kit: object, tmp_p
     recorded (it never delivered), and proves the next job starts without a stale lock. A
     second killed run whose job then ends unobserved is cleaned up by the next backup().
     """
+    from tests._harness import isolation
     from tests._harness.guestkit import prepare_embed_root
 
-    root = Path(f"/tmp/sc-kill-{os.getpid()}")
+    root = isolation.track(f"/tmp/sc-kill-{os.getpid()}")
     prepare_embed_root(root)
     fmt = {
         "repo": str(Path(__file__).resolve().parents[1]),

@@ -148,6 +148,25 @@ def test_servers() -> None:
         NBDServer("rdma", socket="/x")
 
 
+def test_tls_server_uri_says_nbds() -> None:
+    """A server that requires TLS has an nbds URI (the NBD URI spec's TLS scheme), so a
+    client given the URI negotiates TLS; tls=False/None stay nbd; an IPv6 address is
+    bracketed. The server's XML still validates."""
+    assert NBDServer.tcp("backup.example.org", 10809, tls=True).uri == (
+        "nbds://backup.example.org:10809/"
+    )
+    assert NBDServer.unix("/run/s.sock", tls=True).uri == "nbds+unix:///?socket=/run/s.sock"
+    assert NBDServer.tcp("h", 10809, tls=False).uri == "nbd://h:10809/"
+    assert NBDServer.tcp("::1", 10810).uri == "nbd://[::1]:10810/"
+    doc = BackupXML(
+        mode=BackupMode.PULL,
+        server=NBDServer.tcp("backup.example.org", 10809, tls=True),
+        disks=(BackupDiskXML("vda"),),
+    )
+    assert_valid(doc.to_xml(), "domainbackup")
+    assert BackupXML.from_xml(doc.to_xml()).server == doc.server
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -226,7 +245,7 @@ def _documents(draw: st.DrawFn) -> BackupXML:
     )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)  # examples: the dev/ci profile (tests/conftest.py)
 @given(_documents())
 def test_round_trip_and_schema(doc: BackupXML) -> None:
     """Any BackupXML we can build serialises to schema-valid XML that parses back equal."""

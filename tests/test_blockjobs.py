@@ -8,6 +8,7 @@ libvirt proves a check came too late). Real tier: QEMU 7.2 under TCG, three gues
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -239,6 +240,30 @@ def test_context_manager_abort_failure_is_a_cleanup_error(
 
 # ----------------------------------------------------------------------------- real tier
 
+
+@pytest.mark.qemu
+def test_qemu_readiness_comes_only_from_this_disks_ready_event(
+    guest_factory: Callable[..., statecapture.Domain], tmp_path: Path
+) -> None:
+    """Real run of what the event-driven test above shows with published events: two copies
+    at once, one held back by a 1 byte/s limit; the other disk's READY event does not make
+    the held-back job ready; it becomes ready on its own READY once the limit is lifted, and
+    leaving the blocks aborts both jobs."""
+    dom = guest_factory(disks=2)
+    with (
+        dom.block_copy("vda", tmp_path / "vda.copy.qcow2", bandwidth=1) as slow,
+        dom.block_copy("vdb", tmp_path / "vdb.copy.qcow2") as fast,
+    ):
+        fast.wait_ready(timeout=120)
+        assert fast.ready and fast.status is BlockJobStatus.READY
+        assert not slow.ready and slow.status is BlockJobStatus.RUNNING
+        slow.set_bandwidth(0)
+        slow.wait_ready(timeout=120)
+        assert slow.ready and slow.status is BlockJobStatus.READY
+    assert slow.status is BlockJobStatus.CANCELED and fast.status is BlockJobStatus.CANCELED
+    assert dom.block_jobs() == ()
+
+
 GuestFactory = Callable[..., statecapture.Domain]
 
 MiB = 1024 * 1024
@@ -383,6 +408,22 @@ def test_block_copy_pivot_abort_context_manager_and_reconnect(
     # 2. Bad input on a real domain.
     with pytest.raises(statecapture.TargetExistsError):
         dom.block_copy("vda", keep)
+    # A dangling symlink at the destination: refused, left alone, nothing created where it
+    # points; a directory others can rename entries in is refused (libvirt creates by path).
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    planted = tmp_path / "planted.qcow2"
+    planted.symlink_to(outside / "copy.qcow2")
+    with pytest.raises(statecapture.TargetExistsError):
+        dom.block_copy("vda", planted)
+    assert os.readlink(planted) == str(outside / "copy.qcow2")
+    assert list(outside.iterdir()) == []
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(statecapture.UsageError, match="not sticky"):
+        dom.block_copy("vda", shared / "copy.qcow2")
+    assert list(shared.iterdir()) == [] and dom.disk("vda").source == original
     with pytest.raises(statecapture.NotFoundError):
         dom.block_copy("vdq", tmp_path / "q.qcow2")
 

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import libvirt
 import pytest
 
 import statecapture
@@ -234,6 +233,13 @@ def test_export_import_round_trip(test_domain: statecapture.Domain, tmp_path: Pa
     assert cps.export_metadata(path, overwrite=True) == 3
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files
+    # a dangling symlink at the name is refused and left alone, nothing written through it
+    planted = tmp_path / "planted.xml"
+    planted.symlink_to(tmp_path / "elsewhere.xml")
+    with pytest.raises(TargetExistsError):
+        cps.export_metadata(planted)
+    assert planted.is_symlink() and not (tmp_path / "elsewhere.xml").exists()
+    planted.unlink()
     for cp in reversed(cps.list()):
         cp.delete(metadata_only=True)
     assert len(cps) == 0
@@ -569,16 +575,34 @@ def test_real_export_undefine_define_import_continues_chain(
     assert set(c3.dirty_bytes()) == {"vda"}
 
 
+@pytest.mark.qemu
+def test_real_unknown_checkpoint_and_undefine_refusal_name_the_way_out(guest_factory: Any) -> None:
+    """On QEMU: looking up an unknown checkpoint names the ones that exist (closest first);
+    undefining a shut-off domain that has checkpoints is refused with an error naming
+    undefine(checkpoints_metadata=True), which then succeeds."""
+    dom = guest_factory(agent=False, start=False)
+    dom.start(paused=True)  # checkpoints need a QEMU process, not a booted guest
+    dom.checkpoints.create("nightly-1")
+    dom.checkpoints.create("nightly-2")
+    with pytest.raises(statecapture.NotFoundError) as info:
+        dom.checkpoints["nightly-3"]
+    assert "did you mean 'nightly-1' or 'nightly-2'?" in str(info.value) or (
+        "did you mean 'nightly-2' or 'nightly-1'?" in str(info.value)
+    )
+    assert "existing checkpoints: nightly-1, nightly-2" in str(info.value)
+    dom.destroy()
+    with pytest.raises(InvalidStateError, match=r"undefine\(checkpoints_metadata=True\)") as ref:
+        dom.undefine()
+    assert "2 checkpoints" in str(ref.value)  # libvirt's own words are kept
+    assert dom.is_persistent and len(dom.checkpoints) == 2
+    dom.undefine(checkpoints_metadata=True)
+    with pytest.raises(statecapture.NotFoundError):
+        dom.connection.domain(dom.name)
+
+
 def _with_raw_disk(xml: str, image: Path) -> str:
     disk = (
         "<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
         f"<source file='{image}'/><target dev='vdb' bus='virtio'/></disk>"
     )
     return xml.replace("</devices>", disk + "</devices>", 1)
-
-
-def test_libvirt_binding_constants_match_the_literals() -> None:
-    """The literals statecapture falls back to equal libvirt's values where the binding has
-    them (REDEFINE_VALIDATE is 1 << 2 in libvirt-domain-checkpoint.h)."""
-    value = getattr(libvirt, "VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE", 4)
-    assert value == 4

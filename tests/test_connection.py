@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -154,9 +160,13 @@ def test_events_are_dispatched_to_subscribers(test_conn: statecapture.Connection
     assert seen[:2] == ["suspended", "resumed"]
 
 
-def test_failing_subscriber_does_not_stop_others(test_conn: statecapture.Connection) -> None:
-    """A subscriber that raises is logged; the other subscribers still get the event."""
+def test_failing_subscriber_does_not_stop_others(
+    test_conn: statecapture.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subscriber that raises is logged (with its traceback); the other subscribers still
+    get the event."""
     alpha = test_conn.domain("alpha")
+    caplog.set_level(logging.ERROR, logger="statecapture.events")
 
     def broken(_e: statecapture.Event) -> None:
         raise RuntimeError("subscriber bug")
@@ -168,6 +178,13 @@ def test_failing_subscriber_does_not_stop_others(test_conn: statecapture.Connect
         alpha.suspend()
         assert exp.wait(10).detail["event"] == "suspended"
         alpha.resume()
+    failures = [r for r in caplog.records if r.name == "statecapture.events"]
+    assert failures, "the subscriber's failure was not logged"
+    assert all(r.levelno == logging.ERROR for r in failures)
+    assert "event subscriber" in failures[0].getMessage()
+    assert failures[0].exc_info is not None
+    assert isinstance(failures[0].exc_info[1], RuntimeError)
+    assert str(failures[0].exc_info[1]) == "subscriber bug"
 
 
 def test_unclosed_connection_warns(test_uri: str) -> None:
@@ -176,3 +193,98 @@ def test_unclosed_connection_warns(test_uri: str) -> None:
     with pytest.warns(ResourceWarning):
         conn.__del__()
     conn.close()
+
+
+def _private_daemon(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A libvirtd of our own, run as an unprivileged user, with its socket under ``tmp``
+    (a directory that user can reach: pytest's tmp_path sits below a 0700 directory)."""
+    libvirtd = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None or not os.path.exists(libvirtd):
+        pytest.skip("needs root, setpriv and libvirtd to run a private daemon")
+    home = tmp / "home"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "XDG_RUNTIME_DIR": str(home / "run"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+    }
+    proc = subprocess.Popen(
+        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", libvirtd, "--timeout", "60"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sock = home / "run" / "libvirt" / "libvirt-sock"
+    deadline = time.monotonic() + 120
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.skip("the private libvirtd did not start")
+        time.sleep(0.1)
+    return proc, f"test+unix:///default?socket={sock}"
+
+
+def test_daemon_going_away_is_connection_lost() -> None:
+    """HAZARDS 22: when the daemon behind a connection exits (a restart), every later call
+    raises ConnectionLostError — not a generic LibvirtError ("client socket is closed")."""
+    # Under /tmp itself: the daemon runs as nobody and must reach its socket directory.
+    top = Path(tempfile.mkdtemp(prefix="sc-lvd-", dir="/tmp"))
+    top.chmod(0o711)
+    try:
+        _lose_connection(top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _lose_connection(top: Path) -> None:
+    proc, uri = _private_daemon(top)
+    try:
+        conn = statecapture.connect(uri)
+        try:
+            dom = conn.domain("test")
+            assert dom.is_active
+            proc.terminate()
+            proc.wait(timeout=60)
+            deadline = time.monotonic() + 60
+            while conn._vir.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(statecapture.ConnectionLostError) as info:
+                _ = dom.state
+            assert "socket is closed" in (info.value.libvirt_message or "")
+            with pytest.raises(statecapture.ConnectionLostError):
+                conn.domains()
+            with pytest.raises(statecapture.ConnectionLostError):
+                dom.definition  # noqa: B018
+        finally:
+            conn.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_unknown_uri_scheme_is_unsupported_not_connection_lost(tmp_path: Path) -> None:
+    """A URI no libvirt driver handles raises UnsupportedError naming the URI: no connection
+    existed, so it is not a ConnectionLostError (libvirt reports it as NO_CONNECT)."""
+    uri = f"bogus:///embed?root={tmp_path}"
+    with pytest.raises(statecapture.UnsupportedError, match="no libvirt driver handles") as info:
+        statecapture.connect(uri)
+    assert not isinstance(info.value, statecapture.ConnectionLostError)
+    assert uri in str(info.value)
+    assert info.value.code == 5  # VIR_ERR_NO_CONNECT
+    assert "no connection driver available" in (info.value.libvirt_message or "")
+
+
+def test_unknown_domain_error_lists_what_exists(test_conn: statecapture.Connection) -> None:
+    """NotFoundError for an unknown domain lists the domains that exist and suggests the
+    closest name."""
+    with pytest.raises(statecapture.NotFoundError) as info:
+        test_conn.domain("alpah")
+    message = str(info.value)
+    assert "did you mean 'alpha'?" in message
+    assert "existing domains: alpha, beta" in message

@@ -28,6 +28,7 @@ MAPPED = {
     libvirt.VIR_ERR_CONFIG_UNSUPPORTED: errors.UnsupportedError,
     libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED: errors.UnsupportedError,
     libvirt.VIR_ERR_OPERATION_UNSUPPORTED: errors.UnsupportedError,
+    libvirt.VIR_ERR_NO_CONNECT: errors.UnsupportedError,  # no driver for the URI
     # invalid state
     libvirt.VIR_ERR_OPERATION_INVALID: errors.InvalidStateError,
     libvirt.VIR_ERR_SNAPSHOT_REVERT_RISKY: errors.InvalidStateError,
@@ -42,16 +43,64 @@ MAPPED = {
     # timeouts, checkpoints, connection
     libvirt.VIR_ERR_OPERATION_TIMEOUT: errors.OperationTimeoutError,
     109: errors.CheckpointInconsistentError,
-    libvirt.VIR_ERR_NO_CONNECT: errors.ConnectionLostError,
     libvirt.VIR_ERR_INVALID_CONN: errors.ConnectionLostError,
     libvirt.VIR_ERR_RPC: errors.ConnectionLostError,
 }
 
 
-def _libvirt_error(code: int, message: str = "boom") -> libvirt.libvirtError:
+def _libvirt_error(code: int, message: str = "boom", domain: int = 0) -> libvirt.libvirtError:
     exc = libvirt.libvirtError(message)
-    exc.err = (code, 0, message, 2, "", "", "", 0, 0)
+    exc.err = (code, domain, message, 2, "", "", "", 0, 0)
     return exc
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "internal error: client socket is closed",
+        "internal error: connection closed due to keepalive timeout",
+        "End of file while reading data: Input/output error",
+        "Cannot recv data: Connection reset by peer",
+        "Cannot write data: Broken pipe",
+    ],
+)
+@pytest.mark.parametrize("code", [1, 38])
+def test_rpc_messages_of_a_lost_connection_are_connection_lost(code: int, message: str) -> None:
+    """HAZARDS 22: a daemon restart arrives as a generic error of the RPC layer (code 1 or
+    38, VIR_FROM_RPC); it is a ConnectionLostError, whatever the connection says."""
+    err = _adapter.translate_error(
+        _libvirt_error(code, message, libvirt.VIR_FROM_RPC), "get state", alive=lambda: True
+    )
+    assert type(err) is errors.ConnectionLostError
+    assert err.code == code and err.libvirt_message == message
+
+
+def test_generic_error_on_a_dead_connection_is_connection_lost() -> None:
+    """Any generic (internal/system) error while virConnectIsAlive() is false is a loss;
+    the same error on a live connection is not."""
+    exc = _libvirt_error(1, "internal error: something odd", libvirt.VIR_FROM_QEMU)
+    dead = _adapter.translate_error(exc, "x", alive=lambda: False)
+    assert type(dead) is errors.ConnectionLostError
+    live = _adapter.translate_error(exc, "x", alive=lambda: True)
+    assert type(live) is errors.LibvirtError
+    assert type(_adapter.translate_error(exc, "x")) is errors.LibvirtError
+
+
+def test_failed_connect_and_unknown_scheme_are_not_connection_lost() -> None:
+    """Nothing was connected: no driver for a URI scheme (VIR_ERR_NO_CONNECT) or no daemon
+    at the socket is not a lost connection, even though the alive probe says 'dead'."""
+    for exc in (
+        _libvirt_error(5, "no connection driver available for bogus:///x", libvirt.VIR_FROM_NONE),
+        _libvirt_error(
+            38, "Failed to connect socket to '/nowhere': No such file", libvirt.VIR_FROM_RPC
+        ),
+    ):
+        err = _adapter.translate_error(exc, "connect", alive=lambda: False)
+        assert not isinstance(err, errors.ConnectionLostError), err
+    assert errors.lookup(5) is errors.UnsupportedError
+    with pytest.raises(errors.LibvirtError) as info:
+        statecapture.connect("bogus:///x")
+    assert not isinstance(info.value, errors.ConnectionLostError)
 
 
 @pytest.mark.parametrize(("code", "cls"), sorted(MAPPED.items()))
@@ -127,3 +176,50 @@ def test_errors_are_reexported() -> None:
     for name in errors.__all__:
         if name != "lookup":
             assert getattr(statecapture, name) is getattr(errors, name)
+
+
+def test_names_hint_lists_few_and_suggests_among_many() -> None:
+    """Few names are listed in full (closest first as a guess); among many only the closest
+    are named; none at all is said so."""
+    from statecapture._hints import names_hint
+
+    assert names_hint("c3", [], "checkpoint") == "there are no checkpoints"
+    assert names_hint("c3", ["c2", "b1"], "checkpoint") == (
+        "did you mean 'c2'? existing checkpoints: b1, c2"
+    )
+    many = [f"nightly-2026-12-{d:02d}" for d in range(1, 31)]
+    hint = names_hint("nightly-2026-12-32", many, "checkpoint")
+    assert hint.startswith("did you mean 'nightly-2026-12-")
+    assert "(30 checkpoints exist)" in hint and "nightly-2026-12-01," not in hint
+    assert names_hint("zzz", many, "snapshot") == "none of the 30 snapshots has a similar name"
+
+
+def test_unknown_checkpoint_and_snapshot_errors_list_what_exists(
+    test_domain: statecapture.Domain,
+) -> None:
+    """dom.checkpoints[name] / dom.snapshots[name] for an unknown name raise NotFoundError
+    naming the ones that exist (the closest first), with libvirt's error as the cause."""
+    test_domain.checkpoints.create("nightly-1")
+    test_domain.checkpoints.create("nightly-2")
+    with pytest.raises(errors.NotFoundError) as info:
+        test_domain.checkpoints["nightly-3"]
+    assert "existing checkpoints: nightly-1, nightly-2" in str(info.value)
+    assert "did you mean" in str(info.value)
+    assert isinstance(info.value.__cause__, libvirt.libvirtError)
+    assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)  # hint survives
+    with pytest.raises(errors.NotFoundError, match="there are no snapshots"):
+        test_domain.snapshots["before-upgrade"]
+    assert "nightly-3" not in test_domain.checkpoints  # __contains__ is unchanged
+
+
+def test_undefine_refusal_names_the_flag(test_conn: statecapture.Connection) -> None:
+    """When libvirt refuses to undefine a domain with snapshots, the error names the
+    keyword argument that allows it; with it, the undefine succeeds."""
+    dom = test_conn.domain("beta")
+    dom.destroy()
+    dom.snapshots.create("s1")
+    with pytest.raises(errors.InvalidStateError, match=r"undefine\(snapshots_metadata=True\)"):
+        dom.undefine()
+    dom.undefine(snapshots_metadata=True)
+    with pytest.raises(errors.NotFoundError):
+        test_conn.domain("beta")

@@ -519,23 +519,12 @@ def _full_tmpfs(where: Path) -> Iterator[Path]:
 
 
 @pytest.mark.qemu
-def test_qemu_save_restore_round_trip(
-    guest: statecapture.Domain,
-    qemu_conn: statecapture.Connection,
-    qemu_root: Path,
-    tmp_path: Path,
+def test_qemu_save_on_a_full_file_system_leaves_the_guest_running(
+    guest: statecapture.Domain, tmp_path: Path
 ) -> None:
-    """On QEMU: bad targets are refused with the guest untouched; a save that fails midway
-    (full file system) leaves the guest running and no file; save writes a 0600 image with
-    virDomainSaveParams; corrupt images are refused without side effects; the image's
-    definition is redefined; restore resumes the guest where it stopped."""
-    target = tmp_path / "guest.save"
-    target.write_bytes(b"older")
-    target.chmod(0o644)
-    with pytest.raises(TargetExistsError):
-        guest.save(target)
-    assert target.read_bytes() == b"older"
-
+    """On QEMU: a save that fails midway (full file system) leaves the guest running and
+    no file behind. Mounting the full tmpfs needs root (CI runs as root; elsewhere the test
+    is skipped whole, before anything ran)."""
     if os.geteuid() != 0:  # pragma: no cover - CI runs as root
         pytest.skip("mounting a full tmpfs needs root")
     with _full_tmpfs(tmp_path / "full") as full:
@@ -545,6 +534,41 @@ def test_qemu_save_restore_round_trip(
         assert guest.state is DomainState.RUNNING
         assert os.listdir(full) == []
         _wait_ticks_past(guest, before)
+
+
+@pytest.mark.qemu
+def test_qemu_save_restore_round_trip(
+    guest: statecapture.Domain,
+    qemu_conn: statecapture.Connection,
+    qemu_root: Path,
+    tmp_path: Path,
+) -> None:
+    """On QEMU: bad targets (an existing file, a planted symlink, a shared directory) are
+    refused with the guest untouched; save writes a 0600 image with virDomainSaveParams;
+    corrupt images are refused without side effects; the image's definition is redefined;
+    restore resumes the guest where it stopped."""
+    target = tmp_path / "guest.save"
+    target.write_bytes(b"older")
+    target.chmod(0o644)
+    with pytest.raises(TargetExistsError):
+        guest.save(target)
+    assert target.read_bytes() == b"older"
+    # A dangling symlink at the image name: refused, left alone, nothing created where it
+    # points; a directory others can rename entries in is refused (libvirtd writes by path).
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    planted = tmp_path / "planted.save"
+    planted.symlink_to(outside / "image")
+    with pytest.raises(TargetExistsError):
+        guest.save(planted)
+    assert os.readlink(planted) == str(outside / "image") and list(outside.iterdir()) == []
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UsageError, match="not sticky"):
+        guest.save(shared / "guest.save")
+    assert list(shared.iterdir()) == [] and guest.state is DomainState.RUNNING
+    planted.unlink()
 
     before = _wait_ticks_past(guest, 3)[-1]
     image = guest.save(target, overwrite=True)

@@ -12,7 +12,9 @@ following ``direct_backup`` succeeds and that a second ``recover()`` is a no-op.
 libvirt's embedded driver allows one root per process and the pytest process holds its own
 (``qemu_conn``), so the kill matrix uses a separate root that this process never opens:
 every action there runs in a child (``tests/_kill_child.py``). One guest serves the whole
-matrix — recovering it to a clean state after every kill is exactly what is proven.
+matrix — recovering it to a clean state after every kill is exactly what is proven — and
+after every case a ``reset`` child restores and verifies that clean state (agent timeout
+included), failing the case that left anything behind, so no case runs on another's state.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import pytest
 
 import statecapture
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
+from tests._harness import isolation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -318,7 +321,8 @@ class KillEnv:
         self.images = work / "images"
         self.target = work / "target"
         self.after = work / "after"
-        self.tmp = Path(tempfile.mkdtemp(prefix="sckt-", dir="/tmp"))  # short: NBD sockets
+        # short (NBD sockets); the session-end isolation check verifies it is removed
+        self.tmp = isolation.track(tempfile.mkdtemp(prefix="sckt-", dir="/tmp"))
         for d in (self.images, self.target, self.after):
             d.mkdir()
         self.kit = kit
@@ -396,6 +400,25 @@ def kill_env(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kil
         (tmp_path_factory.getbasetemp() / "kill-matrix-timings.txt").write_text(summary + "\n")
 
 
+@pytest.fixture
+def kill_guest(kill_env: KillEnv) -> Iterator[KillEnv]:
+    """The matrix's shared guest, reset after each case and verified: whatever a case left
+    behind (a job, a checkpoint, a file, a frozen or stopped guest, a changed agent timeout)
+    is repaired before the next case starts, and fails the case that left it."""
+    yield kill_env
+    result = kill_env.child(
+        "reset",
+        {
+            "originals": kill_env.originals,
+            "image_dir": str(kill_env.images),
+            "image_files": sorted(Path(p).name for p in kill_env.originals.values()),
+            "target_dir": str(kill_env.target),
+            "after_dir": str(kill_env.after),
+        },
+    )
+    assert result["repaired"] == [], "the case left state behind for the next one"
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize(
     ("sequence", "kill", "mode", "extra"),
@@ -403,7 +426,7 @@ def kill_env(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kil
     ids=["-".join(filter(None, (s, m, k, *e))) for s, k, m, e in MATRIX],
 )
 def test_killed_sequence_is_recovered(
-    kill_env: KillEnv, sequence: str, kill: str, mode: str, extra: dict[str, Any]
+    kill_guest: KillEnv, sequence: str, kill: str, mode: str, extra: dict[str, Any]
 ) -> None:
     """SIGKILL at this boundary, then recover() from a fresh process: the domain is back on
     its original files with the guest's data intact, nothing is left behind, and the next
@@ -413,26 +436,26 @@ def test_killed_sequence_is_recovered(
         "sequence": sequence,
         "kill": kill,
         "mode": mode,
-        "target_dir": str(kill_env.target),
+        "target_dir": str(kill_guest.target),
     }
     if "checkpoint" in extra:
         args["checkpoint"] = extra["checkpoint"]
-    facts = kill_env.child("run", args, killed=True)
+    facts = kill_guest.child("run", args, killed=True)
     assert "completed" not in facts
     assert {"known", "ticks_md5"} <= facts.keys()
     if extra.get("power_cut"):
-        kill_env.child("destroy", {})
+        kill_guest.child("destroy", {})
     check = {
-        "originals": kill_env.originals,
-        "image_dir": str(kill_env.images),
-        "image_files": sorted(Path(p).name for p in kill_env.originals.values()),
-        "target_dir": str(kill_env.target),
-        "after_dir": str(kill_env.after),
+        "originals": kill_guest.originals,
+        "image_dir": str(kill_guest.images),
+        "image_files": sorted(Path(p).name for p in kill_guest.originals.values()),
+        "target_dir": str(kill_guest.target),
+        "after_dir": str(kill_guest.after),
         "facts": facts,
         "start": bool(extra.get("power_cut")),
     }
-    result = kill_env.child("check", check)
-    kill_env.timings.append((f"{sequence}-{mode}-{kill}", time.monotonic() - started))
+    result = kill_guest.child("check", check)
+    kill_guest.timings.append((f"{sequence}-{mode}-{kill}", time.monotonic() - started))
     assert result["problems"] == [], result["report"]
     if kill.startswith(("in:snapshot:", "in:begin:")):
         assert any("frozen" in f for f in result["found"]), result["report"]
@@ -443,3 +466,110 @@ def test_killed_sequence_is_recovered(
         "done:remove",
     ):
         assert any("merged" in a or "removed" in a for a in result["actions"]), result["report"]
+
+
+# ----------------------------------------------------------------------------- plain backup runs
+
+
+def _abandon(job: Any) -> None:
+    """The process that ran ``job`` is gone: its handle is never used again."""
+    job.adopted = True  # no ResourceWarning from a handle nobody ends
+
+
+def _record_text(dom: statecapture.Domain) -> str | None:
+    from statecapture._backup import RECORD_NS
+
+    return dom._vir.get_metadata(RECORD_NS)
+
+
+@pytest.mark.qemu
+def test_recover_after_a_failed_record_update_leaves_no_orphan_image(
+    guest: statecapture.Domain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost connection right after a pull download linked its finished image into place
+    (the backup record can no longer be written): recover() in a later run never reports
+    clean while leaving an image tied to a checkpoint it deleted — the image and the
+    checkpoint go together."""
+    from statecapture._adapter import VirDomain
+    from statecapture._backup import RECORD_NS
+
+    dom = guest
+    dest = tmp_path / "pull"
+    dest.mkdir()
+    real = VirDomain.set_metadata
+
+    def lose_connection_once_the_image_exists(
+        self: VirDomain, namespace_uri: str, key: str, xml: str | None
+    ) -> None:
+        if namespace_uri == RECORD_NS and any(p.suffix == ".qcow2" for p in dest.iterdir()):
+            raise statecapture.ConnectionLostError(
+                "set metadata failed: internal error: client socket is closed",
+                code=1,
+                operation="set metadata",
+            )
+        real(self, namespace_uri, key, xml)
+
+    job = dom.backup(mode="pull", checkpoint="r1")
+    monkeypatch.setattr(VirDomain, "set_metadata", lose_connection_once_the_image_exists)
+    with pytest.raises(statecapture.ConnectionLostError):
+        job.download(dest)
+    monkeypatch.undo()
+    _abandon(job)
+    report = statecapture.recover(dom)
+    assert report.clean, str(report)
+    images = sorted(p.name for p in dest.iterdir())
+    has_cp = "r1" in dom.checkpoints
+    assert not has_cp and images == [], (str(report), images, has_cp)
+    assert dom.active_backup() is None
+    assert _record_text(dom) is None
+    again = statecapture.recover(dom)
+    assert again.nothing_found and again.clean
+
+
+@pytest.mark.qemu
+def test_recover_cleans_the_stale_record_of_a_job_that_ended_without_its_run(
+    guest: statecapture.Domain, tmp_path: Path
+) -> None:
+    """A backup job ends while its run is gone (a daemon restart ends running jobs; here
+    the run's process "dies" and the job ends behind its back): recover() finds the stale
+    record. A push job that completed delivered its images: they and its checkpoint stay.
+    A job that never delivered (a pull job ended before its download): its checkpoint
+    goes. Either way the record is cleared, and the next backup starts clean."""
+    dom = guest
+    out = tmp_path / "push"
+    out.mkdir()
+    events = dom.connection.events
+    # 1. push: the job completes by itself, nobody is left to wait() for it
+    with events.expect(kind=statecapture.EventKind.JOB_COMPLETED, domain_uuid=dom.uuid) as done:
+        _abandon(dom.backup(mode="push", target_dir=out, checkpoint="s1"))
+        done.wait(120, what="JOB_COMPLETED")
+    _wait_no_job(dom)
+    assert _record_text(dom) is not None  # the run never cleared it
+    report = statecapture.recover(dom)
+    assert report.clean, str(report)
+    assert any("record of a backup job" in f for f in report.found), str(report)
+    assert _record_text(dom) is None
+    assert "s1" in dom.checkpoints
+    assert sorted(p.name for p in out.iterdir()) == [f"{dom.name}.vda.s1.qcow2"]
+    # 2. pull: the job ends (abortJob, as a restart would) before anything was downloaded
+    with events.expect(kind=statecapture.EventKind.JOB_COMPLETED, domain_uuid=dom.uuid) as done:
+        job = dom.backup(mode="pull", checkpoint="s2", incremental_from="s1")
+        _abandon(job)
+        dom._vir._raw.abortJob()
+        done.wait(120, what="JOB_COMPLETED")
+    _wait_no_job(dom)
+    assert _record_text(dom) is not None
+    report = statecapture.recover(dom)
+    assert report.clean, str(report)
+    assert "s2" not in dom.checkpoints and "s1" in dom.checkpoints, str(report)
+    assert _record_text(dom) is None
+    assert statecapture.recover(dom).nothing_found
+    with dom.backup(mode="push", target_dir=out, checkpoint="s3", incremental_from="s1") as j:
+        assert j.wait().disk("vda").file.exists()
+
+
+def _wait_no_job(dom: statecapture.Domain) -> None:
+    deadline = time.monotonic() + 120
+    while dom.active_backup() is not None:
+        assert time.monotonic() < deadline, "the backup job did not end"
+        time.sleep(0.1)

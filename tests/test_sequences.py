@@ -26,7 +26,7 @@ import attrs
 import pytest
 
 import statecapture
-from statecapture import Consistency, SequenceResult, StepTiming, _journal
+from statecapture import Consistency, SequenceResult, StepTiming, UsageError, _journal
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
 
 
@@ -326,7 +326,8 @@ def test_temporary_snapshot_round_trip(seq_guest: SeqGuest, tmp_path: Path) -> N
 @pytest.mark.parametrize("exc", [ValueError("copy failed"), KeyboardInterrupt()])
 def test_copy_failure_rolls_back(seq_guest: SeqGuest, exc: BaseException) -> None:
     """An exception from copy — KeyboardInterrupt too — merges the overlays back before it
-    propagates, unchanged; the journal is cleared."""
+    propagates, unchanged but for a note saying what was rolled back; the journal is
+    cleared."""
     known = _write_known(seq_guest.dom, "known")
 
     def failing_copy(images: Mapping[str, Path]) -> None:
@@ -336,7 +337,9 @@ def test_copy_failure_rolls_back(seq_guest: SeqGuest, exc: BaseException) -> Non
     with pytest.raises(type(exc)) as caught:
         statecapture.backup_via_temporary_snapshot(seq_guest.dom, failing_copy)
     assert caught.value is exc
-    assert not getattr(exc, "__notes__", None)  # the undo succeeded: nothing to report
+    (note,) = exc.__notes__  # the undo succeeded: one note says what it did, no failure
+    assert f"rolled back after {type(exc).__name__}" in note
+    assert "merged" in note and "removed" in note
     _assert_clean(seq_guest)
     assert _md5_from_disk(seq_guest.dom, "known")[0] == known
 
@@ -440,18 +443,71 @@ def test_direct_backup_rolls_back_at_every_boundary(
     seq_guest: SeqGuest, tmp_path: Path, mode: str, boundary: str
 ) -> None:
     """A KeyboardInterrupt at any boundary ends the job and removes the checkpoint and the
-    (partial) images it made, in process; the journal is cleared."""
+    (partial) images it made, in process; the journal is cleared, and a note on the
+    KeyboardInterrupt says what was rolled back."""
 
     def interrupt(name: str) -> None:
         if name == boundary:
             raise KeyboardInterrupt(name)
 
     _journal._fault_hook = interrupt
-    with pytest.raises(KeyboardInterrupt, match=boundary):
+    with pytest.raises(KeyboardInterrupt, match=boundary) as caught:
         statecapture.direct_backup(seq_guest.dom, tmp_path, mode=mode)
     _journal._fault_hook = None
+    notes = "\n".join(caught.value.__notes__)
+    assert "rolled back after KeyboardInterrupt" in notes
+    assert "deleted the checkpoint" in notes
     assert list(tmp_path.iterdir()) == []
     assert len(seq_guest.dom.checkpoints) == 0
+    _assert_clean(seq_guest)
+
+
+@contextlib.contextmanager
+def _read_only_dir(parent: Path) -> Iterator[Path]:
+    """A read-only mount (tmpfs, ro): even root cannot create, or unlink, a file there."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    ro = parent / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
+    try:
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+        ro.rmdir()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_direct_backup_into_read_only_dir_is_refused(
+    seq_guest: SeqGuest, tmp_path: Path, mode: str
+) -> None:
+    """A target_dir nothing can be created in is a UsageError before anything changes: no
+    freeze, no job, no checkpoint, no journal, no file (and no raw OSError)."""
+    dom = seq_guest.dom
+    with _read_only_dir(tmp_path) as ro:
+        with pytest.raises(UsageError, match="not writable"):
+            statecapture.direct_backup(dom, ro, mode=mode)
+        assert list(ro.iterdir()) == []
+    assert len(dom.checkpoints) == 0
+    _assert_clean(seq_guest)
+
+
+@pytest.mark.qemu
+def test_plain_backup_into_read_only_dir_is_refused(seq_guest: SeqGuest, tmp_path: Path) -> None:
+    """dom.backup(push) into a read-only target_dir and job.download() into a read-only
+    dest_dir raise UsageError; the pull job can still be ended cleanly and leaves nothing."""
+    dom = seq_guest.dom
+    with _read_only_dir(tmp_path) as ro:
+        with pytest.raises(UsageError, match="not writable"):
+            dom.backup(mode="push", target_dir=ro, checkpoint="ro1")
+        assert dom.active_backup() is None and len(dom.checkpoints) == 0
+        with dom.backup(mode="pull", checkpoint="ro2") as job:
+            with pytest.raises(UsageError, match="not writable"):
+                job.download(ro)
+            assert job.end() is None  # nothing delivered: checkpoint and files go
+        assert list(ro.iterdir()) == []
+    assert len(dom.checkpoints) == 0
     _assert_clean(seq_guest)
 
 

@@ -564,6 +564,26 @@ def test_preflight_hazards_on_qemu(guest_factory, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         snaps.create("notdir", external={"vda": taken / "o.qcow2"})
     unchanged()
+    # A dangling symlink at the overlay or memory-file name: refused, left alone, nothing
+    # created where it points; a directory others can rename entries in is refused.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = folder / f"{Path(image).name}.planted"
+    link.symlink_to(outside / "overlay")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    listing = sorted(os.listdir(folder))
+    with pytest.raises(TargetExistsError):
+        snaps.create("planted", disk_only=True)
+    with pytest.raises(TargetExistsError):
+        snaps.create("mem2", external=True, memory=link)
+    assert os.readlink(link) == str(outside / "overlay") and list(outside.iterdir()) == []
+    unchanged()
+    with pytest.raises(UsageError, match="not sticky"):
+        snaps.create("shared", external={"vda": shared / "o.qcow2"}, disk_only=True)
+    assert list(shared.iterdir()) == []
+    unchanged()
     # The bitmap does not block external snapshots.
     ok = snaps.create("ok", disk_only=True)
     assert ok.kind is SnapshotKind.EXTERNAL_DISK_ONLY

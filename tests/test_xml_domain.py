@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from statecapture import XMLError
-from statecapture.xml import BackingSource, Disk, DomainXML
+from statecapture.xml import MAX_DOCUMENT_BYTES, BackingSource, Disk, DomainXML
 from tests.schema import assert_valid
 
 LIVE_XML = """<domain type='kvm' id='3'>
@@ -164,6 +164,57 @@ def test_entities_and_external_references_are_refused() -> None:
     )
     with pytest.raises(XMLError):
         DomainXML.from_xml(xxe)
+
+
+def test_description_keeps_leading_and_trailing_whitespace() -> None:
+    """A <description> survives parse and write exactly, whitespace and newlines included
+    (libvirt stores it as given); the output stays schema-valid."""
+    text = "\n  nightly backups\n  owner: team-a  \n"
+    doc = (
+        "<domain type='qemu'><name>x</name><description>"
+        + text
+        + "</description><memory>65536</memory><os><type>hvm</type></os><devices/></domain>"
+    )
+    d = DomainXML.from_xml(doc)
+    assert d.description == text
+    assert DomainXML.from_xml(d.to_xml()).description == text
+    assert_valid(d.to_xml(), "domain")
+    for value in ("  padded ", "   ", ""):
+        evolved = attrs.evolve(d, description=value)
+        assert DomainXML.from_xml(evolved.to_xml()).description == value
+
+
+def _big_domain(size: int) -> str:
+    disk = (
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        "<source file='/var/lib/libvirt/images/disk{i}.qcow2'/>"
+        "<target dev='vd{i}' bus='virtio'/></disk>\n"
+    )
+    parts = ["<domain type='kvm'><name>big</name><devices>"]
+    total = len(parts[0])
+    i = 0
+    while total < size:
+        parts.append(disk.format(i=i))
+        total += len(parts[-1])
+        i += 1
+    parts.append("</devices></domain>")
+    return "".join(parts)
+
+
+def test_oversized_documents_are_refused_before_parsing() -> None:
+    """A document over MAX_DOCUMENT_BYTES (16 MiB; libvirt's remote protocol carries at most
+    4 MiB) raises XMLError without being parsed (a 52 MB domain used to take 9 s and 1.3 GB);
+    a 4 MiB domain with thousands of disks still parses."""
+    big = _big_domain(MAX_DOCUMENT_BYTES + 1)
+    for text in (big, big.encode()):
+        with pytest.raises(XMLError, match="larger than"):
+            DomainXML.from_xml(text)
+    # Multi-byte characters count as bytes: a str under the limit in characters may be over.
+    wide = "<domain><name>x</name><description>" + "\u00e9" * (MAX_DOCUMENT_BYTES // 2 + 1)
+    with pytest.raises(XMLError, match="larger than"):
+        DomainXML.from_xml(wide + "</description></domain>")
+    ok = DomainXML.from_xml(_big_domain(4 * 1024 * 1024))
+    assert len(ok.disks) > 9000
 
 
 _names = st.text(st.characters(whitelist_categories=("Ll", "Lu", "Nd")), min_size=1, max_size=20)

@@ -6,7 +6,7 @@ entity expansion. Malformed input raises :class:`statecapture.XMLError` with the
 """
 
 from ._backup import BackupDiskXML, BackupMode, BackupXML, DiskBackupMode, NBDServer  # backup
-from ._base import parse, serialize
+from ._base import MAX_DOCUMENT_BYTES, parse, serialize
 from ._checkpoint import CheckpointDisk, CheckpointXML  # checkpoints
 from ._domain import BackingSource, Disk, DomainXML
 from ._snapshot import (  # snapshots
@@ -18,6 +18,7 @@ from ._snapshot import (  # snapshots
 )
 
 __all__ = [
+    "MAX_DOCUMENT_BYTES",
     "parse",
     "serialize",
     "DomainXML",

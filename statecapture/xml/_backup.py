@@ -113,10 +113,17 @@ class NBDServer:
 
     @property
     def uri(self) -> str:
-        """The NBD URI of the server without export name (``nbd+unix:///?socket=…``)."""
+        """The NBD URI of the server without export name (``nbd+unix:///?socket=…``).
+
+        A server with ``tls=True`` has an ``nbds`` URI (``nbds://host:port/``,
+        ``nbds+unix:///?socket=…``), as the NBD URI specification names TLS; with
+        ``tls=None`` the daemon's configuration decides and the URI says ``nbd``.
+        """
+        scheme = "nbds" if self.tls else "nbd"
         if self.transport == "unix":
-            return f"nbd+unix:///?socket={self.socket}"
-        return f"nbd://{self.name}:{self.port or 10809}/"
+            return f"{scheme}+unix:///?socket={self.socket}"
+        host = f"[{self.name}]" if self.name and ":" in self.name else self.name
+        return f"{scheme}://{host}:{self.port or 10809}/"
 
     def _to_element(self, el: etree._Element) -> None:
         _drop(el, "transport", "socket", "name", "port", "tls")

@@ -16,6 +16,13 @@ __all__ = ["BackingSource", "Disk", "DomainXML"]
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
+def _exact_text(el: etree._Element | None) -> str | None:
+    """Text of ``el`` exactly as written: ``None`` when absent, ``""`` when empty."""
+    if el is None:
+        return None
+    return el.text or ""
+
+
 @attrs.frozen
 class BackingSource:
     """One layer below a disk's active image, as ``<backingStore>`` describes it."""
@@ -123,6 +130,7 @@ class DomainXML:
     type: str = "qemu"
     """The hypervisor type attribute (``kvm``, ``qemu``, ``test`` ...)."""
     description: str | None = None
+    """Free-form description, kept exactly (leading and trailing whitespace included)."""
     disks: tuple[Disk, ...] = ()
     has_agent_channel: bool = False
     """Whether a ``virtio`` channel named ``org.qemu.guest_agent.0`` is defined."""
@@ -154,7 +162,7 @@ class DomainXML:
             name=name,
             uuid=text_of(root.find("uuid")),
             type=root.get("type", "qemu"),
-            description=text_of(root.find("description")),
+            description=_exact_text(root.find("description")),
             disks=tuple(disks),
             has_agent_channel=agent,
             raw=etree.tostring(root, encoding="unicode"),

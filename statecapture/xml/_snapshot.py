@@ -8,8 +8,10 @@ disks, or ``external`` in a separate file). See :class:`SnapshotXML`.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import enum
+import re
 from collections.abc import Iterable
 from typing import Self, TypeVar
 
@@ -70,10 +72,13 @@ def _drop_attr(el: etree._Element, name: str) -> None:
         del el.attrib[name]
 
 
+#: libvirt's ``absFilePath`` (basictypes.rng): ``/…`` or ``C:\…``, one line (a schema
+#: pattern's ``.`` matches no line break).
+_ABS_PATH = re.compile(r"(/|[a-zA-Z]:\\)[^\n\r]+\Z")
+
+
 def _check_abs(what: str, value: str | None) -> None:
-    if value is not None and (
-        len(value) < 2 or not value.startswith("/") or "\n" in value or "\r" in value
-    ):
+    if value is not None and not _ABS_PATH.match(value):
         raise UsageError(f"{what} must be an absolute path on one line, got {value!r}")
 
 
@@ -175,12 +180,33 @@ class SnapshotDisk:
             raise XMLError(str(exc), line=line_of(el)) from None
 
     def _apply(self, el: etree._Element) -> None:
+        old_type = el.get("type", "file")
+        src = el.find("source")
+        # A <source> without any path/name (a nameless NBD export, only a <seclabel>) is
+        # kept as it is; one that names a file the model no longer has, or that belongs to
+        # another storage type, described the old overlay and goes.
+        stale = src is not None and (
+            old_type != self.type or any(src.get(a) is not None for a in _SOURCE_ATTR.values())
+        )
         el.set("name", self.name)
         if self.mode is None:
             _drop_attr(el, "snapshot")
         else:
             el.set("snapshot", self.mode.value)
         if self.effective_mode is not SnapshotDiskMode.EXTERNAL:
+            if self.mode is None:
+                # libvirt's choice: the schema still allows a pathless <source> and a
+                # <driver> without type here; keep those (seclabels ...).
+                if old_type != "file":
+                    _drop_attr(el, "type")
+                if src is not None and stale:
+                    el.remove(src)
+                drv = el.find("driver")
+                if drv is not None:
+                    _drop_attr(drv, "type")
+                    if not len(drv) and not drv.attrib:
+                        el.remove(drv)
+                return
             _drop_attr(el, "type")
             for child in el.findall("source") + el.findall("driver"):
                 el.remove(child)
@@ -189,7 +215,6 @@ class SnapshotDisk:
         if self.mode is not None or self.type != "file" or "type" in el.attrib:
             el.set("type", self.type)
         attr = _SOURCE_ATTR[self.type]
-        src = el.find("source")
         if self.source is not None:
             if src is None:
                 src = etree.SubElement(el, "source")
@@ -197,7 +222,7 @@ class SnapshotDisk:
                 if other != attr:
                     _drop_attr(src, other)
             src.set(attr, self.source)
-        elif src is not None:
+        elif src is not None and stale:
             # No source any more: its children (seclabel ...) described the old file, and a
             # leftover file= under a type='block' disk would not validate.
             el.remove(src)
@@ -403,13 +428,15 @@ class SnapshotXML:
             return
         if disks_el is None:
             disks_el = etree.SubElement(root, "disks")
-        existing: dict[str, etree._Element] = {}
+        # Matched by name in document order, so a second disk of the same name keeps its
+        # own element (seclabels, unknown attributes) too.
+        existing: dict[str, collections.deque[etree._Element]] = {}
         for el in disks_el.findall("disk"):
-            existing.setdefault(el.get("name", ""), el)
+            existing.setdefault(el.get("name", ""), collections.deque()).append(el)
             disks_el.remove(el)
         for disk in self.disks:
-            found = existing.pop(disk.name) if disk.name in existing else None
-            el = found if found is not None else etree.Element("disk")
+            same = existing.get(disk.name)
+            el = same.popleft() if same else etree.Element("disk")
             disk._apply(el)
             disks_el.append(el)
 

@@ -595,7 +595,9 @@ def make_embed_root(prefix: str = "sce-") -> Path:
     Returns e.g. ``/tmp/sce-k2j4x9_a``; the caller removes it (after the
     domains are gone).
     """
-    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    from . import isolation
+
+    root = isolation.track(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     prepare_embed_root(root)
     return root
 
