@@ -47,9 +47,7 @@ def _make_disk(path: Path, mib: int, kind: str) -> Path:
             for i in range(mib):
                 f.write(block[:-8] + i.to_bytes(8, "little"))
         f.truncate(2 * mib * MiB)  # half the disk unallocated
-    subprocess.run(
-        ["qemu-img", "convert", "-O", "qcow2", str(raw), str(path)], check=True
-    )
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(path)], check=True)
     raw.unlink()
     return path
 

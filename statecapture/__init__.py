@@ -104,7 +104,9 @@ from .errors import (  # repository
 
 # -- instant imports
 # isort: split
+from ._repository.crypto import RepositoryKey  # instant
 from ._repository.instant import DetachProgress  # instant
+from .errors import RepositoryKeyError  # instant
 
 # -- advisor imports
 # isort: split
@@ -231,6 +233,8 @@ __all__ = [
     "ChainError",
     # -- instant names
     "DetachProgress",
+    "RepositoryKey",
+    "RepositoryKeyError",
     # -- advisor names
     "advise",
     "Needs",

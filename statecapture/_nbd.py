@@ -83,6 +83,7 @@ in this process for a full copy, and extents are streamed. Progress is reported 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import json
 import os
@@ -96,7 +97,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final, Protocol
@@ -439,7 +440,14 @@ def _copy_pipeline(
 ) -> tuple[int, int]:
     dst = _new_handle()
     dst.connect_systemd_socket_activation(
-        ["qemu-nbd", "--image-opts", "--cache=unsafe", "--discard=ignore", dest.image_opts()]
+        [
+            "qemu-nbd",
+            *_key_objects(),
+            "--image-opts",
+            "--cache=unsafe",
+            "--discard=ignore",
+            dest.image_opts(),
+        ]
     )
     try:
         written, zeroed = _pipeline(
@@ -729,7 +737,7 @@ def _copy_qemu_img(source: ExportSource, dest: _Target, progress: Progress | Non
                 args: list[str] = []
                 for c in commands:
                     args += ["-c", c]
-                _run(["qemu-io", "--image-opts", *args, dest.image_opts()])
+                _run(["qemu-io", *_key_objects(), "--image-opts", *args, dest.image_opts()])
                 for f in Path(td).iterdir():
                     f.unlink()
                 commands.clear()
@@ -795,6 +803,31 @@ def _dd(source: ExportSource, out: Path, offset: int, length: int) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
+_BACKING_KEY: contextvars.ContextVar[tuple[str, Mapping[str, int]] | None] = contextvars.ContextVar(
+    "statecapture_backing_key", default=None
+)
+"""``(secret file, {backing path: layers})`` while a backup writes onto encrypted chains."""
+
+
+@contextlib.contextmanager
+def encrypted_backing(secret_file: str, chains: Mapping[str, int]) -> Iterator[None]:
+    """While the block runs, a writer whose backing is a path in ``chains`` opens it as a
+    chain of that many LUKS-encrypted qcow2 images, with the passphrase in ``secret_file``
+    (a 0600 file in a private directory) — a backup repository with a key."""
+    token = _BACKING_KEY.set((secret_file, chains))
+    try:
+        yield
+    finally:
+        _BACKING_KEY.reset(token)
+
+
+def _key_objects() -> list[str]:
+    key = _BACKING_KEY.get()
+    if key is None:
+        return []
+    return ["--object", f"secret,id=scbk,format=raw,file={key[0].replace(',', ',,')}"]
+
+
 @attrs.frozen
 class _Target:
     """The image a copy writes: its path (often a descriptor path) and its backing's path."""
@@ -812,6 +845,9 @@ class _Target:
                 "backing.file.driver=file",
                 f"backing.file.filename={self.backing}",
             ]
+            key = _BACKING_KEY.get()
+            layers = 0 if key is None else key[1].get(self.backing, 0)
+            opts += [f"{'backing.' * d}encrypt.key-secret=scbk" for d in range(1, layers + 1)]
         return ",".join(o.replace(",", ",,") for o in opts)
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "RepositoryFormatError",
     "RepositoryLockedError",
     "ChainError",
+    "RepositoryKeyError",
     "lookup",
 ]
 
@@ -317,6 +318,11 @@ class RepositoryLockedError(RepositoryError, TimeoutError):
 class ChainError(RepositoryError):
     """A stored backup chain fails validation: a layer is missing, names the wrong backing
     file, or has the wrong virtual size. Raised before anything is written."""
+
+
+class RepositoryKeyError(RepositoryError):
+    """An encrypted repository was used without its key, with the wrong key, or a key was
+    given for a repository that is not encrypted. Raised before anything is read or written."""
 
 
 _BY_CODE: dict[int, type[LibvirtError]] = {}

@@ -105,6 +105,8 @@ EXPECTED = {
     "ChainError",
     # -- instant names
     "DetachProgress",
+    "RepositoryKey",
+    "RepositoryKeyError",
     # -- advisor names
     "advise",
     "Needs",

@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
@@ -87,7 +87,9 @@ def export(repo: Repository, point: RestorePoint | str, disk: str) -> Iterator[s
         raise _not_found(f"point {p.id} has no disk {disk!r}")
     top = _chain.validate_chain(ddir / "images", p, disk, _chain.file_index(points))[0]
     name = _safe(disk)
-    with serve_image(top, name) as sock:
+    from .crypto import opened
+
+    with opened(repo, top) as args, serve_image(top, name, **_serve_args(args)) as sock:
         yield f"nbd+unix:///{name}?socket={sock}"
 
 
@@ -129,7 +131,9 @@ def serve_image(
 
 
 @contextlib.contextmanager
-def guest_reader(top: Path) -> Iterator[Callable[[int, int], bytes]]:
+def guest_reader(
+    top: Path, opened: tuple[str, ...] | None = None
+) -> Iterator[Callable[[int, int], bytes]]:
     """``read(offset, length)`` of the guest-visible data of the chain at ``top``, through
     QEMU (for compressed or encrypted images, whose host offsets hold no plain data)."""
     from .._nbd import load_nbd
@@ -140,7 +144,7 @@ def guest_reader(top: Path) -> Iterator[Callable[[int, int], bytes]]:
             "reading compressed or encrypted images needs libnbd's Python binding "
             "(Debian package python3-libnbd)"
         )
-    with serve_image(top, "disk") as sock:
+    with serve_image(top, "disk", **_serve_args(opened)) as sock:
         h = mod.NBD()
         h.set_export_name("disk")
         h.connect_unix(str(sock))
@@ -154,6 +158,14 @@ def guest_reader(top: Path) -> Iterator[Callable[[int, int], bytes]]:
         finally:
             with contextlib.suppress(Exception):
                 h.shutdown()
+
+
+def _serve_args(opened: tuple[str, ...] | None) -> dict[str, Any]:
+    """``serve_image`` keywords from :func:`crypto.opened`'s arguments."""
+    if opened is None:
+        return {}
+    # ("--object", OBJ, "--image-opts", OPTS)
+    return {"objects": (opened[1],), "image_opts": opened[3]}
 
 
 def _wait_socket(proc: subprocess.Popen[bytes], sock: Path) -> None:
@@ -216,6 +228,11 @@ def boot(
         raise UsageError("boot() needs a new domain name")
     if detach and not start:
         raise UsageError("detach=True pulls the data while the domain runs: it needs start=True")
+    if repo.key is not None:
+        raise UnsupportedError(
+            "boot() from an encrypted repository is not supported yet; restore() or "
+            "export() the point instead"
+        )
     p, ddir, points = repo._resolve(point)
     if "inactive.xml" not in p.config:
         raise RepositoryError(f"point {p.id} holds no domain configuration")
