@@ -1,10 +1,11 @@
-"""Repository compression: bytes stored and backup throughput, compressible vs random data.
+"""Repository compression and encryption: bytes stored and backup throughput.
 
 Standalone (``PYTHONPATH=. python -m benchmarks.repo_compression [--mib N] [--reps R]``):
 a shut-off domain on the embedded QEMU driver owns one qcow2 disk holding ``N`` MiB of
 either compressible data (text lines) or random data; each repetition backs it up (full,
 offline path: ``qemu-img convert``, then the compression pass, then digests) into a new
-repository per setting (``None``, ``"zlib"``, ``"zstd"``), alternating the order. Reported:
+repository per setting (``None``, ``"zlib"``, ``"zstd"``, and ``"luks"``: encrypted with a
+key), alternating the order. Reported:
 the median wall time of :meth:`Repository.backup`, data MiB/s (data bytes / median time) and
 bytes stored on disk (the image file's allocated blocks). Every stored point is restored
 once and compared with the source disk.
@@ -24,7 +25,8 @@ import time
 from pathlib import Path
 
 MiB = 1 << 20
-SETTINGS: tuple[str | None, ...] = (None, "zlib", "zstd")
+SETTINGS: tuple[str | None, ...] = (None, "zlib", "zstd", "luks")
+KEY_SECRET = b"benchmark-secret-0123456789"
 
 
 def _sha(path: Path) -> str:
@@ -82,10 +84,15 @@ def main(argv: list[str] | None = None) -> int:
                 stored: dict[str | None, int] = {}
                 data = 0
                 for r in range(args.reps):
-                    order = SETTINGS[r % 3 :] + SETTINGS[: r % 3]
+                    k = r % len(SETTINGS)
+                    order = SETTINGS[k:] + SETTINGS[:k]
                     for s in order:
                         rdir = work / f"repo-{kind}-{s}-{r}"
-                        repo = statecapture.Repository.create(rdir, compression=s)
+                        if s == "luks":
+                            key = statecapture.RepositoryKey(KEY_SECRET)
+                            repo = statecapture.Repository.create(rdir, key=key)
+                        else:
+                            repo = statecapture.Repository.create(rdir, compression=s)
                         t0 = time.perf_counter()
                         p = repo.backup(dom)
                         times[s].append(time.perf_counter() - t0)
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
     print(f"{args.mib} MiB of data per disk, median of {args.reps} alternating runs\n")
-    print("| data | compression | data bytes | stored bytes | ratio | median time | MiB/s |")
+    print("| data | storage | data bytes | stored bytes | ratio | median time | MiB/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for kind, s, data, st, med, rate in rows:
         print(f"| {kind} | {s} | {data} | {st} | {st / data:.2f} | {med:.2f} s | {rate:.0f} |")

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lxml import etree
@@ -312,3 +313,79 @@ def test_encrypted_repository(
         repo.boot(p2, qemu_conn, name=f"{guest.name}-e", overlay_dir=tmp_path / "ov")
     assert not (tmp_path / "ov").exists()
     assert _repo_sums(repo) == before
+
+
+def test_incremental_download_scans_block_status_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An incremental pull download plans and copies over one connection to the export and
+    asks for block status once per window (the plan is kept, not re-scanned); the layer it
+    writes holds exactly the dirty data (issue 15)."""
+    from statecapture import _nbd
+
+    if _nbd.load_nbd() is None:
+        pytest.skip("libnbd's Python binding is not available")
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(base), "b"], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 2M", str(base)],
+        check=True,
+        capture_output=True,
+    )
+    full = tmp_path / "full.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(full), "16M"], check=True)
+    calls: list[str] = []
+    real_new = _nbd._new_handle
+
+    class Counting:
+        def __init__(self, h: Any) -> None:
+            self._h = h
+
+        def __getattr__(self, name: str) -> Any:
+            if name in ("block_status", "connect_unix"):
+                calls.append(name)
+            return getattr(self._h, name)
+
+    monkeypatch.setattr(_nbd, "_new_handle", lambda: Counting(real_new()))
+    from statecapture._repository.instant import serve_image
+
+    layer = tmp_path / "layer.qcow2"
+    fd = os.open(layer, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    with serve_image(base, "disk") as sock:
+        proc_bitmap = subprocess.Popen(
+            [
+                "qemu-nbd",
+                "--read-only",
+                "--format=qcow2",
+                "--bitmap=b",
+                "--export-name=d",
+                f"--socket={sock.parent / 'b.sock'}",
+                "--persistent",
+                str(base),
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            from statecapture._repository.instant import _wait_socket
+
+            _wait_socket(proc_bitmap, sock.parent / "b.sock")  # type: ignore[arg-type]
+            stats = _nbd.copy_export(
+                _nbd.ExportSource(str(sock.parent / "b.sock"), "d", "qemu:dirty-bitmap:b"),
+                layer,
+                backing=full,
+                client="libnbd",
+            )
+        finally:
+            proc_bitmap.terminate()
+            proc_bitmap.wait()
+    assert calls.count("connect_unix") == 1
+    assert calls.count("block_status") == 1  # 16 MiB: one window
+    assert stats.bytes_planned == 2 * MiB
+    out = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(layer), str(base)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
