@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._nbd import qemu_img
+from ..errors import StateCaptureError
 from .store import fsync_dir
 
 if TYPE_CHECKING:
@@ -55,13 +56,27 @@ def encrypt_layer(repo: Repository, path: Path, backing: str | None) -> None:
         if backing is not None:
             argv += ["-B", backing]
         try:
-            qemu_img(*create, str(tmp), size)
+            _create_luks(create, tmp, size)
             qemu_img(*argv)
             _replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+def _create_luks(create: list[str], tmp: Path, size: str) -> None:
+    """``qemu-img create`` of a LUKS image; retried when QEMU's PBKDF timing measured no CPU
+    time ("Unable to get accurate CPU usage", a coarse thread clock on a busy host)."""
+    for attempt in range(5):
+        try:
+            qemu_img(*create, str(tmp), size)
+            return
+        except StateCaptureError as exc:
+            if "accurate CPU usage" not in str(exc) or attempt == 4:
+                raise
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def _replace(tmp: Path, path: Path) -> None:
