@@ -389,3 +389,38 @@ def test_incremental_download_scans_block_status_once(
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_instant_bad_input_changes_nothing(
+    test_conn: statecapture.Connection, tmp_path: Path
+) -> None:
+    """boot/export refuse a point whose files are gone (ChainError), a disk the point does
+    not hold (NotFoundError), an existing name or overlay directory (TargetExistsError) and
+    detach=True without start (UsageError), before making anything; the repository's files
+    stay as they were."""
+    from tests.test_repository_unit import off_domain as _fixture
+
+    dom = _fixture.__wrapped__(test_conn, tmp_path)  # type: ignore[attr-defined]
+    repo = Repository.create(tmp_path / "repo")
+    p = repo.backup(dom)
+    before = _repo_sums(repo)
+    with pytest.raises(statecapture.NotFoundError), repo.export(p, "vdz"):
+        pass
+    with pytest.raises(statecapture.TargetExistsError):
+        repo.boot(p, test_conn, name=dom.name, overlay_dir=tmp_path / "ov")
+    with pytest.raises(statecapture.UsageError):
+        repo.boot(p, test_conn, name="new", overlay_dir=tmp_path / "ov", start=False, detach=True)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(statecapture.TargetExistsError):
+        repo.boot(p, test_conn, name="new", overlay_dir=tmp_path / "taken", start=False)
+    assert _repo_sums(repo) == before
+    img = p.root / "images" / p.disks["vda"].file  # type: ignore[operator]
+    os.rename(img, tmp_path / "away.qcow2")
+    with pytest.raises(statecapture.ChainError), repo.export(p, "vda"):
+        pass
+    with pytest.raises(statecapture.ChainError):
+        repo.boot(p, test_conn, name="new", overlay_dir=tmp_path / "ov", start=False)
+    assert not (tmp_path / "ov").exists()
+    with pytest.raises(statecapture.NotFoundError):
+        test_conn.domain("new")
+    assert [d.name for d in test_conn.domains()].count("new") == 0
