@@ -888,7 +888,7 @@ def copy_export(
         assert mod is not None
         try:
             src = _connect_source(source)
-            size = src.get_size()
+            size = _source_size(src)
         except mod.Error as exc:
             if src is not None:
                 with contextlib.suppress(Exception):
@@ -931,6 +931,11 @@ def copy_export(
     # The writers ran without flushing (qemu-nbd cache=unsafe) and have exited: sync once.
     _fsync(dest)
     return stats
+
+
+def _source_size(src: NBDHandle) -> int:
+    """The export's size, from the download's one connection."""
+    return src.get_size()
 
 
 def _create_target(dest: Path, size: int, backing: Path | None, backing_name: str | None) -> None:
