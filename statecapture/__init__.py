@@ -104,6 +104,12 @@ from .errors import (  # repository
     RepositoryLockedError,
 )
 
+# -- instant imports
+# isort: split
+from ._repository.crypto import RepositoryKey  # instant
+from ._repository.instant import DetachProgress  # instant
+from .errors import RepositoryKeyError  # instant
+
 # -- advisor imports
 # isort: split
 from ._advisor import (  # advisor
@@ -235,6 +241,10 @@ __all__ = [
     "RepositoryFormatError",
     "RepositoryLockedError",
     "ChainError",
+    # -- instant names
+    "DetachProgress",
+    "RepositoryKey",
+    "RepositoryKeyError",
     # -- advisor names
     "advise",
     "Needs",

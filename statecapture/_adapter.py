@@ -1075,6 +1075,11 @@ class VirDomain:
         params = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: bandwidth} if bandwidth else None
         self._call("block copy", self._raw.blockCopy, disk, destination_xml, params, flags)
 
+    def block_pull(self, disk: str, *, bandwidth: int | None) -> None:
+        """``virDomainBlockPull``: copy the whole backing chain into the top image of ``disk``."""
+        flags = _flags((bandwidth, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES))
+        self._call("block pull", self._raw.blockPull, disk, bandwidth or 0, flags)
+
     def block_job_abort(
         self, disk: str, *, pivot: bool = False, asynchronous: bool = False
     ) -> None:

@@ -693,6 +693,32 @@ def start_commit(
     )
 
 
+# ----------------------------------------------------------------------------- pull
+
+
+def start_pull(dom: Domain, disk: str, *, bandwidth: int | None = None) -> BlockJob:
+    """Implementation of :meth:`Domain.block_pull`."""
+    operation = "block pull"
+    _check_bandwidth(bandwidth)
+    dom._require_active(operation)
+    el = _resolve_disk(dom, disk)
+    target = _disk_target(el) or disk
+    backing = el.find("backingStore")
+    if backing is None or backing.get("type") is None:
+        raise InvalidStateError(
+            f"disk {target!r} of {dom.name!r} has no backing image: there is nothing to pull",
+            operation=operation,
+            domain_name=dom.name,
+        )
+    _require_no_job(dom, target, operation)
+    return _start(
+        dom,
+        target,
+        BlockJobKind.PULL,
+        lambda: dom._vir.block_pull(target, bandwidth=bandwidth),
+    )
+
+
 # ----------------------------------------------------------------------------- copy
 
 

@@ -471,6 +471,21 @@ class Domain:
             bandwidth=bandwidth,
         )
 
+    def block_pull(self, disk: str, *, bandwidth: int | None = None) -> BlockJob:
+        """Start copying a running disk's whole backing chain into its top image
+        (``virDomainBlockPull``); afterwards the disk no longer needs its backing files.
+
+        The job ends by itself (:meth:`BlockJob.wait`); :meth:`BlockJob.progress` reports
+        how far it is. Leaving the handle's ``with`` block early aborts it (the top image
+        keeps what was pulled and still needs its backing files). Raises
+        :class:`NotFoundError` (unknown disk) or :class:`InvalidStateError` (domain not
+        running, no backing image, a job already running on the disk) before libvirt is
+        asked.
+        """
+        from ._blockjob import start_pull
+
+        return start_pull(self, disk, bandwidth=bandwidth)
+
     def block_jobs(self) -> tuple[BlockJob, ...]:
         """The block jobs running on this domain now, one handle per disk with a job.
 

@@ -83,6 +83,7 @@ in this process for a full copy, and extents are streamed. Progress is reported 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import json
 import os
@@ -96,7 +97,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final, Protocol
@@ -393,12 +394,8 @@ def _requests(pieces: Iterator[tuple[int, int, bool]]) -> Iterator[tuple[int, in
             off += n
 
 
-def _copy_libnbd(
-    source: ExportSource,
-    dest: _Target,
-    progress: Progress | None,
-) -> CopyStats:
-    started = time.monotonic()
+def _connect_source(source: ExportSource) -> NBDHandle:
+    """The one connection a libnbd download uses (size, planning and copying)."""
     src = _new_handle()
     src.set_export_name(source.export_name)
     src.add_meta_context(BASE_ALLOCATION)
@@ -408,12 +405,26 @@ def _copy_libnbd(
         # nothing is written from a failed read (the copy stops), so skip zeroing buffers
         src.set_pread_initialize(False)
     src.connect_unix(source.socket)
+    return src
+
+
+def _copy_libnbd(
+    source: ExportSource,
+    dest: _Target,
+    progress: Progress | None,
+    src: NBDHandle | None = None,
+) -> CopyStats:
+    started = time.monotonic()
+    if src is None:
+        src = _connect_source(source)
     try:
         for ctx in (BASE_ALLOCATION, source.bitmap_context):
             if ctx is not None and not src.can_meta_context(ctx):
                 raise UnsupportedError(f"the NBD export {source.export_name!r} lacks {ctx}")
         size = src.get_size()
-        planned = sum(length for _o, length, _d in _plan(src, size, source.bitmap_context))
+        # Block status is scanned once: the plan is kept and the copy follows it.
+        pieces = list(_plan(src, size, source.bitmap_context))
+        planned = sum(length for _o, length, _d in pieces)
         if progress is not None:
             progress(0, planned)
         if source.bitmap_context is None and _full_copy_engine == "qemu-img":
@@ -421,7 +432,7 @@ def _copy_libnbd(
             _convert(source, dest.path, planned, progress)
             written, zeroed = planned, 0
         else:
-            written, zeroed = _copy_pipeline(src, size, source, dest, planned, progress)
+            written, zeroed = _copy_pipeline(src, pieces, dest, planned, progress)
     finally:
         with contextlib.suppress(Exception):
             src.shutdown()
@@ -431,20 +442,24 @@ def _copy_libnbd(
 
 def _copy_pipeline(
     src: NBDHandle,
-    size: int,
-    source: ExportSource,
+    pieces: list[tuple[int, int, bool]],
     dest: _Target,
     planned: int,
     progress: Progress | None,
 ) -> tuple[int, int]:
     dst = _new_handle()
     dst.connect_systemd_socket_activation(
-        ["qemu-nbd", "--image-opts", "--cache=unsafe", "--discard=ignore", dest.image_opts()]
+        [
+            "qemu-nbd",
+            *_key_objects(),
+            "--image-opts",
+            "--cache=unsafe",
+            "--discard=ignore",
+            dest.image_opts(),
+        ]
     )
     try:
-        written, zeroed = _pipeline(
-            src, dst, _requests(_plan(src, size, source.bitmap_context)), planned, progress
-        )
+        written, zeroed = _pipeline(src, dst, _requests(iter(pieces)), planned, progress)
         dst.flush()
     finally:
         with contextlib.suppress(Exception):
@@ -729,7 +744,7 @@ def _copy_qemu_img(source: ExportSource, dest: _Target, progress: Progress | Non
                 args: list[str] = []
                 for c in commands:
                     args += ["-c", c]
-                _run(["qemu-io", "--image-opts", *args, dest.image_opts()])
+                _run(["qemu-io", *_key_objects(), "--image-opts", *args, dest.image_opts()])
                 for f in Path(td).iterdir():
                     f.unlink()
                 commands.clear()
@@ -795,6 +810,31 @@ def _dd(source: ExportSource, out: Path, offset: int, length: int) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
+_BACKING_KEY: contextvars.ContextVar[tuple[str, Mapping[str, int]] | None] = contextvars.ContextVar(
+    "statecapture_backing_key", default=None
+)
+"""``(secret file, {backing path: layers})`` while a backup writes onto encrypted chains."""
+
+
+@contextlib.contextmanager
+def encrypted_backing(secret_file: str, chains: Mapping[str, int]) -> Iterator[None]:
+    """While the block runs, a writer whose backing is a path in ``chains`` opens it as a
+    chain of that many LUKS-encrypted qcow2 images, with the passphrase in ``secret_file``
+    (a 0600 file in a private directory) — a backup repository with a key."""
+    token = _BACKING_KEY.set((secret_file, chains))
+    try:
+        yield
+    finally:
+        _BACKING_KEY.reset(token)
+
+
+def _key_objects() -> list[str]:
+    key = _BACKING_KEY.get()
+    if key is None:
+        return []
+    return ["--object", f"secret,id=scbk,format=raw,file={key[0].replace(',', ',,')}"]
+
+
 @attrs.frozen
 class _Target:
     """The image a copy writes: its path (often a descriptor path) and its backing's path."""
@@ -812,6 +852,9 @@ class _Target:
                 "backing.file.driver=file",
                 f"backing.file.filename={self.backing}",
             ]
+            key = _BACKING_KEY.get()
+            layers = 0 if key is None else key[1].get(self.backing, 0)
+            opts += [f"{'backing.' * d}encrypt.key-secret=scbk" for d in range(1, layers + 1)]
         return ",".join(o.replace(",", ",,") for o in opts)
 
 
@@ -839,23 +882,38 @@ def copy_export(
         raise ValueError(f"client must be 'libnbd' or 'qemu-img', not {client!r}")
     if client == "libnbd" and load_nbd() is None:
         raise UnsupportedError("libnbd's Python binding is not available (python3-libnbd)")
-    size = _export_size(source, client)
-    create = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
-    if backing is not None:
-        ref = backing_name
-        if ref is None:
-            same_dir = backing.parent.resolve() == dest.parent.resolve()
-            ref = backing.name if same_dir else str(backing.absolute())
-        # -u: the header records ``ref``; the backing is opened by its real path below
-        create += ["-u", "-b", ref, "-F", "qcow2"]
-    qemu_img(*create, str(dest), str(size))
+    src: NBDHandle | None = None
+    if client == "libnbd":  # one connection: its size, then planning and copying
+        mod = load_nbd()
+        assert mod is not None
+        try:
+            src = _connect_source(source)
+            size = _source_size(src)
+        except mod.Error as exc:
+            if src is not None:
+                with contextlib.suppress(Exception):
+                    src.shutdown()
+            src = None
+            raise StateCaptureError(
+                f"reading NBD export {source.export_name!r} failed: {exc}"
+            ) from exc
+    else:
+        size = _export_size(source, client)
+    try:
+        _create_target(dest, size, backing, backing_name)
+    except BaseException:
+        if src is not None:
+            with contextlib.suppress(Exception):
+                src.shutdown()
+            del src
+        raise
     target = _Target(str(dest), None if backing is None else str(backing.absolute()))
     with _Writeback(dest) as writeback:
         if client == "libnbd":
             mod = load_nbd()
             assert mod is not None
             try:
-                stats = _copy_libnbd(source, target, progress)
+                stats = _copy_libnbd(source, target, progress, src)
             except BaseException as exc:
                 # The failed frames still reference the NBD handles; clearing them lets
                 # libnbd close the connections and reap its qemu-nbd now, not at garbage
@@ -873,6 +931,23 @@ def copy_export(
     # The writers ran without flushing (qemu-nbd cache=unsafe) and have exited: sync once.
     _fsync(dest)
     return stats
+
+
+def _source_size(src: NBDHandle) -> int:
+    """The export's size, from the download's one connection."""
+    return src.get_size()
+
+
+def _create_target(dest: Path, size: int, backing: Path | None, backing_name: str | None) -> None:
+    create = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
+    if backing is not None:
+        ref = backing_name
+        if ref is None:
+            same_dir = backing.parent.resolve() == dest.parent.resolve()
+            ref = backing.name if same_dir else str(backing.absolute())
+        # -u: the header records ``ref``; the backing is opened by its real path below
+        create += ["-u", "-b", ref, "-F", "qcow2"]
+    qemu_img(*create, str(dest), str(size))
 
 
 def _export_size(source: ExportSource, client: str) -> int:

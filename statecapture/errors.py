@@ -24,7 +24,8 @@ Every error statecapture raises derives from :class:`StateCaptureError`::
     ├── RepositoryError               a backup repository refused or failed (.path)
     │   ├── RepositoryFormatError     not a repository, or made by a newer format version
     │   ├── RepositoryLockedError     another writer holds the domain's lock (also a TimeoutError)
-    │   └── ChainError                a stored chain fails validation (missing or wrong layer)
+    │   ├── ChainError                a stored chain fails validation (missing or wrong layer)
+    │   └── RepositoryKeyError        an encrypted repository's key is missing or wrong
     └── TestEnvironmentError          statecapture.testing cannot run a real guest here (.remedy)
         └── GuestBootError            a test guest did not boot in time (.console_log)
 
@@ -62,6 +63,7 @@ __all__ = [
     "RepositoryFormatError",
     "RepositoryLockedError",
     "ChainError",
+    "RepositoryKeyError",
     "TestEnvironmentError",
     "GuestBootError",
     "lookup",
@@ -353,6 +355,11 @@ class RepositoryLockedError(RepositoryError, TimeoutError):
 class ChainError(RepositoryError):
     """A stored backup chain fails validation: a layer is missing, names the wrong backing
     file, or has the wrong virtual size. Raised before anything is written."""
+
+
+class RepositoryKeyError(RepositoryError):
+    """An encrypted repository was used without its key, with the wrong key, or a key was
+    given for a repository that is not encrypted. Raised before anything is read or written."""
 
 
 class TestEnvironmentError(StateCaptureError):

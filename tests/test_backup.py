@@ -1004,6 +1004,7 @@ def test_full_copy_engines_copy_data_only_and_report_bytes(
         )
         assert _children() == helpers
         monkeypatch.setattr(_nbd, "_export_size", lambda _source, _client: 4 * MiB)
+        monkeypatch.setattr(_nbd, "_source_size", lambda _handle: 4 * MiB)
         small = tmp_path / "small.qcow2"
         small.touch(mode=0o600)
         with pytest.raises(StateCaptureError, match="failed") as failure:

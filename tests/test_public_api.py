@@ -107,6 +107,10 @@ EXPECTED = {
     "RepositoryFormatError",
     "RepositoryLockedError",
     "ChainError",
+    # -- instant names
+    "DetachProgress",
+    "RepositoryKey",
+    "RepositoryKeyError",
     # -- advisor names
     "advise",
     "Needs",

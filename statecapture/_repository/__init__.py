@@ -8,6 +8,7 @@ results), ``repository`` (the handle).
 
 from __future__ import annotations
 
+from .instant import DetachProgress
 from .manifest import DiskEntry, PointKind, RestorePoint
 from .reports import CheckReport, Difference, PruneReport, VerifyReport
 from .repository import Repository
@@ -15,6 +16,7 @@ from .repository import Repository
 __all__ = [
     "CheckReport",
     "Difference",
+    "DetachProgress",
     "DiskEntry",
     "PointKind",
     "PruneReport",

@@ -192,18 +192,28 @@ def record_layer(
         if str(backing) != name:
             qemu_img("rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", name, str(path))
         parent_file = name
+    from .crypto import opened
+    from .transform import reader, store_layer
+
+    store_layer(repo, path, parent_file)
     size = int(top["virtual-size"])
-    extents = _dg.read_map(path)
+    with opened(repo, path) as args:
+        extents = _dg.read_map(path, opened=args)
     files = [images / path.name] + [images / Path(str(x["filename"])).name for x in layers[1:]]
     copied = sum(e.length for e in extents if e.depth == 0 and e.data)
-    if parent_file is None:
-        blocks = _dg.digest_blocks(path, size, extents=extents, files=files)
-        blocks = {k: v for k, v in blocks.items() if v != _dg.zero_digest(size, k)}
-        dmap = _dg.DigestMap(size, blocks, complete=True)
-    else:
-        touched = _dg.layer_blocks(extents)
-        blocks = _dg.digest_blocks(path, size, touched.__contains__, extents=extents, files=files)
-        dmap = _dg.DigestMap(size, blocks, complete=False)
+    key = None if repo.key is None else repo.key.digest_key(repo.info.id)
+    keyed = key is not None
+    with reader(repo, path) as read:
+        if parent_file is None:
+            blocks = _dg.digest_blocks(path, size, extents=extents, files=files, read=read, key=key)
+            blocks = {k: v for k, v in blocks.items() if v != _dg.zero_digest(size, k, key=key)}
+            dmap = _dg.DigestMap(size, blocks, complete=True, keyed=keyed)
+        else:
+            touched = _dg.layer_blocks(extents)
+            blocks = _dg.digest_blocks(
+                path, size, touched.__contains__, extents=extents, files=files, read=read, key=key
+            )
+            dmap = _dg.DigestMap(size, blocks, complete=False, keyed=keyed)
     dname = f"{pid}.{_safe(disk)}.json"
     write_atomic(ddir / "digests", dname, dmap.to_json(), replace=False)
     return DiskEntry(

@@ -15,6 +15,7 @@ touches (recomputed through the chain), and the rest is inherited from its paren
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -40,6 +41,7 @@ __all__ = [
 BLOCK_SIZE: Final = 1 << 20
 """Bytes per digest block (1 MiB)."""
 ALGORITHM: Final = "sha256"
+KEYED_ALGORITHM: Final = "hmac-sha256"
 DIGEST_FORMAT: Final = "statecapture-digests"
 
 _ZERO: Final = bytes(BLOCK_SIZE)
@@ -56,10 +58,15 @@ class Extent:
     offset: int | None
 
 
-def read_map(top: Path) -> list[Extent]:
-    """The guest-visible layout of the chain whose top layer is ``top``."""
+def read_map(top: Path, *, opened: tuple[str, ...] | None = None) -> list[Extent]:
+    """The guest-visible layout of the chain whose top layer is ``top``.
+
+    ``opened``: the ``qemu-img`` arguments that open the chain instead of ``-f qcow2 TOP``
+    (``--object ... --image-opts ...`` for an encrypted chain).
+    """
+    args = ("-f", "qcow2", str(top)) if opened is None else opened
     try:
-        raw = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", str(top)))
+        raw = json.loads(qemu_img("map", "--output=json", *args))
     except StateCaptureError as exc:
         raise RepositoryError(f"cannot read the layout of {top}: {exc}", path=str(top)) from exc
     out = []
@@ -95,10 +102,19 @@ def layer_blocks(extents: Iterable[Extent], block: int = BLOCK_SIZE) -> set[int]
     return out
 
 
-def zero_digest(size: int, index: int, block: int = BLOCK_SIZE) -> str:
+def _hasher(key: bytes | None) -> Any:
+    """SHA-256, or HMAC-SHA256 under ``key`` (an encrypted repository's digests)."""
+    if key is None:
+        return hashlib.sha256()
+    return hmac.new(key, digestmod="sha256")
+
+
+def zero_digest(size: int, index: int, block: int = BLOCK_SIZE, *, key: bytes | None = None) -> str:
     """The digest of block ``index`` of a disk of ``size`` bytes reading as zeros."""
     n = min(block, size - index * block)
-    return hashlib.sha256(_ZERO[:n]).hexdigest()
+    h = _hasher(key)
+    h.update(_ZERO[:n])
+    return str(h.hexdigest())
 
 
 def digest_blocks(
@@ -108,6 +124,8 @@ def digest_blocks(
     *,
     extents: list[Extent] | None = None,
     files: list[Path] | None = None,
+    read: Callable[[int, int], bytes] | None = None,
+    key: bytes | None = None,
 ) -> dict[int, str]:
     """SHA-256 of each wanted block (all when ``wanted`` is ``None``) of the chain at ``top``.
 
@@ -132,8 +150,10 @@ def digest_blocks(
                     if b != cur_idx:
                         if cur is not None:
                             out[cur_idx] = cur.hexdigest()
-                        cur, cur_idx = hashlib.sha256(), b
-                    if e.data:
+                        cur, cur_idx = _hasher(key), b
+                    if e.data and read is not None:  # through QEMU (compressed, encrypted)
+                        cur.update(read(pos, n))
+                    elif e.data:
                         if e.offset is None:
                             raise RepositoryError(
                                 f"{top}: compressed or unmappable clusters at {pos} are not "
@@ -176,6 +196,8 @@ class DigestMap:
     complete: bool
     """``True``: a full map (missing blocks read zero); ``False``: a delta over the parent."""
     block_size: int = BLOCK_SIZE
+    keyed: bool = False
+    """Whether the digests are HMAC-SHA256 under the repository key (encrypted repository)."""
 
     def to_json(self) -> bytes:
         """The digest file's JSON."""
@@ -184,7 +206,7 @@ class DigestMap:
                 {
                     "format": DIGEST_FORMAT,
                     "version": 1,
-                    "algorithm": ALGORITHM,
+                    "algorithm": KEYED_ALGORITHM if self.keyed else ALGORITHM,
                     "block_size": self.block_size,
                     "size": self.size,
                     "complete": self.complete,
@@ -200,13 +222,17 @@ class DigestMap:
         """Parse a digest file."""
         try:
             data = json.loads(raw)
-            if data.get("format") != DIGEST_FORMAT or data.get("algorithm") != ALGORITHM:
+            if data.get("format") != DIGEST_FORMAT or data.get("algorithm") not in (
+                ALGORITHM,
+                KEYED_ALGORITHM,
+            ):
                 raise ValueError("not a digest file")
             return cls(
                 size=int(data["size"]),
                 blocks={int(k): str(v) for k, v in data["blocks"].items()},
                 complete=bool(data["complete"]),
                 block_size=int(data.get("block_size", BLOCK_SIZE)),
+                keyed=data["algorithm"] == KEYED_ALGORITHM,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RepositoryError(f"{where}: damaged digest file ({exc})", path=where) from exc
@@ -220,4 +246,4 @@ def merge(lower: DigestMap, upper: DigestMap) -> DigestMap:
         blocks = {
             k: v for k, v in blocks.items() if v != zero_digest(upper.size, k, upper.block_size)
         }
-    return DigestMap(upper.size, blocks, lower.complete, upper.block_size)
+    return DigestMap(upper.size, blocks, lower.complete, upper.block_size, upper.keyed)

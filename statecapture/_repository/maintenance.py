@@ -57,11 +57,26 @@ def verify_disk(
     maps = [digest_map(repo, ddir, e, cache) for e in expected_entries]
     own = maps[0]
     size = expected_entries[0].size
-    extents = _dg.read_map(layers[0])
+    from .crypto import opened
+
+    with opened(repo, layers[0]) as args:
+        extents = _dg.read_map(layers[0], opened=args)
+    key = None if repo.key is None else repo.key.digest_key(repo.info.id)
     wanted = _dg.layer_blocks(extents) | set(own.blocks)
     if own.complete:  # a full layer: every block it stores, and the zero ones too
         wanted |= set(range((size + _dg.BLOCK_SIZE - 1) // _dg.BLOCK_SIZE))
-    got = _dg.digest_blocks(layers[0], size, wanted.__contains__, extents=extents, files=layers)
+    from .transform import reader
+
+    with reader(repo, layers[0]) as through_qemu:
+        got = _dg.digest_blocks(
+            layers[0],
+            size,
+            wanted.__contains__,
+            extents=extents,
+            files=layers,
+            read=through_qemu,
+            key=key,
+        )
     read = sum(e.length for e in extents if e.depth == 0 and e.data)
     bad: list[Difference] = []
     for b in sorted(wanted):
@@ -73,7 +88,7 @@ def verify_disk(
             if m.complete:
                 break
         if want is None:
-            want = _dg.zero_digest(size, b)
+            want = _dg.zero_digest(size, b, key=key)
         if got.get(b) != want:
             off = b * _dg.BLOCK_SIZE
             bad.append(Difference(p.id, disk, off, min(_dg.BLOCK_SIZE, size - off)))

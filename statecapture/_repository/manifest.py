@@ -35,8 +35,13 @@ __all__ = [
 
 FORMAT: Final = "statecapture-repository"
 """The ``format`` value of ``repository.json``."""
-FORMAT_VERSION: Final = 1
-"""The format version this statecapture writes (and the newest it reads)."""
+FORMAT_VERSION: Final = 2
+"""The newest format version this statecapture reads. It writes 1, or 2 for an encrypted
+repository (so a statecapture that knows no encryption refuses it instead of writing
+plain layers into it)."""
+
+COMPRESSIONS: Final = (None, "zstd", "zlib")
+"""The values of ``compression`` in ``repository.json``."""
 
 _POINT_ID = re.compile(r"^[0-9]{8}T[0-9]{6}(?:\.[0-9]{6})?Z-[0-9a-f]{6}$")
 
@@ -69,19 +74,31 @@ class RepositoryInfo:
 
     id: str
     """The repository's identity (32 hex digits); carried by the checkpoints it creates."""
-    version: int = FORMAT_VERSION
+    version: int = 1
     """The format version the repository was written with."""
     created: float = 0.0
     """When the repository was created (UNIX time)."""
+    compression: str | None = None
+    """How stored images are compressed: ``"zstd"``, ``"zlib"`` or ``None`` (not)."""
+    encryption: str | None = None
+    """``"luks"``: images are LUKS-encrypted qcow2 (a key is needed); ``None``: plain."""
+    key_check: str | None = None
+    """Recognises the right key (an HMAC derived from it; not the key)."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object."""
-        return {
+        out: dict[str, Any] = {
             "format": FORMAT,
             "version": self.version,
             "id": self.id,
             "created": _iso(self.created),
         }
+        if self.compression is not None:
+            out["compression"] = self.compression
+        if self.encryption is not None:
+            out["encryption"] = self.encryption
+            out["key_check"] = self.key_check
+        return out
 
     @classmethod
     def from_json(cls, data: object, path: str) -> RepositoryInfo:
@@ -100,7 +117,26 @@ class RepositoryInfo:
         rid = data.get("id")
         if not isinstance(rid, str) or not re.fullmatch(r"[0-9a-f]{32}", rid):
             raise RepositoryFormatError(f"{path} has no valid repository id", path=path)
-        return cls(id=rid, version=version, created=_parse_iso(data.get("created")))
+        compression = data.get("compression")
+        if compression not in COMPRESSIONS:
+            raise RepositoryFormatError(
+                f"{path} names an unknown compression {compression!r}", path=path
+            )
+        encryption = data.get("encryption")
+        key_check = data.get("key_check")
+        if encryption not in (None, "luks") or (
+            encryption is not None
+            and (not isinstance(key_check, str) or not re.fullmatch(r"[0-9a-f]{64}", key_check))
+        ):
+            raise RepositoryFormatError(f"{path} has an invalid encryption entry", path=path)
+        return cls(
+            id=rid,
+            version=version,
+            created=_parse_iso(data.get("created")),
+            compression=compression,
+            encryption=encryption,
+            key_check=key_check if encryption is not None else None,
+        )
 
 
 @attrs.frozen
@@ -222,7 +258,7 @@ class RestorePoint:
         """The manifest JSON object (``points/<id>.json``)."""
         return {
             "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "version": 1,
             "id": self.id,
             "domain": self.domain,
             "domain_uuid": self.domain_uuid,

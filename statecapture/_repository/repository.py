@@ -43,6 +43,7 @@ from . import backup as _bk
 from . import chain as _chain
 from . import maintenance as _maint
 from .common import _UUID, _not_found, _safe, _uuid_of
+from .crypto import RepositoryKey, check_key, opened
 from .manifest import (
     RepositoryInfo,
     RestorePoint,
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     from .._backup import BackupProgress
     from .._connection import Connection
     from .._domain import Domain
+    from .instant import DetachProgress
 
 __all__ = ["Repository"]
 
@@ -96,9 +98,18 @@ class Repository:
     """The repository's header (id, format version)."""
     lock_timeout: float
     """Seconds a writer waits for another writer of the same domain."""
+    key: RepositoryKey | None = attrs.field(repr=False)
+    """The key an encrypted repository was opened with (``None``: not encrypted)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> None:
-        """Open the repository at ``path``."""
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lock_timeout: float = 60.0,
+        key: RepositoryKey | None = None,
+    ) -> None:
+        """Open the repository at ``path`` (an encrypted one with its ``key``:
+        :class:`RepositoryKeyError` when it is missing or wrong)."""
         root = Path(path).absolute()
         header = root / HEADER
         try:
@@ -114,13 +125,36 @@ class Repository:
         self.path = root
         self.info = RepositoryInfo.from_json(parse_json(raw, str(header)), str(header))
         self.lock_timeout = _check_timeout(lock_timeout)
+        self.key = check_key(self.info, key, str(root))
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> Repository:
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        lock_timeout: float = 60.0,
+        compression: str | None = None,
+        key: RepositoryKey | None = None,
+    ) -> Repository:
         """Create a new, empty repository at ``path`` (a new or empty directory), owner-only.
 
+        ``compression="zstd"`` (or ``"zlib"``) stores every image with qcow2 compressed
+        clusters (any QEMU tool still reads them); ``None`` stores them uncompressed.
+        ``key`` (a :class:`RepositoryKey`) makes an encrypted repository: every image is a
+        LUKS-encrypted qcow2, digests are keyed; the key is never stored (QEMU cannot
+        combine compression with encryption: asking for both is a :class:`UsageError`).
         Raises :class:`TargetExistsError` when ``path`` is a non-empty directory or a file.
         """
+        from .manifest import COMPRESSIONS
+
+        if compression not in COMPRESSIONS:
+            raise UsageError(f"compression must be 'zstd', 'zlib' or None, not {compression!r}")
+        if key is not None and not isinstance(key, RepositoryKey):
+            raise UsageError(f"key must be a RepositoryKey, not {type(key).__name__}")
+        if key is not None and compression is not None:
+            raise UsageError(
+                "QEMU cannot compress encrypted qcow2 images: choose compression or a key"
+            )
         root = Path(path).absolute()
         if not root.parent.is_dir():
             raise UsageError(f"{root.parent} is not a directory")
@@ -135,9 +169,17 @@ class Repository:
             private_dir(root)
         private_dir(root / "locks")
         private_dir(root / "domains")
-        info = RepositoryInfo(id=secrets.token_hex(16), created=now())
+        rid = secrets.token_hex(16)
+        info = RepositoryInfo(
+            id=rid,
+            created=now(),
+            compression=compression,
+            version=1 if key is None else 2,
+            encryption=None if key is None else "luks",
+            key_check=None if key is None else key.check_value(rid),
+        )
         write_atomic(root, HEADER, dumps(info.to_json()), replace=False)
-        return cls(root, lock_timeout=lock_timeout)
+        return cls(root, lock_timeout=lock_timeout, key=key)
 
     # ------------------------------------------------------------------ context manager
     def close(self) -> None:
@@ -293,10 +335,16 @@ class Repository:
                 if d not in known:
                     raise _not_found(f"domain {dom.name!r} has no disk {d!r}")
         ddir = self._domain_dir(dom.uuid, create=True)
-        with self._lock(dom.uuid).held():
+        with self._lock(dom.uuid).held(), contextlib.ExitStack() as keyed:
             self._clean_leftovers(dom, ddir)
             boundary("repo:backup:cleaned")
             points = self._load(ddir)
+            if self.key is not None:  # writers of new layers open the encrypted chains below
+                from .._nbd import encrypted_backing
+                from .crypto import key_file
+
+                kf = keyed.enter_context(key_file(self.key, self.info.id))
+                keyed.enter_context(encrypted_backing(str(kf), self._chain_lengths(ddir, points)))
             if not dom.is_active:
                 return _bk.offline_backup(self, dom, ddir, points, full=full, disks=disks)
             return _bk.live_backup(
@@ -311,6 +359,17 @@ class Repository:
                 progress=progress,
                 max_frozen=max_frozen,
             )
+
+    def _chain_lengths(self, ddir: Path, points: Mapping[str, RestorePoint]) -> dict[str, int]:
+        """Stored image path → how many layers its chain has (itself included)."""
+        index = _chain.file_index(points)
+        out: dict[str, int] = {}
+        for p in points.values():
+            for d in p.disks:
+                with contextlib.suppress(RepositoryError):
+                    n = len(_chain.expected_chain(p, d, index))
+                    out[str((ddir / "images" / p.disks[d].file).absolute())] = n
+        return out
 
     # ------------------------------------------------------------------ leftovers
     def _clean_leftovers(self, dom: Domain | None, ddir: Path) -> list[str]:
@@ -414,7 +473,9 @@ class Repository:
         try:
             for d in chosen:
                 target = dest / f"{_safe(d)}.{format}"
-                qemu_img("convert", "-f", "qcow2", "-O", format, str(tops[d]), str(target))
+                with opened(self, tops[d]) as args:
+                    src = ("-f", "qcow2", str(tops[d])) if args is None else args
+                    qemu_img("convert", "-O", format, *src, str(target))
                 os.chmod(target, 0o600)
                 out[d] = target
             fsync_dir(dest)
@@ -483,6 +544,91 @@ class Repository:
             shutil.rmtree(dest, ignore_errors=True)
             raise
 
+    # ------------------------------------------------------------------ instant recovery
+    def export(
+        self, point: RestorePoint | str, disk: str
+    ) -> contextlib.AbstractContextManager[str]:
+        """Serve ``disk`` of ``point`` read-only over NBD while the ``with`` block runs.
+
+        ``with repo.export(point, "vda") as uri:`` yields an NBD URI
+        (``nbd+unix:///vda?socket=/tmp/sc-export-.../nbd.sock``) any NBD client can read:
+        ``nbdfuse``, ``guestfish --format=raw -a URI``, ``qemu-img convert URI``, libnbd. The
+        server is ``qemu-nbd``, started as our child on a socket in a new owner-only
+        directory and stopped (the directory removed) when the block ends, also on an
+        error or ^C. The chain is validated first (:class:`ChainError`); a disk the point
+        does not hold is :class:`NotFoundError`. The repository's files are never written.
+        """
+        from .instant import export
+
+        return export(self, point, disk)
+
+    def boot(
+        self,
+        point: RestorePoint | str,
+        conn: Connection,
+        *,
+        name: str,
+        overlay_dir: str | os.PathLike[str],
+        start: bool = True,
+        detach: bool = False,
+        progress: Callable[[DetachProgress], None] | None = None,
+        timeout: float | None = None,
+    ) -> Domain:
+        """Define (and start) a new domain ``name`` that runs straight from ``point``.
+
+        Each disk of the point gets a new qcow2 overlay in the new owner-only directory
+        ``overlay_dir`` whose backing file is the disk's chain in the repository, opened
+        read-only by QEMU: the domain starts within seconds whatever the disk size, the
+        guest's writes go to the overlays, and the repository's files never change. The
+        configuration is the point's captured inactive XML with a new name, UUID and MAC
+        addresses (disks the point did not copy are left out; NVRAM is a copy in
+        ``overlay_dir``).
+
+        ``detach=True`` then pulls the backing data into the overlays while the guest runs
+        (libvirt block pull, one disk after the other, ``progress`` called with
+        :class:`DetachProgress` about twice a second) so the domain ends independent of the
+        repository; :meth:`detach` does the same later. Until then, do not prune the
+        point's domain (its ``qemu-img rebase`` is refused while QEMU holds the images).
+
+        Refused before anything is made: a domain ``name`` exists or ``overlay_dir`` exists
+        (:class:`TargetExistsError`), the point's chain does not validate
+        (:class:`ChainError`), the point has no configuration (:class:`RepositoryError`).
+        On a later failure the domain is destroyed and undefined and ``overlay_dir``
+        removed. The overlays are outside the repository: a crash while booted leaves them
+        (and the domain) for the caller; the repository is unchanged.
+        """
+        from .instant import boot
+
+        return boot(
+            self,
+            point,
+            conn,
+            name=name,
+            overlay_dir=overlay_dir,
+            start=start,
+            detach=detach,
+            progress=progress,
+            timeout=timeout,
+        )
+
+    def detach(
+        self,
+        dom: Domain,
+        *,
+        progress: Callable[[DetachProgress], None] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Pull every backing file of running ``dom`` into its top image (block pull).
+
+        For a domain made by :meth:`boot`: afterwards its overlays are standalone images
+        and it no longer reads the repository. ``timeout`` (seconds, overall) aborts the
+        pull still running with :class:`OperationTimeoutError`; the domain keeps running
+        on its chain.
+        """
+        from .instant import detach
+
+        detach(dom, progress=progress, timeout=timeout)
+
     # ------------------------------------------------------------------ verify
     def verify(self, point: RestorePoint | str | None = None) -> VerifyReport:
         """Re-read stored data and compare it with the digests recorded at backup time.
@@ -524,7 +670,13 @@ class Repository:
         :class:`Domain`, the checkpoints this repository made that no kept point needs
         (every one but the newest point's) are deleted, libvirt merging their bitmaps, so
         bitmaps do not pile up in the guest's images. ``dry_run=True`` changes nothing.
+        In an encrypted repository only ``dry_run=True`` is supported yet
+        (:class:`UnsupportedError`: merging encrypted layers is not implemented).
         """
+        if self.key is not None and not dry_run:
+            raise UnsupportedError(
+                "prune() of an encrypted repository is not supported yet (dry_run=True is)"
+            )
         return _maint.prune(
             self,
             domain,
