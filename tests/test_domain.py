@@ -90,7 +90,7 @@ def test_metadata_round_trip(test_domain: statecapture.Domain) -> None:
     assert test_domain.metadata(ns) is None
     test_domain.set_metadata(ns, "tool", "<state step='2'/>")
     stored = test_domain.metadata(ns)
-    assert stored is not None and "step=\"2\"" in stored.replace("'", '"')
+    assert stored is not None and 'step="2"' in stored.replace("'", '"')
     assert ns in test_domain.xml() and ns in test_domain.xml(inactive=True)
     test_domain.set_metadata(ns, "tool", None)
     assert test_domain.metadata(ns) is None
