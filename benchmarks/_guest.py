@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import statecapture
+from statecapture.testing import wait_agent
 
 __all__ = ["BenchGuest", "DiskImage", "make_random_disk", "write_random"]
 
@@ -189,7 +190,7 @@ class BenchGuest:
             atexit.register(guest.close)
             t0 = time.monotonic()
             dom.start()
-            dom.wait_for_agent(300)
+            wait_agent(dom, timeout=300)
             timings["boot_s"] = time.monotonic() - t0
             log(f"  guest: booted, agent answering after {timings['boot_s']:.1f}s")
             return guest

@@ -17,6 +17,7 @@ from typing import Any
 import statecapture
 from statecapture import _journal
 from statecapture.fleet import run as fleet_run
+from statecapture.testing import wait_agent
 from tests._raw import raw_domain
 
 
@@ -38,7 +39,7 @@ def boot(uri: str, tmp: str, names: list[str]) -> list[str]:
         dom.start()
         doms.append(dom)
     for dom in doms:
-        dom.wait_for_agent(300)
+        wait_agent(dom, timeout=300)
     return [d.uuid for d in doms]
 
 
@@ -73,7 +74,7 @@ def state(uri: str, name: str) -> dict[str, Any]:
     from statecapture.testing import agent_command
 
     dom = conn(uri).domain(name)
-    dom.wait_for_agent(300)
+    wait_agent(dom, timeout=300)
     return {
         "job": dom.active_backup() is not None,
         "journal": _journal.read_journal(dom) is not None,

@@ -28,7 +28,7 @@ from typing import Any
 
 import statecapture
 from statecapture import _journal
-from statecapture.testing import guest_exec
+from statecapture.testing import guest_exec, wait_agent
 from tests._raw import raw_domain
 
 NAME = "sckill"
@@ -60,14 +60,14 @@ def md5s(text: str) -> list[str]:
 def setup(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     dom = conn.define(Path(args["xml"]).read_text())
     dom.start()
-    waited = dom.wait_for_agent(300)
+    waited = wait_agent(dom, timeout=300)
     emit(booted=True, agent_after=waited)
 
 
 def start(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     dom = conn.domain(NAME)
     dom.start()
-    waited = dom.wait_for_agent(300)
+    waited = wait_agent(dom, timeout=300)
     emit(started=True, agent_after=waited)
 
 
@@ -106,7 +106,7 @@ def teardown(conn: statecapture.Connection, args: dict[str, Any]) -> None:
 def run(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     """Write data the check must find, then run a sequence and die at ``args['kill']``."""
     dom = conn.domain(NAME)
-    dom.wait_for_agent(120)  # a fresh process reconnects to the agent first
+    wait_agent(dom, timeout=120)  # a fresh process reconnects to the agent first
     out = sh(
         dom,
         "dd if=/dev/urandom of=/data/known bs=64k count=16 2>/dev/null; sync; "
@@ -169,7 +169,7 @@ def check(conn: statecapture.Connection, args: dict[str, Any]) -> None:
         problems.append(f"recover not clean: {report}")
     if args.get("start") and not dom.is_active:
         dom.start()
-    dom.wait_for_agent(300)
+    wait_agent(dom, timeout=300)
     originals: dict[str, str] = args["originals"]
     for label, definition in (("live", dom.definition), ("persistent", dom.inactive_definition)):
         sources = {d.target: d.source for d in definition.disks if d.device == "disk"}
@@ -265,7 +265,7 @@ def reset(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     if not dom.is_active:
         repaired.append("the guest was not running")
         dom.start()
-    dom.wait_for_agent(300)
+    wait_agent(dom, timeout=300)
     raw_domain(dom).agentSetResponseTimeout(-1, 0)  # libvirt's default, whatever a case set
     if dom.fs_freeze_status() != "thawed":
         repaired.append("the guest was frozen")

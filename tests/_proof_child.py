@@ -25,7 +25,7 @@ from typing import Any
 import statecapture
 from statecapture import _journal
 from statecapture._adapter import VirDomain
-from statecapture.testing import agent_command
+from statecapture.testing import agent_command, wait_agent
 from tests._raw import raw_domain
 
 NAME = "scproof"
@@ -42,7 +42,7 @@ def frozen(dom: statecapture.Domain) -> str:
 
 def domain(conn: statecapture.Connection) -> statecapture.Domain:
     dom = conn.domain(NAME)
-    dom.wait_for_agent(120)  # a fresh process reconnects to the agent first
+    wait_agent(dom, timeout=120)  # a fresh process reconnects to the agent first
     return dom
 
 
@@ -52,7 +52,7 @@ def domain(conn: statecapture.Connection) -> statecapture.Domain:
 def setup(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     dom = conn.define(Path(args["xml"]).read_text())
     dom.start()
-    emit(agent_after=dom.wait_for_agent(300))
+    emit(agent_after=wait_agent(dom, timeout=300))
 
 
 def teardown(conn: statecapture.Connection, args: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import pytest
 import statecapture
 from statecapture import fleet
 from statecapture.errors import UnsupportedError
+from statecapture.testing import wait_agent
 from tests import _remote
 from tests._raw import raw_domain
 
@@ -73,7 +74,7 @@ def test_guest_over_qemu_ssh(remote: tuple[statecapture.Connection, Path]) -> No
     name = f"sc-remote-{work.stat().st_ino}"
     dom = conn.define(domain_xml(name, ensure_kit(), [disk], log_path=work / "console.log"))
     dom.start()
-    dom.wait_for_agent(300)
+    wait_agent(dom, timeout=300)
 
     snap = dom.snapshots.create("s1", disk_only=True, quiesce=True)
     assert [s.name for s in dom.snapshots.list()] == ["s1"]

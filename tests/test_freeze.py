@@ -46,6 +46,7 @@ from statecapture import (
 )
 from statecapture._adapter import VirDomain
 from statecapture._freeze import _held_freezes
+from statecapture.testing import wait_agent
 from tests._raw import raw_domain
 
 AGENT_TIMEOUT_MESSAGE = "Guest agent is not responding: Guest agent not available for now"
@@ -736,7 +737,7 @@ def fguest(
     dom = qemu_conn.define(xml)
     try:
         dom.start()
-        dom.wait_for_agent(120)
+        wait_agent(dom, timeout=120)
         yield dom
     finally:
         with contextlib.suppress(Exception):

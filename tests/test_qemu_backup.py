@@ -22,6 +22,7 @@ import pytest
 
 import statecapture
 from statecapture import BackupProgress, CleanupError, NotFoundError, TargetExistsError
+from statecapture.testing import wait_agent
 from tests._proof import flush_disk, qemu_img, raw, tmpfs, write_known
 
 pytestmark = pytest.mark.qemu
@@ -41,7 +42,7 @@ def bguest(
     )
     try:
         dom.start()
-        dom.wait_for_agent(180)
+        wait_agent(dom, timeout=180)
         yield dom
     finally:
         with contextlib.suppress(Exception):

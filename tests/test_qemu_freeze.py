@@ -21,6 +21,7 @@ import statecapture
 from statecapture import FreezeExpiredError, FreezeScope, FreezeStatus, UsageError, fs_frozen
 from statecapture._adapter import VirDomain
 from statecapture._freeze import _held_freezes
+from statecapture.testing import wait_agent
 from tests._proof import agent, guest_frozen, raw, sh, spawn
 
 pytestmark = pytest.mark.qemu
@@ -40,7 +41,7 @@ def fguest1(
     )
     try:
         dom.start()
-        dom.wait_for_agent(180)
+        wait_agent(dom, timeout=180)
         yield dom
     finally:
         with contextlib.suppress(Exception):
@@ -143,7 +144,7 @@ def test_exit_thaw_is_retried_while_the_agent_is_stopped(
         assert all(a == "GuestAgentError" for a in attempts[:-1]), attempts
         assert scope.thaw_error is None
 
-        fg.wait_for_agent(60)
+        wait_agent(fg, timeout=60)
         assert guest_frozen(fg) == "thawed"
         sh(fg, "echo after > /data/after-stop && sync")  # writes work again
     finally:

@@ -20,6 +20,7 @@ import pytest
 
 import statecapture
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
+from statecapture.testing import wait_agent
 from tests._proof import guest_frozen, qemu_img, raw, sh, write_known
 
 pytestmark = pytest.mark.qemu
@@ -48,7 +49,7 @@ def rguest(
     )
     try:
         dom.start()
-        dom.wait_for_agent(180)
+        wait_agent(dom, timeout=180)
         yield G(dom, str(image), image_dir)
     finally:
         with contextlib.suppress(Exception):

@@ -32,6 +32,7 @@ from statecapture import (
 )
 from statecapture._adapter import VirDomain
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
+from statecapture.testing import wait_agent
 from tests._proof import (
     file_md5_in_image,
     flush_disk,
@@ -69,7 +70,7 @@ def sguest(
     )
     try:
         dom.start()
-        dom.wait_for_agent(180)
+        wait_agent(dom, timeout=180)
         yield G(dom, str(image), image_dir)
     finally:
         with contextlib.suppress(Exception):
@@ -275,8 +276,7 @@ def _restart_agent_without_freeze(dom: statecapture.Domain) -> None:
         )
         gone.wait(60, what="agent disconnect")
     dom.wait_for_agent(120)
-
-    dom.wait_for_agent(120)
+    wait_agent(dom, timeout=120)
 
 
 def test_best_effort_when_the_agents_freeze_fails(guest_factory: Any, tmp_path: Path) -> None:

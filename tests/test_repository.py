@@ -19,6 +19,7 @@ from lxml import etree
 
 import statecapture
 from statecapture import PointKind, Repository, RestorePoint
+from statecapture.testing import wait_agent
 from tests._raw import raw_domain
 
 MiB = 1 << 20
@@ -389,7 +390,7 @@ def test_broken_bitmap_added_disk_shut_off_and_restore_domain(
     assert 0 < p4.bytes_copied < p4.disks["vda"].size / 4
     _restore_equals(repo, p4, {"vda": ref4}, tmp_path / "rb4")
     guest.start()
-    guest.wait_for_agent(180)
+    wait_agent(guest, timeout=180)
     _guest_writes(guest, "b5", mib=1)
     p5, r5 = _paused_backup(repo, guest, tmp_path, "b5")
     if p4.checkpoint is not None:  # the driver defined a checkpoint while shut off

@@ -28,6 +28,7 @@ import pytest
 import statecapture
 from statecapture import Consistency, SequenceResult, StepTiming, UsageError, _journal
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
+from statecapture.testing import wait_agent
 from tests._raw import adapter, raw_domain
 
 
@@ -223,7 +224,7 @@ def seq_guest(
     dom = qemu_conn.define(xml)
     try:
         dom.start()
-        dom.wait_for_agent(300)
+        wait_agent(dom, timeout=300)
         yield SeqGuest(dom, {"vda": str(images[0]), "vdb": str(images[1])}, image_dir, tmp)
     finally:
         raw = raw_domain(dom)

@@ -34,6 +34,7 @@ from statecapture import (
     _qemuimg,
 )
 from statecapture._version import Version
+from statecapture.testing import wait_agent
 from tests._raw import daemon_version, raw_domain
 from tests.schema import assert_valid
 
@@ -411,7 +412,7 @@ def test_internal_snapshots_tree_revert_and_bitmap_hazard_on_qemu(guest_factory)
     revert_s = time.monotonic() - t0
     assert dom.state is DomainState.PAUSED and s1.is_current
     dom.resume()
-    dom.wait_for_agent(60)
+    wait_agent(dom, timeout=60)
     c_post = _counter(dom)
     assert c_post < c_pre  # memory went back to s1
     assert c_post <= c_after + 40

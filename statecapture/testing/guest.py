@@ -294,6 +294,18 @@ def guest_exec(
     return run_in_guest(domain._vir, argv, input=input, timeout=timeout)
 
 
+def wait_agent(domain: Domain, *, timeout: float = 300) -> float:
+    """Poll ``guest-ping`` on *domain* until its guest agent answers; the seconds waited.
+
+    Stricter than :meth:`Domain.wait_for_agent <statecapture.Domain.wait_for_agent>`, which
+    trusts the channel state in the live XML: this waits until a command really goes
+    through — e.g. in a process that just opened an embedded driver, which reconnects to the
+    agent first. Raises :class:`~statecapture.GuestBootError` (``timed_out`` True) after
+    *timeout* seconds, and (``timed_out`` False) when the domain stops meanwhile.
+    """
+    return wait_for_agent(domain._vir, timeout)
+
+
 def read_guest_file(domain: Domain, path: str, *, timeout: int = 30) -> bytes:
     """A whole file of *domain*'s guest, read through its agent."""
     return read_guest(domain._vir, path, timeout=timeout)
