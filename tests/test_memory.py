@@ -428,12 +428,10 @@ def _ticks(dom: statecapture.Domain) -> list[int]:
 
 
 def _wait_ticks_past(dom: statecapture.Domain, value: int, timeout: float = 60) -> list[int]:
-    import libvirt
-
     deadline = time.monotonic() + timeout
     ticks: list[int] = []
     while True:
-        with contextlib.suppress(libvirt.libvirtError):  # agent reconnecting after a restore
+        with contextlib.suppress(statecapture.GuestAgentError):  # agent reconnecting (restore)
             ticks = _ticks(dom)
             if ticks and ticks[-1] > value:
                 return ticks
