@@ -381,7 +381,7 @@ def test_qemu_agent_guest_every_blocker(
     )
     raw.agentSetResponseTimeout(5, 0)  # cleanup must not wait forever on a dead agent
     agent_command(
-        raw, {"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", script]}}
+        guest, {"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", script]}}
     )
     try:
         _wait_agent_state(guest, "disconnected")
