@@ -64,8 +64,8 @@ _names = itertools.count(1)
 
 
 # --------------------------------------------------------------------------- agent helpers
-# They take the adapter's VirDomain so that tests/_harness can keep its raw-domain helpers
-# as thin shims; TestGuest is the public face.
+# They take the adapter's VirDomain; TestGuest and the Domain helpers below are the public
+# face.
 
 
 def agent_channel_state(vir: VirDomain) -> str | None:
