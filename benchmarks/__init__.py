@@ -18,7 +18,7 @@ One module per measurement (the numbers are the items of the issue):
 9. :mod:`benchmarks.fleet` — a fleet on two Dask workers: per-host parallelism, controller memory
 
 Items 1 and 4-7 share one real guest (TCG, embedded QEMU driver) built with the test
-harness in ``tests/_harness``; items 2 and 3 need only libvirt's test driver. Nothing here is
+kit in ``statecapture.testing``; items 2 and 3 need only libvirt's test driver. Nothing here is
 part of the test suite: ``tests/test_benchmarks_smoke.py`` only runs the quick test-driver
 part so the code keeps working.
 

@@ -1,6 +1,6 @@
 """The one real guest the guest-based benchmarks share (items 1 and 4-7).
 
-Built with the test harness (``tests/_harness``: the guest kit, the domain XML, the agent
+Built with ``statecapture.testing`` (the guest kit, the domain XML, the agent
 helpers), in its own embedded QEMU root under ``/tmp``. Its disks are prepared on the host
 before boot, so no slow guest-side writing is needed:
 
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import statecapture
+from statecapture.testing import wait_agent
 
 __all__ = ["BenchGuest", "DiskImage", "make_random_disk", "write_random"]
 
@@ -150,8 +151,8 @@ class BenchGuest:
     @classmethod
     def create(cls, *, data_mib: int, log: Callable[[str], None] = print) -> BenchGuest:
         """Prepare the disks, boot the guest and wait for its agent."""
-        from tests._harness.agent import wait_agent
-        from tests._harness.guestkit import domain_xml, ensure_kit, make_embed_root
+        from statecapture.testing.kit import domain_xml, ensure_kit
+        from tests._isolation import make_embed_root
 
         timings: dict[str, float] = {}
         t0 = time.monotonic()
@@ -189,7 +190,7 @@ class BenchGuest:
             atexit.register(guest.close)
             t0 = time.monotonic()
             dom.start()
-            wait_agent(dom._vir._raw, timeout=300)
+            wait_agent(dom, timeout=300)
             timings["boot_s"] = time.monotonic() - t0
             log(f"  guest: booted, agent answering after {timings['boot_s']:.1f}s")
             return guest
@@ -213,9 +214,9 @@ class BenchGuest:
 
     def guest_exec(self, argv: list[str], timeout: float = 120) -> bytes:
         """Run a command in the guest; its stdout (raises on a non-zero exit)."""
-        from tests._harness.agent import guest_exec
+        from statecapture.testing import guest_exec
 
-        code, out, err = guest_exec(self.raw, argv, timeout=timeout)
+        code, out, err = guest_exec(self.dom, argv, timeout=timeout)
         if code != 0:
             raise RuntimeError(f"guest command {argv} failed ({code}): {err.decode()[-300:]}")
         return out

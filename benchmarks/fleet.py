@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _boot_paused(uri: str, tmp: str, names: list[str]) -> list[str]:
     """On a worker: define and start (paused) one guest per name with a 16 MiB data disk."""
     from statecapture.fleet import run as fleet_run
-    from tests._harness.guestkit import domain_xml, ensure_kit, make_data_disk
+    from statecapture.testing.kit import domain_xml, ensure_kit, make_data_disk
 
     conn = fleet_run._connection(uri)
     kit = ensure_kit()
@@ -133,7 +133,8 @@ def run(ctx: Context) -> list[Row]:
         raise Unavailable("needs root (embedded QEMU roots)")
     import statecapture
     from statecapture import fleet
-    from tests._harness.guestkit import ensure_kit, make_embed_root
+    from statecapture.testing.kit import ensure_kit
+    from tests._isolation import make_embed_root
 
     ensure_kit()
     work = Path(tempfile.mkdtemp(prefix="sc-bench-fleet-"))

@@ -64,7 +64,7 @@ def _domain_xml(name: str, disk: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print a Markdown table."""
     import statecapture
-    from tests._harness.guestkit import make_embed_root
+    from statecapture.testing.kit import make_embed_root
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=256)

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 import attrs
+from lxml import etree
 
 from . import _adapter
 from ._enums import DomainState, ShutdownMode
@@ -105,6 +106,45 @@ class Domain:
     def inactive_definition(self) -> DomainXML:
         """The persistent definition used at the next start."""
         return DomainXML.from_xml(self._vir.xml_desc(inactive=True))
+
+    def xml(self, *, inactive: bool = False, secure: bool = False) -> str:
+        """The domain's XML document as libvirt returns it (no parsing, nothing dropped).
+
+        The live document by default (with runtime details such as device aliases and the
+        agent channel's state), the persistent one with ``inactive``; ``secure`` includes
+        security-sensitive values (passwords), which needs a read-write connection.
+        :attr:`definition` is the same document parsed.
+        """
+        return self._vir.xml_desc(inactive=inactive, secure=secure)
+
+    def metadata(self, namespace_uri: str) -> str | None:
+        """The custom metadata element stored under ``namespace_uri``, or ``None``.
+
+        libvirt keeps one element per namespace in ``<metadata>``; statecapture itself uses
+        ``urn:x-statecapture:journal:1`` (the journal of a multi-step operation) and
+        ``urn:x-statecapture:backup:1`` (the record of a running backup).
+        """
+        return self._vir.get_metadata(namespace_uri)
+
+    def set_metadata(self, namespace_uri: str, key: str, xml: str | None) -> None:
+        """Store ``xml`` (one element) under ``namespace_uri`` with prefix ``key``, in the live
+        and the persistent definition; ``None`` removes the element.
+
+        Writing statecapture's own namespaces (see :meth:`metadata`) replaces its journal or
+        backup record; recovery then acts on what was written. Raises :class:`UsageError`
+        when ``key`` is not an XML name or ``xml`` is not one well-formed element, before
+        anything is written.
+        """
+        if not namespace_uri:
+            raise UsageError("namespace_uri must not be empty")
+        if not key.isidentifier():
+            raise UsageError(f"metadata key {key!r} is not an XML name prefix")
+        if xml is not None:
+            try:
+                etree.fromstring(xml.encode())
+            except etree.XMLSyntaxError as exc:
+                raise UsageError(f"metadata is not one well-formed XML element: {exc}") from None
+        self._vir.set_metadata(namespace_uri, key, xml)
 
     @property
     def disks(self) -> tuple[Disk, ...]:
@@ -380,6 +420,15 @@ class Domain:
         from ._freeze import fs_info
 
         return fs_info(self)
+
+    def fs_freeze_status(self) -> str:
+        """The guest agent's view: ``"frozen"`` or ``"thawed"`` (``guest-fsfreeze-status``).
+
+        libvirt has no API for it, so the command is passed through to the agent (libvirt
+        marks the domain tainted with ``custom-ga-command``, which is harmless). Raises
+        :class:`GuestAgentError` when the agent is missing or does not answer.
+        """
+        return self._vir.fs_freeze_status()
 
     def fs_thaw(self) -> int:
         """Thaw every frozen filesystem of the guest; returns how many thawed.

@@ -17,6 +17,8 @@ from typing import Any
 import statecapture
 from statecapture import _journal
 from statecapture.fleet import run as fleet_run
+from statecapture.testing import wait_agent
+from tests._raw import raw_domain
 
 
 def conn(uri: str) -> statecapture.Connection:
@@ -26,8 +28,7 @@ def conn(uri: str) -> statecapture.Connection:
 def boot(uri: str, tmp: str, names: list[str]) -> list[str]:
     """Define and start one test guest per name (one qcow2 data disk, agent); wait for
     every agent."""
-    from tests._harness.agent import wait_agent
-    from tests._harness.guestkit import domain_xml, ensure_kit, make_data_disk
+    from statecapture.testing.kit import domain_xml, ensure_kit, make_data_disk
 
     kit = ensure_kit()
     c = conn(uri)
@@ -38,7 +39,7 @@ def boot(uri: str, tmp: str, names: list[str]) -> list[str]:
         dom.start()
         doms.append(dom)
     for dom in doms:
-        wait_agent(dom._vir._raw, timeout=300)
+        wait_agent(dom, timeout=300)
     return [d.uuid for d in doms]
 
 
@@ -47,7 +48,7 @@ def teardown(uri: str) -> list[str]:
     c = conn(uri)
     out = []
     for dom in c.domains():
-        vir = dom._vir._raw
+        vir = raw_domain(dom)
         with contextlib.suppress(Exception):
             vir.abortJob()
         with contextlib.suppress(Exception):
@@ -70,14 +71,14 @@ def teardown(uri: str) -> list[str]:
 
 def state(uri: str, name: str) -> dict[str, Any]:
     """What is left on a domain: a backup job, a journal, frozen filesystems, checkpoints."""
-    from tests._harness.agent import agent_command, wait_agent
+    from statecapture.testing import agent_command
 
     dom = conn(uri).domain(name)
-    wait_agent(dom._vir._raw, timeout=300)
+    wait_agent(dom, timeout=300)
     return {
         "job": dom.active_backup() is not None,
         "journal": _journal.read_journal(dom) is not None,
-        "frozen": agent_command(dom._vir._raw, {"execute": "guest-fsfreeze-status"}),
+        "frozen": agent_command(dom, {"execute": "guest-fsfreeze-status"}),
         "checkpoints": sorted(c.name for c in dom.checkpoints.list()),
         "pid": os.getpid(),
     }

@@ -28,7 +28,8 @@ from typing import Any
 
 import statecapture
 from statecapture import _journal
-from tests._harness.agent import guest_exec, wait_agent
+from statecapture.testing import guest_exec, wait_agent
+from tests._raw import raw_domain
 
 NAME = "sckill"
 
@@ -43,7 +44,7 @@ def die() -> None:
 
 
 def sh(dom: statecapture.Domain, script: str, timeout: float = 60) -> str:
-    code, out, err = guest_exec(dom._vir._raw, ["sh", "-c", script], timeout=timeout)
+    code, out, err = guest_exec(dom, ["sh", "-c", script], timeout=timeout)
     if code != 0:
         raise RuntimeError(f"guest command failed ({code}): {script}: {err.decode()}")
     return out.decode()
@@ -59,14 +60,14 @@ def md5s(text: str) -> list[str]:
 def setup(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     dom = conn.define(Path(args["xml"]).read_text())
     dom.start()
-    waited = wait_agent(dom._vir._raw, timeout=300)
+    waited = wait_agent(dom, timeout=300)
     emit(booted=True, agent_after=waited)
 
 
 def start(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     dom = conn.domain(NAME)
     dom.start()
-    waited = wait_agent(dom._vir._raw, timeout=300)
+    waited = wait_agent(dom, timeout=300)
     emit(started=True, agent_after=waited)
 
 
@@ -85,7 +86,7 @@ def destroy(conn: statecapture.Connection, args: dict[str, Any]) -> None:
 
 def teardown(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     for dom in conn.domains():
-        raw = dom._vir._raw
+        raw = raw_domain(dom)
         with contextlib.suppress(Exception):
             raw.abortJob()
         with contextlib.suppress(Exception):
@@ -105,7 +106,7 @@ def teardown(conn: statecapture.Connection, args: dict[str, Any]) -> None:
 def run(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     """Write data the check must find, then run a sequence and die at ``args['kill']``."""
     dom = conn.domain(NAME)
-    wait_agent(dom._vir._raw, timeout=120)  # a fresh process reconnects to the agent first
+    wait_agent(dom, timeout=120)  # a fresh process reconnects to the agent first
     out = sh(
         dom,
         "dd if=/dev/urandom of=/data/known bs=64k count=16 2>/dev/null; sync; "
@@ -168,7 +169,7 @@ def check(conn: statecapture.Connection, args: dict[str, Any]) -> None:
         problems.append(f"recover not clean: {report}")
     if args.get("start") and not dom.is_active:
         dom.start()
-    wait_agent(dom._vir._raw, timeout=300)
+    wait_agent(dom, timeout=300)
     originals: dict[str, str] = args["originals"]
     for label, definition in (("live", dom.definition), ("persistent", dom.inactive_definition)):
         sources = {d.target: d.source for d in definition.disks if d.device == "disk"}
@@ -183,9 +184,9 @@ def check(conn: statecapture.Connection, args: dict[str, Any]) -> None:
         problems.append("a backup job is left")
     if statecapture._journal.read_journal(dom) is not None:
         problems.append("the journal is left")
-    if dom._vir.get_metadata(RECORD_NS) is not None:
+    if dom.metadata(RECORD_NS) is not None:
         problems.append("the backup record is left")
-    status = dom._vir.fs_freeze_status()
+    status = dom.fs_freeze_status()
     if status != "thawed":
         problems.append(f"guest freeze status {status}")
     image_dir = Path(args["image_dir"])
@@ -264,11 +265,11 @@ def reset(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     if not dom.is_active:
         repaired.append("the guest was not running")
         dom.start()
-    wait_agent(dom._vir._raw, timeout=300)
-    dom._vir.set_agent_timeout(None)  # libvirt's default, whatever a case set
-    if dom._vir.fs_freeze_status() != "thawed":
+    wait_agent(dom, timeout=300)
+    raw_domain(dom).agentSetResponseTimeout(-1, 0)  # libvirt's default, whatever a case set
+    if dom.fs_freeze_status() != "thawed":
         repaired.append("the guest was frozen")
-        dom._vir.fs_thaw()
+        dom.fs_thaw()
     originals: dict[str, str] = args["originals"]
     for label, definition in (("live", dom.definition), ("persistent", dom.inactive_definition)):
         sources = {d.target: d.source for d in definition.disks if d.device == "disk"}
@@ -276,7 +277,7 @@ def reset(conn: statecapture.Connection, args: dict[str, Any]) -> None:
             repaired.append(f"{label} disk sources {sources} != originals {originals}")
     if dom.block_jobs() or dom.active_backup() is not None:
         repaired.append("a block or backup job was running")
-    if _journal.read_journal(dom) is not None or dom._vir.get_metadata(RECORD_NS) is not None:
+    if _journal.read_journal(dom) is not None or dom.metadata(RECORD_NS) is not None:
         repaired.append("a journal or backup record was left")
     for cp in reversed(dom.checkpoints.list()):
         repaired.append(f"checkpoint {cp.name} was left")

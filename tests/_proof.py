@@ -15,21 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import statecapture
+from tests._raw import raw_domain
 
 
 def raw(dom: statecapture.Domain) -> Any:
     """The domain's :class:`libvirt.virDomain`."""
-    return dom._vir._raw
+    return raw_domain(dom)
 
 
 def agent(dom: statecapture.Domain, command: str, timeout: int = 10, **arguments: Any) -> Any:
     """One guest-agent command; its ``return`` member."""
-    from tests._harness.agent import agent_command
+    from statecapture.testing import agent_command
 
     payload: dict[str, Any] = {"execute": command}
     if arguments:
         payload["arguments"] = arguments
-    return agent_command(raw(dom), payload, timeout=timeout)
+    return agent_command(dom, payload, timeout=timeout)
 
 
 def guest_frozen(dom: statecapture.Domain) -> str:
@@ -44,9 +45,9 @@ def spawn(dom: statecapture.Domain, script: str) -> None:
 
 def sh(dom: statecapture.Domain, script: str, timeout: float = 60) -> str:
     """Run a shell script in the guest; its stdout (fails the test on a non-zero exit)."""
-    from tests._harness.agent import guest_exec
+    from statecapture.testing import guest_exec
 
-    code, out, err = guest_exec(raw(dom), ["sh", "-c", script], timeout=timeout)
+    code, out, err = guest_exec(dom, ["sh", "-c", script], timeout=timeout)
     assert code == 0, f"{script}: {err.decode()}"
     return out.decode()
 
@@ -91,7 +92,7 @@ def flush_disk(dom: statecapture.Domain, target: str) -> None:
     import libvirt_qemu
     from lxml import etree
 
-    root = etree.fromstring(dom._vir.xml_desc().encode())
+    root = etree.fromstring(dom.xml().encode())
     for disk in root.iter("disk"):
         t, alias = disk.find("target"), disk.find("alias")
         if t is not None and alias is not None and t.get("dev") == target:

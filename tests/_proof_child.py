@@ -25,7 +25,8 @@ from typing import Any
 import statecapture
 from statecapture import _journal
 from statecapture._adapter import VirDomain
-from tests._harness.agent import agent_command, wait_agent
+from statecapture.testing import agent_command, wait_agent
+from tests._raw import raw_domain
 
 NAME = "scproof"
 
@@ -36,12 +37,12 @@ def emit(**data: Any) -> None:
 
 def frozen(dom: statecapture.Domain) -> str:
     """qemu-ga's own view: "frozen" or "thawed"."""
-    return str(agent_command(dom._vir._raw, {"execute": "guest-fsfreeze-status"}, timeout=10))
+    return str(agent_command(dom, {"execute": "guest-fsfreeze-status"}, timeout=10))
 
 
 def domain(conn: statecapture.Connection) -> statecapture.Domain:
     dom = conn.domain(NAME)
-    wait_agent(dom._vir._raw, timeout=120)  # a fresh process reconnects to the agent first
+    wait_agent(dom, timeout=120)  # a fresh process reconnects to the agent first
     return dom
 
 
@@ -51,12 +52,12 @@ def domain(conn: statecapture.Connection) -> statecapture.Domain:
 def setup(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     dom = conn.define(Path(args["xml"]).read_text())
     dom.start()
-    emit(agent_after=wait_agent(dom._vir._raw, timeout=300))
+    emit(agent_after=wait_agent(dom, timeout=300))
 
 
 def teardown(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     for dom in conn.domains():
-        raw = dom._vir._raw
+        raw = raw_domain(dom)
         with contextlib.suppress(Exception):
             raw.abortJob()
         with contextlib.suppress(Exception):

@@ -26,6 +26,7 @@ from typing import Any
 
 import statecapture
 from statecapture import Repository, _journal
+from tests._raw import raw_domain
 
 NAME = "screpokill"
 
@@ -51,7 +52,7 @@ def _dirty(dom: statecapture.Domain, n: int) -> None:
     pattern = 0x10 + n % 200
     off = (n % 24) * (1 << 20)
     libvirt_qemu.qemuMonitorCommand(
-        dom._vir._raw, f'qemu-io -d {alias} "write -P {pattern} {off} 512k"', 1
+        raw_domain(dom), f'qemu-io -d {alias} "write -P {pattern} {off} 512k"', 1
     )
 
 
@@ -60,7 +61,7 @@ def main() -> None:
     args = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
     conn = statecapture.connect(f"qemu:///embed?root={root}")
     if action == "setup":
-        from tests._harness.guestkit import domain_xml, ensure_kit, make_data_disk
+        from statecapture.testing.kit import domain_xml, ensure_kit, make_data_disk
 
         tmp = Path(args["tmp"])
         disk = make_data_disk(tmp / "k.qcow2", size_mib=32)
@@ -113,7 +114,7 @@ def main() -> None:
         return
     if action == "teardown":
         for step in (
-            lambda: dom._vir._raw.abortJob(),
+            lambda: raw_domain(dom).abortJob(),
             dom.destroy,
             lambda: dom.undefine(checkpoints_metadata=True),
         ):

@@ -22,7 +22,7 @@ Isolation (every run)
     tree stays where it was). At session end the run FAILS (exit status 1) when that
     directory is not empty, when a tracked directory (embed roots ...) still exists, when a
     domain a fixture made is still defined, or when a ``qemu-system``/``qemu-nbd`` process
-    started by this session still runs (``tests/_harness/isolation.py``).
+    started by this session still runs (``tests/_isolation.py``).
 
 Hypothesis
     Profile ``dev`` (the default) and ``ci`` (more examples; selected when ``CI=true``, or
@@ -42,7 +42,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import statecapture
-from tests._harness import isolation
+from tests import _isolation as isolation
 
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.register_profile(

@@ -26,6 +26,7 @@ from statecapture import (
 )
 from statecapture._advisor import GUIDE
 from statecapture._journal import JOURNAL_NS
+from tests._raw import raw_domain
 
 APP = Consistency.APPLICATION
 INTERNAL = (Method.INTERNAL_SNAPSHOT, Method.INTERNAL_DISK_SNAPSHOT)
@@ -37,7 +38,7 @@ def kinds(advice: Advice, method: Method) -> set[BlockerKind]:
 
 
 def snapshot_of(dom: statecapture.Domain) -> tuple[str, str, int, int]:
-    raw = dom._vir._raw
+    raw = raw_domain(dom)
     return (
         raw.XMLDesc(0),
         dom.state.value,
@@ -48,7 +49,7 @@ def snapshot_of(dom: statecapture.Domain) -> tuple[str, str, int, int]:
 
 def write_journal(dom: statecapture.Domain, sequence: str = "direct_backup") -> None:
     """Journal an unfinished sequence the way the lead's brief does, with raw libvirt."""
-    raw = dom._vir._raw
+    raw = raw_domain(dom)
     flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.is_active else libvirt.VIR_DOMAIN_AFFECT_CONFIG
     raw.setMetadata(
         libvirt.VIR_DOMAIN_METADATA_ELEMENT,
@@ -191,7 +192,7 @@ def test_domain_without_agent_and_shut_off(test_conn: statecapture.Connection) -
         assert BlockerKind.DOMAIN_STATE in kinds(off, method), method
     assert BlockerKind.DOMAIN_STATE in kinds(off, Method.CHECKPOINT)
     with pytest.raises(libvirt.libvirtError, match="inactive domain"):  # the driver agrees
-        beta._vir._raw.checkpointCreateXML("<domaincheckpoint/>", 0)
+        raw_domain(beta).checkpointCreateXML("<domaincheckpoint/>", 0)
     assert BlockerKind.AGENT not in kinds(off, Method.EXTERNAL_DISK_SNAPSHOT)
     assert off[Method.EXTERNAL_DISK_SNAPSHOT].usable
     assert off[Method.EXTERNAL_DISK_SNAPSHOT].verdict(Facet.QUIESCING).fit is Fit.GOOD
@@ -200,7 +201,7 @@ def test_domain_without_agent_and_shut_off(test_conn: statecapture.Connection) -
 
 def test_checkpoints_block_internal_snapshots(test_domain: statecapture.Domain) -> None:
     """A checkpoint (dirty bitmaps) blocks internal snapshots: they could not be reverted."""
-    raw = test_domain._vir._raw
+    raw = raw_domain(test_domain)
     raw.checkpointCreateXML("<domaincheckpoint><name>cp1</name></domaincheckpoint>", 0)
     advice = advise(test_domain)
     assert advice.facts.checkpoints == ("cp1",)
@@ -213,7 +214,7 @@ def test_checkpoints_block_internal_snapshots(test_domain: statecapture.Domain) 
 def test_test_driver_refuses_checkpoint_with_snapshots(test_domain: statecapture.Domain) -> None:
     """The test driver's own rule (no checkpoint while snapshots exist) is reported for it
     only (HAZARDS 13), and it matches what the driver does."""
-    raw = test_domain._vir._raw
+    raw = raw_domain(test_domain)
     raw.snapshotCreateXML("<domainsnapshot><name>s1</name></domainsnapshot>", 0)
     advice = advise(test_domain)
     assert BlockerKind.UNSUPPORTED in kinds(advice, Method.CHECKPOINT)
@@ -299,7 +300,7 @@ def test_local_uris_and_memory_units() -> None:
 def _wait_agent_state(dom: statecapture.Domain, state: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if f"name='org.qemu.guest_agent.0' state='{state}'" in dom._vir._raw.XMLDesc(0):
+        if f"name='org.qemu.guest_agent.0' state='{state}'" in raw_domain(dom).XMLDesc(0):
             return
         time.sleep(0.1)
     raise AssertionError(f"agent channel never became {state}")
@@ -313,7 +314,7 @@ def test_qemu_agent_guest_every_blocker(
     ranks a backup method first; then each live blocker is provoked and reported: a running
     backup job, a checkpoint's bitmaps, an unfinished sequence's journal, a disconnected
     agent, and (shut off) a stale persistent bitmap found inside the image by qemu-img."""
-    raw = guest._vir._raw
+    raw = raw_domain(guest)
     needs = Needs(consistency=APP, incremental=True, max_downtime=1.0)
 
     # 1. All good: the backup family leads, nothing blocks it, and advise changed nothing.
@@ -373,14 +374,14 @@ def test_qemu_agent_guest_every_blocker(
 
     # 5. The agent goes away (its respawn loop stopped, qemu-ga killed): quiesced methods
     #    are blocked for application consistency, not for crash consistency.
-    from tests._harness.agent import agent_command
+    from statecapture.testing import agent_command
 
     script = (
         "sleep 0.5; p=$(pidof qemu-ga); pp=$(cut -d' ' -f4 /proc/$p/stat); kill -STOP $pp; kill $p"
     )
     raw.agentSetResponseTimeout(5, 0)  # cleanup must not wait forever on a dead agent
     agent_command(
-        raw, {"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", script]}}
+        guest, {"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", script]}}
     )
     try:
         _wait_agent_state(guest, "disconnected")
@@ -425,7 +426,7 @@ def test_qemu_raw_disk_without_agent(guest_factory: object) -> None:
         assert BlockerKind.AGENT in kinds(advice, method), method
     # What libvirt says agrees with the advice: a checkpoint of a raw disk is refused.
     with pytest.raises(libvirt.libvirtError, match="unsupported for storage type raw"):
-        dom._vir._raw.checkpointCreateXML("<domaincheckpoint/>", 0)
+        raw_domain(dom).checkpointCreateXML("<domaincheckpoint/>", 0)
     full = advise(dom)
     assert full[Method.BACKUP_PULL].usable and full[Method.BACKUP_PUSH].usable
     assert full.best is not None and full.best.method in BACKUPS

@@ -44,6 +44,7 @@ from statecapture import (
     verify,
 )
 from statecapture._restore import image_digest
+from tests._raw import adapter, raw_domain
 
 MiB = 1 << 20
 
@@ -102,7 +103,7 @@ def test_unsupported_is_raised_before_anything_changes(
         test_domain.backup(mode="push", target_dir=out, checkpoint="cp1")
     assert "cp1" not in test_domain.checkpoints
     assert list(out.iterdir()) == []
-    assert "x-statecapture:backup" not in test_domain._vir.xml_desc()
+    assert "x-statecapture:backup" not in test_domain.xml()
 
 
 def test_bad_mode_is_a_usage_error(test_domain: statecapture.Domain) -> None:
@@ -276,7 +277,7 @@ def test_restore_refuses_a_link_planted_at_the_destination_or_its_partial_name(
 
 
 def _live_aliases(dom: statecapture.Domain) -> dict[str, str]:
-    root = etree.fromstring(dom._vir.xml_desc().encode())
+    root = etree.fromstring(dom.xml().encode())
     out = {}
     for disk in root.iter("disk"):
         target, alias = disk.find("target"), disk.find("alias")
@@ -293,7 +294,7 @@ def _reference(dom: statecapture.Domain, disks: list[str], tmp: Path, tag: str) 
     refs = {}
     for disk in disks:
         libvirt_qemu.qemuMonitorCommand(
-            dom._vir._raw,
+            raw_domain(dom),
             f'qemu-io -d {aliases[disk]} "flush"',
             1,  # HMP
         )
@@ -304,10 +305,10 @@ def _reference(dom: statecapture.Domain, disks: list[str], tmp: Path, tag: str) 
 
 
 def _guest_writes(dom: statecapture.Domain, name: str, mib: int = 1) -> None:
-    from tests._harness.agent import guest_exec
+    from statecapture.testing import guest_exec
 
     code, _out, err = guest_exec(
-        dom._vir._raw,
+        dom,
         ["sh", "-c", f"dd if=/dev/urandom of=/data/{name} bs=64k count={16 * mib} && sync"],
         timeout=60,
     )
@@ -402,14 +403,14 @@ def test_push_full_then_two_incrementals(guest: statecapture.Domain, tmp_path: P
 
 
 def _attach_disk(dom: statecapture.Domain, target: str, tmp: Path) -> Path:
-    from tests._harness.guestkit import make_data_disk
+    from statecapture.testing.kit import make_data_disk
 
     path = make_data_disk(tmp / f"hotplug-{target}.qcow2", size_mib=32)
     xml = (
         "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
         f"<source file='{path}'/><target dev='{target}' bus='virtio'/></disk>"
     )
-    dom._vir._raw.attachDeviceFlags(xml, 1)  # VIR_DOMAIN_AFFECT_LIVE
+    raw_domain(dom).attachDeviceFlags(xml, 1)  # VIR_DOMAIN_AFFECT_LIVE
     return path
 
 
@@ -579,7 +580,7 @@ def test_interrupted_backup_notes_what_was_rolled_back(
     assert "deleted the checkpoint 'k1'" in note
     assert len(dom.checkpoints) == 0 and dom.active_backup() is None
 
-    vir = dom._vir
+    vir = adapter(dom)
     real_begin = vir.backup_begin
 
     def begin_then_interrupt(*args: object, **kwargs: object) -> None:
@@ -760,11 +761,12 @@ _CHILD_PRELUDE = """
 import json, os, signal, sys, time
 sys.path.insert(0, {repo!r})
 import statecapture
+from tests._raw import raw_domain
 conn = statecapture.connect({uri!r})
 """
 
 _CHILD_START = """
-from tests._harness.guestkit import domain_xml, ensure_kit, make_data_disk
+from statecapture.testing.kit import domain_xml, ensure_kit, make_data_disk
 from pathlib import Path
 disk = make_data_disk(Path({tmp!r}) / "k.qcow2")
 dom = conn.define(domain_xml("sc-killed", ensure_kit(), [disk], agent=False,
@@ -805,7 +807,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 _CHILD_STALE = """
 dom = conn.domain("sc-killed")
-dom._vir._raw.abortJob()  # the job ends while nobody watches (e.g. a daemon restart)
+raw_domain(dom).abortJob()  # the job ends while nobody watches (e.g. a daemon restart)
 while dom.active_backup() is not None:
     time.sleep(0.05)
 report = {{"cps_before": [c.name for c in dom.checkpoints]}}
@@ -820,7 +822,7 @@ print(json.dumps(report), flush=True)
 
 _CHILD_CLEANUP = """
 for dom in conn.domains():
-    for step in (lambda: dom._vir._raw.abortJob(), dom.destroy,
+    for step in (lambda: raw_domain(dom).abortJob(), dom.destroy,
                  lambda: dom.undefine(checkpoints_metadata=True)):
         try:
             step()
@@ -852,8 +854,8 @@ def test_leftover_job_after_killed_process_is_found_and_ended(kit: object, tmp_p
     recorded (it never delivered), and proves the next job starts without a stale lock. A
     second killed run whose job then ends unobserved is cleaned up by the next backup().
     """
-    from tests._harness import isolation
-    from tests._harness.guestkit import prepare_embed_root
+    from statecapture.testing.kit import prepare_embed_root
+    from tests import _isolation as isolation
 
     root = isolation.track(f"/tmp/sc-kill-{os.getpid()}")
     prepare_embed_root(root)

@@ -31,6 +31,7 @@ from statecapture import (
 )
 from statecapture._adapter import VirDomain
 from statecapture._blockjob import _expect, destination_xml
+from tests._raw import raw_domain
 from tests.schema import assert_valid
 
 # ----------------------------------------------------------------------------- fast tier
@@ -270,9 +271,9 @@ MiB = 1024 * 1024
 
 
 def _sh(dom: statecapture.Domain, script: str, timeout: float = 30) -> str:
-    from tests._harness.agent import guest_exec
+    from statecapture.testing import guest_exec
 
-    code, out, err = guest_exec(dom._vir._raw, ["sh", "-c", script], timeout=timeout)
+    code, out, err = guest_exec(dom, ["sh", "-c", script], timeout=timeout)
     assert code == 0, (script, out, err)
     return out.decode()
 
@@ -289,7 +290,7 @@ def _external_overlay(dom: statecapture.Domain, path: Path) -> None:
         | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
         | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
     )
-    dom._vir._raw.snapshotCreateXML(xml, flags)
+    raw_domain(dom).snapshotCreateXML(xml, flags)
 
 
 def _guest_md5(dom: statecapture.Domain, *paths: str) -> dict[str, str]:

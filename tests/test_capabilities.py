@@ -10,10 +10,11 @@ import pytest
 import statecapture
 from statecapture import Capabilities, Capability, Version
 from statecapture._capabilities import CAPABILITY_NAMES, _gate
+from tests._raw import adapter, raw_domain
 
 
 def _state_of(dom: statecapture.Domain) -> tuple[str, str, str, int, int, bool | None]:
-    raw = dom._vir._raw
+    raw = raw_domain(dom)
     return (
         raw.XMLDesc(0),
         raw.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.is_persistent else "",
@@ -121,7 +122,7 @@ def test_unknown_procedure_means_unsupported(
             err.err = (libvirt.VIR_ERR_RPC, 7, "unknown procedure: 999", 2, None, None, None, 0, 0)
             raise err
 
-    monkeypatch.setattr(test_domain._vir, "_raw", _Raw(test_domain._vir._raw))
+    monkeypatch.setattr(adapter(test_domain), "_raw", _Raw(raw_domain(test_domain)))
     caps = test_domain.capabilities()
     assert caps.managed_save.supported is False
     assert "does not know virDomainManagedSave" in caps.managed_save.reason
@@ -165,7 +166,7 @@ def test_qemu_capabilities_are_probed_harmlessly(
     caps = guest.capabilities()
     conn_caps = qemu_conn.capabilities()
     assert _state_of(guest) == before
-    assert guest._vir._raw.blockJobInfo("vda", 0) == {}
+    assert raw_domain(guest).blockJobInfo("vda", 0) == {}
     assert caps.driver == "QEMU" and caps.daemon >= (9, 0)
     for name in (
         "managed_save",

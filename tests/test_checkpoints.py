@@ -32,6 +32,7 @@ from statecapture import (
     _adapter,
 )
 from statecapture._checkpoint import _refine
+from tests._raw import raw_domain
 from tests.schema import assert_valid
 
 
@@ -126,7 +127,7 @@ def test_test_driver_refuses_checkpoint_while_snapshot_exists(
     test_domain: statecapture.Domain,
 ) -> None:
     """HAZARD 13: the test driver (not QEMU) refuses a checkpoint next to a snapshot."""
-    test_domain._vir._raw.snapshotCreateXML("<domainsnapshot><name>s1</name></domainsnapshot>", 0)
+    raw_domain(test_domain).snapshotCreateXML("<domainsnapshot><name>s1</name></domainsnapshot>", 0)
     with pytest.raises(UnsupportedError, match="snapshot"):
         test_domain.checkpoints.create("c1")
     assert len(test_domain.checkpoints) == 0
@@ -430,7 +431,8 @@ def _qmp(dom: statecapture.Domain, command: str, **arguments: Any) -> Any:
     cmd: dict[str, Any] = {"execute": command}
     if arguments:
         cmd["arguments"] = arguments
-    return json.loads(libvirt_qemu.qemuMonitorCommand(dom._vir._raw, json.dumps(cmd), 0))["return"]
+    reply = libvirt_qemu.qemuMonitorCommand(raw_domain(dom), json.dumps(cmd), 0)
+    return json.loads(reply)["return"]
 
 
 def _bitmaps(dom: statecapture.Domain) -> dict[str, list[str]]:
@@ -457,7 +459,7 @@ def test_real_checkpoints_sizes_and_broken_bitmap(guest_factory: Any) -> None:
     validate() and dirty_bytes() with the disk and bitmap named; the undeletable checkpoint
     keeps its child attached and goes with delete(metadata_only=True); a metadata-only delete
     leaves the bitmap in the image and a new checkpoint of that name is explained."""
-    from tests._harness.agent import guest_exec
+    from statecapture.testing import guest_exec
 
     dom = guest_factory(disks=2)
     vda, vdb = dom.disk("vda").source, dom.disk("vdb").source
@@ -480,8 +482,8 @@ def test_real_checkpoints_sizes_and_broken_bitmap(guest_factory: Any) -> None:
         cps.create("c3", disks=["vdz"])
     assert len(cps) == 2
 
-    guest_exec(dom._vir._raw, ["/bin/sh", "-c", "dd if=/dev/urandom of=/data1/x bs=64k count=8"])
-    guest_exec(dom._vir._raw, ["/bin/sync"])
+    guest_exec(dom, ["/bin/sh", "-c", "dd if=/dev/urandom of=/data1/x bs=64k count=8"])
+    guest_exec(dom, ["/bin/sync"])
     sizes1 = c1.dirty_bytes()
     assert set(sizes1) == {"vda", "vdb"}
     assert sizes1["vdb"] >= 512 * 1024  # the 512 KiB written to /data1, at least

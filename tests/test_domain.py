@@ -71,3 +71,44 @@ def test_repr_html(test_domain: statecapture.Domain, test_conn: statecapture.Con
     html = test_domain._repr_html_()
     assert "alpha" in html and "vda" in html and "running" in html
     assert "alpha" in test_conn._repr_html_()
+
+
+def test_xml_is_libvirts_document(test_domain: statecapture.Domain) -> None:
+    """Domain.xml() returns libvirt's live document unparsed (definition is the same one
+    parsed); inactive=True returns the persistent one."""
+    live = test_domain.xml()
+    assert live.lstrip().startswith("<domain") and "alpha" in live
+    assert statecapture.xml.DomainXML.from_xml(live) == test_domain.definition
+    inactive = test_domain.xml(inactive=True)
+    assert statecapture.xml.DomainXML.from_xml(inactive) == test_domain.inactive_definition
+
+
+def test_metadata_round_trip(test_domain: statecapture.Domain) -> None:
+    """set_metadata stores one element under a namespace in the live and the persistent
+    definition, metadata() reads it back, None removes it; no element reads as None."""
+    ns = "urn:example:tool:1"
+    assert test_domain.metadata(ns) is None
+    test_domain.set_metadata(ns, "tool", "<state step='2'/>")
+    stored = test_domain.metadata(ns)
+    assert stored is not None and 'step="2"' in stored.replace("'", '"')
+    assert ns in test_domain.xml() and ns in test_domain.xml(inactive=True)
+    test_domain.set_metadata(ns, "tool", None)
+    assert test_domain.metadata(ns) is None
+    assert ns not in test_domain.xml(inactive=True)
+
+
+def test_set_metadata_bad_input_writes_nothing(test_domain: statecapture.Domain) -> None:
+    """A bad key, malformed XML or an empty namespace raise UsageError before anything is
+    written."""
+    ns = "urn:example:tool:1"
+    before = test_domain.xml(inactive=True)
+    for args in (
+        (ns, "not a prefix", "<a/>"),
+        (ns, "tool", "<unclosed>"),
+        (ns, "tool", "two<a/>"),
+        ("", "tool", "<a/>"),
+    ):
+        with pytest.raises(statecapture.UsageError):
+            test_domain.set_metadata(*args)
+    assert test_domain.metadata(ns) is None
+    assert test_domain.xml(inactive=True) == before

@@ -286,8 +286,9 @@ def dask_fleet() -> Iterator[_Fleet]:
     """Two Dask worker processes (nannies: a killed worker is restarted), each standing for
     a host with its own embedded QEMU root and two running guests."""
     distributed = pytest.importorskip("distributed")
+    from statecapture.testing.kit import ensure_kit
     from tests import _fleet_worker as fw
-    from tests._harness.guestkit import ensure_kit, make_embed_root
+    from tests._isolation import make_embed_root
 
     ensure_kit()
     old_pp = os.environ.get("PYTHONPATH")

@@ -19,7 +19,9 @@ import pytest
 import statecapture
 from statecapture import fleet
 from statecapture.errors import UnsupportedError
+from statecapture.testing import wait_agent
 from tests import _remote
+from tests._raw import raw_domain
 
 pytestmark = pytest.mark.qemu
 
@@ -45,7 +47,7 @@ def remote() -> Iterator[tuple[statecapture.Connection, Path]]:
 
 
 def _remove(dom: statecapture.Domain) -> None:
-    raw = dom._vir._raw
+    raw = raw_domain(dom)
     with contextlib.suppress(Exception):
         raw.abortJob()
     with contextlib.suppress(Exception):
@@ -61,8 +63,7 @@ def test_guest_over_qemu_ssh(remote: tuple[statecapture.Connection, Path]) -> No
     """Through qemu+ssh://: a snapshot, a checkpoint and a push backup work; a pull
     download is refused with the documented error (run it on the host's worker) and leaves
     no job, no checkpoint and no file behind."""
-    from tests._harness.agent import wait_agent
-    from tests._harness.guestkit import domain_xml, ensure_kit, make_data_disk
+    from statecapture.testing.kit import domain_xml, ensure_kit, make_data_disk
 
     conn, base = remote
     assert conn.is_remote
@@ -73,7 +74,7 @@ def test_guest_over_qemu_ssh(remote: tuple[statecapture.Connection, Path]) -> No
     name = f"sc-remote-{work.stat().st_ino}"
     dom = conn.define(domain_xml(name, ensure_kit(), [disk], log_path=work / "console.log"))
     dom.start()
-    wait_agent(dom._vir._raw, timeout=300)
+    wait_agent(dom, timeout=300)
 
     snap = dom.snapshots.create("s1", disk_only=True, quiesce=True)
     assert [s.name for s in dom.snapshots.list()] == ["s1"]

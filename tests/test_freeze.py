@@ -46,12 +46,14 @@ from statecapture import (
 )
 from statecapture._adapter import VirDomain
 from statecapture._freeze import _held_freezes
+from statecapture.testing import wait_agent
+from tests._raw import raw_domain
 
 AGENT_TIMEOUT_MESSAGE = "Guest agent is not responding: Guest agent not available for now"
 
 
 def _raw(dom: statecapture.Domain) -> Any:
-    return dom._vir._raw
+    return raw_domain(dom)
 
 
 def _inside(scope: FreezeScope, body: Any) -> None:
@@ -346,9 +348,10 @@ def test_sigterm_to_another_process_thaws(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
         import atexit, time, statecapture
+        from tests._raw import raw_domain
         conn = statecapture.connect("test:///default")
         dom = conn.domain("test")
-        raw = dom._vir._raw
+        raw = raw_domain(dom)
         atexit.register(lambda: print("left frozen:", raw.fsThaw(None, 0), flush=True))
         with statecapture.fs_frozen(dom, max_frozen=60):
             print("frozen", flush=True)
@@ -680,12 +683,12 @@ def test_errors_pickle() -> None:
 
 
 def _agent(dom: statecapture.Domain, command: str, **arguments: Any) -> Any:
-    from tests._harness.agent import agent_command
+    from statecapture.testing import agent_command
 
     payload: dict[str, Any] = {"execute": command}
     if arguments:
         payload["arguments"] = arguments
-    return agent_command(_raw(dom), payload, timeout=10)
+    return agent_command(dom, payload, timeout=10)
 
 
 def _guest_freeze_status(dom: statecapture.Domain) -> str:
@@ -700,10 +703,10 @@ def _spawn(dom: statecapture.Domain, script: str) -> None:
 
 def _ticks(dom: statecapture.Domain, path: str = "/data/ticks") -> list[tuple[int, float]]:
     """(counter, guest uptime) per line the guest's writer appended."""
-    from tests._harness.agent import read_guest_file
+    from statecapture.testing import read_guest_file
 
     rows = []
-    for line in read_guest_file(_raw(dom), path).decode().splitlines():
+    for line in read_guest_file(dom, path).decode().splitlines():
         parts = line.split()
         if len(parts) >= 3:
             rows.append((int(parts[0]), float(parts[2])))
@@ -720,8 +723,7 @@ def fguest(
 ) -> Iterator[statecapture.Domain]:
     """One running guest with two data disks (/data, /data1) and a connected agent, shared
     by this module's real tests (each must leave it thawed)."""
-    from tests._harness.agent import wait_agent
-    from tests._harness.guestkit import domain_xml, make_data_disk
+    from statecapture.testing.kit import domain_xml, make_data_disk
 
     tmp = tmp_path_factory.mktemp("freeze")
     images = [make_data_disk(tmp / f"disk{i}.qcow2", size_mib=32) for i in range(2)]
@@ -735,7 +737,7 @@ def fguest(
     dom = qemu_conn.define(xml)
     try:
         dom.start()
-        wait_agent(_raw(dom), timeout=120)
+        wait_agent(dom, timeout=120)
         yield dom
     finally:
         with contextlib.suppress(Exception):
@@ -764,7 +766,7 @@ def guest2(fguest: statecapture.Domain) -> Iterator[statecapture.Domain]:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-    fguest._vir.set_agent_timeout(None)
+    raw_domain(fguest).agentSetResponseTimeout(-1, 0)
     if status != "thawed":
         fguest.fs_thaw()
     assert status == "thawed", "the test left the guest frozen"

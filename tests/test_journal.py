@@ -42,8 +42,8 @@ def test_begin_writes_facts_and_identity(test_domain: statecapture.Domain) -> No
     assert journal.fact("checkpoint") == "c1"
     assert journal.steps == ()
     # Stored in the domain's own XML under our namespace, live and persistent.
-    assert JOURNAL_NS in test_domain._vir.xml_desc()
-    assert JOURNAL_NS in test_domain._vir.xml_desc(inactive=True)
+    assert JOURNAL_NS in test_domain.xml()
+    assert JOURNAL_NS in test_domain.xml(inactive=True)
 
 
 def test_step_is_journalled_before_and_after(test_domain: statecapture.Domain) -> None:
@@ -111,7 +111,7 @@ def test_finish_and_clear_remove_the_journal(test_domain: statecapture.Domain) -
     writer = JournalWriter.begin(test_domain, "direct_backup")
     writer.finish()
     assert read_journal(test_domain) is None
-    assert JOURNAL_NS not in test_domain._vir.xml_desc(inactive=True)
+    assert JOURNAL_NS not in test_domain.xml(inactive=True)
     clear_journal(test_domain)
     clear_journal(test_domain)
     assert read_journal(test_domain) is None
@@ -152,6 +152,6 @@ def test_journal_xml_round_trip_and_damage() -> None:
 
 def test_damaged_journal_in_the_domain_is_reported(test_domain: statecapture.Domain) -> None:
     """read_journal() raises XMLError for a damaged journal (recover() reports it)."""
-    test_domain._vir.set_metadata(JOURNAL_NS, "statecapture", "<journal pid='nope'/>")
+    test_domain.set_metadata(JOURNAL_NS, "statecapture", "<journal pid='nope'/>")
     with pytest.raises(statecapture.XMLError):
         read_journal(test_domain)

@@ -36,6 +36,7 @@ from statecapture import (
     XMLError,
     _memory,
 )
+from tests._raw import adapter, raw_domain
 
 GAMMA_XML = """<domain type='test'>
   <name>gamma</name>
@@ -269,7 +270,7 @@ def test_interrupt_after_completed_save_keeps_image(
 ) -> None:
     """Fault injection: a KeyboardInterrupt right after libvirt finished never deletes the
     only copy of the guest's memory; the image is kept at its path and the error says so."""
-    vir = test_domain._vir
+    vir = adapter(test_domain)
     real_save = vir.save
 
     def save_then_interrupt(*args: Any, **kwargs: Any) -> str:
@@ -294,7 +295,7 @@ def test_interrupt_before_save_removes_reservation(
     def interrupt(*args: Any, **kwargs: Any) -> str:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(test_domain._vir, "save", interrupt)
+    monkeypatch.setattr(adapter(test_domain), "save", interrupt)
     with pytest.raises(KeyboardInterrupt):
         test_domain.save(tmp_path / "never.save")
     assert not (tmp_path / "never.save").exists()
@@ -362,7 +363,7 @@ def test_params_api_gated_on_daemon_version(
 ) -> None:
     """virDomainSaveParams is tried only when the daemon is >= 8.4; when the driver lacks
     it, the call falls back to virDomainSaveFlags with nothing done twice."""
-    raw = test_domain._vir._raw
+    raw = raw_domain(test_domain)
     calls: list[str] = []
     real_params, real_flags = raw.saveParams, raw.saveFlags
 
@@ -420,19 +421,17 @@ def test_save_image_error_pickles() -> None:
 
 
 def _ticks(dom: statecapture.Domain) -> list[int]:
-    from tests._harness.agent import read_guest_file
+    from statecapture.testing import read_guest_file
 
-    text = read_guest_file(dom._vir._raw, "/data/ticks").decode()
+    text = read_guest_file(dom, "/data/ticks").decode()
     return [int(line.split()[0]) for line in text.splitlines() if line.strip()]
 
 
 def _wait_ticks_past(dom: statecapture.Domain, value: int, timeout: float = 60) -> list[int]:
-    import libvirt
-
     deadline = time.monotonic() + timeout
     ticks: list[int] = []
     while True:
-        with contextlib.suppress(libvirt.libvirtError):  # agent reconnecting after a restore
+        with contextlib.suppress(statecapture.GuestAgentError):  # agent reconnecting (restore)
             ticks = _ticks(dom)
             if ticks and ticks[-1] > value:
                 return ticks
@@ -480,7 +479,7 @@ def test_qemu_managed_save_resumes_guest(
     _assert_continuous(ticks)
 
     # A transient domain cannot be managed-saved: refused before anything happens.
-    from tests._harness.guestkit import domain_xml
+    from statecapture.testing.kit import domain_xml
 
     transient = qemu_conn.create(domain_xml(f"{guest.name}-t", kit, [], agent=False), paused=True)
     try:

@@ -33,6 +33,7 @@ from statecapture import (
     UsageError,
     _adapter,
 )
+from tests._raw import adapter
 
 # ----------------------------------------------------------------------------- fast tier
 
@@ -41,11 +42,11 @@ def test_snapshot_plan_is_a_dry_run_then_one_call(test_domain: statecapture.Doma
     """snapshots.plan() checks and works out a snapshot without creating anything;
     str(plan) says what it would make; create(plan=) makes exactly that; mixing plan= with
     other arguments, or a plan of another domain, is a UsageError."""
-    before = test_domain._vir.xml_desc()
+    before = test_domain.xml()
     plan = test_domain.snapshots.plan("p1", description="planned")
     assert isinstance(plan, SnapshotPlan) and plan.name == "p1" and plan.internal
     assert "p1" in str(plan) and "internal" in str(plan) and "<pre>" in plan._repr_html_()
-    assert "p1" not in test_domain.snapshots and test_domain._vir.xml_desc() == before
+    assert "p1" not in test_domain.snapshots and test_domain.xml() == before
     with pytest.raises(UsageError, match="not both"):
         test_domain.snapshots.create("p2", plan=plan)
     with pytest.raises(UsageError, match="not both"):
@@ -65,7 +66,7 @@ def test_frozen_for_covers_the_freeze_and_thaw_calls(
     """frozen_for runs from the start of the freeze call to the return of the thaw call —
     a slow agent (injected: each call takes 0.2 s) counts in full — while frozen_inner is the
     narrower window between the two calls."""
-    vir = test_domain._vir
+    vir = adapter(test_domain)
     freeze, thaw = vir.fs_freeze, vir.fs_thaw
 
     def slow_freeze(*args: Any, **kwargs: Any) -> int:
@@ -156,7 +157,7 @@ def planned_guest(guest_factory: Any) -> Iterator[statecapture.Domain]:
 
 def _state(dom: statecapture.Domain, *dirs: Path) -> tuple[Any, ...]:
     return (
-        dom._vir.xml_desc(),
+        dom.xml(),
         sorted(c.name for c in dom.checkpoints.list()),
         dom.active_backup(),
         [sorted(os.listdir(d)) for d in dirs],

@@ -22,6 +22,7 @@ import pytest
 
 import statecapture
 from statecapture import BackupProgress, CleanupError, NotFoundError, TargetExistsError
+from statecapture.testing import wait_agent
 from tests._proof import flush_disk, qemu_img, raw, tmpfs, write_known
 
 pytestmark = pytest.mark.qemu
@@ -32,8 +33,7 @@ def bguest(
     qemu_conn: statecapture.Connection, kit: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[statecapture.Domain]:
     """One running guest with one qcow2 data disk and an agent, shared by the module."""
-    from tests._harness.agent import wait_agent
-    from tests._harness.guestkit import domain_xml, make_data_disk
+    from statecapture.testing.kit import domain_xml, make_data_disk
 
     tmp = tmp_path_factory.mktemp("qbackup")
     image = make_data_disk(tmp / "disk0.qcow2", size_mib=32)
@@ -42,7 +42,7 @@ def bguest(
     )
     try:
         dom.start()
-        wait_agent(raw(dom), timeout=180)
+        wait_agent(dom, timeout=180)
         yield dom
     finally:
         with contextlib.suppress(Exception):

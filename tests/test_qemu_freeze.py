@@ -21,6 +21,7 @@ import statecapture
 from statecapture import FreezeExpiredError, FreezeScope, FreezeStatus, UsageError, fs_frozen
 from statecapture._adapter import VirDomain
 from statecapture._freeze import _Freeze, _held_freezes
+from statecapture.testing import wait_agent
 from tests._proof import agent, guest_frozen, raw, sh, spawn
 
 pytestmark = pytest.mark.qemu
@@ -31,8 +32,7 @@ def fguest1(
     qemu_conn: statecapture.Connection, kit: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[statecapture.Domain]:
     """One running guest (data disk ``/data``) with a connected agent, for the module."""
-    from tests._harness.agent import wait_agent
-    from tests._harness.guestkit import domain_xml, make_data_disk
+    from statecapture.testing.kit import domain_xml, make_data_disk
 
     tmp = tmp_path_factory.mktemp("qfreeze")
     image = make_data_disk(tmp / "disk0.qcow2", size_mib=32)
@@ -41,7 +41,7 @@ def fguest1(
     )
     try:
         dom.start()
-        wait_agent(raw(dom), timeout=180)
+        wait_agent(dom, timeout=180)
         yield dom
     finally:
         with contextlib.suppress(Exception):
@@ -150,9 +150,8 @@ def test_exit_thaw_is_retried_while_the_agent_is_stopped(
         assert all(a == "_AgentCallPending" for a in attempts[:-1]), attempts
         assert calls == ["thaw"], calls
         assert scope.thaw_error is None
-        from tests._harness.agent import wait_agent
 
-        wait_agent(raw(fg), timeout=60)
+        wait_agent(fg, timeout=60)
         assert guest_frozen(fg) == "thawed"
         sh(fg, "echo after > /data/after-stop && sync")  # writes work again
     finally:

@@ -20,6 +20,7 @@ import pytest
 
 import statecapture
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
+from statecapture.testing import wait_agent
 from tests._proof import guest_frozen, qemu_img, raw, sh, write_known
 
 pytestmark = pytest.mark.qemu
@@ -37,8 +38,7 @@ def rguest(
     qemu_conn: statecapture.Connection, kit: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[G]:
     """One running guest with one qcow2 data disk and an agent, shared by the module."""
-    from tests._harness.agent import wait_agent
-    from tests._harness.guestkit import domain_xml, make_data_disk
+    from statecapture.testing.kit import domain_xml, make_data_disk
 
     tmp = tmp_path_factory.mktemp("qrec")
     image_dir = tmp / "images"
@@ -49,7 +49,7 @@ def rguest(
     )
     try:
         dom.start()
-        wait_agent(raw(dom), timeout=180)
+        wait_agent(dom, timeout=180)
         yield G(dom, str(image), image_dir)
     finally:
         with contextlib.suppress(Exception):
@@ -75,9 +75,7 @@ def g(rguest: G) -> Iterator[G]:
 def _journal_of(dom: statecapture.Domain, sequence: str, facts: dict[str, str], pid: int) -> None:
     """Put a journal written by process ``pid`` into the domain's metadata."""
     writer = JournalWriter.begin(dom, sequence, facts=facts)
-    dom._vir.set_metadata(
-        JOURNAL_NS, "statecapture", attrs.evolve(writer.journal, pid=pid).to_xml()
-    )
+    dom.set_metadata(JOURNAL_NS, "statecapture", attrs.evolve(writer.journal, pid=pid).to_xml())
 
 
 def _dead_pid() -> int:
@@ -100,13 +98,13 @@ def test_refuses_while_the_writing_process_lives_unless_forced(g: G, tmp_path: P
         partial.write_bytes(b"half")
         facts = {"mode": "pull", "checkpoint": "sc-live", "partial:vda": str(partial)}
         _journal_of(dom, "direct_backup", facts, sleeper.pid)
-        stored = dom._vir.get_metadata(JOURNAL_NS)
+        stored = dom.metadata(JOURNAL_NS)
         with pytest.raises(statecapture.InvalidStateError, match="still running"):
             statecapture.recover(dom)
         running = dom.active_backup()
         assert running is not None and running.checkpoint == "sc-live"
         assert "sc-live" in dom.checkpoints and partial.exists()
-        assert dom._vir.get_metadata(JOURNAL_NS) == stored
+        assert dom.metadata(JOURNAL_NS) == stored
         report = statecapture.recover(dom, force=True)
         assert report.clean, str(report)
         assert dom.active_backup() is None and "sc-live" not in dom.checkpoints
@@ -122,13 +120,13 @@ def test_damaged_journal_is_reported_and_cleared(g: G, tmp_path: Path) -> None:
     """A damaged journal blocks every sequence (InvalidStateError, nothing changed);
     recover() reports it and clears it, and the next run works."""
     dom = g.dom
-    dom._vir.set_metadata(JOURNAL_NS, "statecapture", "<journal pid='x'/>")
+    dom.set_metadata(JOURNAL_NS, "statecapture", "<journal pid='x'/>")
     with pytest.raises(statecapture.InvalidStateError, match="damaged"):
         statecapture.direct_backup(dom, tmp_path)
     assert list(tmp_path.iterdir()) == [] and len(dom.checkpoints) == 0
     report = statecapture.recover(dom)
     assert report.clean and any("damaged" in f for f in report.found), str(report)
-    assert dom._vir.get_metadata(JOURNAL_NS) is None
+    assert dom.metadata(JOURNAL_NS) is None
     result = statecapture.direct_backup(dom, tmp_path, checkpoint=False)
     assert all(p.is_file() for p in result.files.values())
 

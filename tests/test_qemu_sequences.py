@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import libvirt
 import pytest
 
 import statecapture
@@ -31,6 +32,7 @@ from statecapture import (
 )
 from statecapture._adapter import VirDomain
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
+from statecapture.testing import wait_agent
 from tests._proof import (
     file_md5_in_image,
     flush_disk,
@@ -40,6 +42,7 @@ from tests._proof import (
     spawn,
     write_known,
 )
+from tests._raw import raw_domain
 
 pytestmark = pytest.mark.qemu
 
@@ -56,8 +59,7 @@ def sguest(
     qemu_conn: statecapture.Connection, kit: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[G]:
     """One running guest with one qcow2 data disk and an agent, shared by the module."""
-    from tests._harness.agent import wait_agent
-    from tests._harness.guestkit import domain_xml, make_data_disk
+    from statecapture.testing.kit import domain_xml, make_data_disk
 
     tmp = tmp_path_factory.mktemp("qseq")
     image_dir = tmp / "images"
@@ -68,7 +70,7 @@ def sguest(
     )
     try:
         dom.start()
-        wait_agent(raw(dom), timeout=180)
+        wait_agent(dom, timeout=180)
         yield G(dom, str(image), image_dir)
     finally:
         with contextlib.suppress(Exception):
@@ -183,12 +185,12 @@ def test_unfinished_journal_refuses_a_new_run(g: G, tmp_path: Path) -> None:
     )
     writer = JournalWriter.begin(dom, "direct_backup", facts={"target_dir": str(tmp_path)})
     dead = attrs.evolve(writer.journal, pid=int(done.stdout))
-    dom._vir.set_metadata(JOURNAL_NS, "statecapture", dead.to_xml())
-    stored = dom._vir.get_metadata(JOURNAL_NS)
+    dom.set_metadata(JOURNAL_NS, "statecapture", dead.to_xml())
+    stored = dom.metadata(JOURNAL_NS)
     for outcome in _both(dom, tmp_path):
         assert isinstance(outcome, InvalidStateError), outcome
         assert "recover(dom)" in str(outcome) and "Nothing was changed" in str(outcome)
-    assert dom._vir.get_metadata(JOURNAL_NS) == stored
+    assert dom.metadata(JOURNAL_NS) == stored
     assert list(tmp_path.iterdir()) == [] and len(dom.checkpoints) == 0
     assert sorted(p.name for p in g.image_dir.iterdir()) == ["disk0.qcow2"]
     assert statecapture.recover(dom).clean
@@ -201,7 +203,7 @@ def test_non_file_disk_is_unsupported(guest_factory: Any, tmp_path: Path) -> Non
     """A domain with a block-device disk (a loop device): backup_via_temporary_snapshot
     raises UnsupportedError before any change (no overlay next to the file disk, the
     definition and the journal untouched)."""
-    from tests._harness.guestkit import make_data_disk
+    from statecapture.testing.kit import make_data_disk
 
     dom = guest_factory(start=False, agent=False, size_mib=16)
     raw_image = make_data_disk(tmp_path / "blockdisk.raw", size_mib=16, fmt="raw")
@@ -209,7 +211,7 @@ def test_non_file_disk_is_unsupported(guest_factory: Any, tmp_path: Path) -> Non
         ["losetup", "-f", "--show", str(raw_image)], check=True, capture_output=True, text=True
     ).stdout.strip()
     try:
-        xml = dom._vir.xml_desc(inactive=True)
+        xml = dom.xml(inactive=True)
         block = (
             f"<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
             f"<source dev='{loop}'/><target dev='vdb' bus='virtio'/></disk>"
@@ -219,11 +221,11 @@ def test_non_file_disk_is_unsupported(guest_factory: Any, tmp_path: Path) -> Non
         file_disk = dom.disk("vda").source
         assert file_disk is not None and dom.disk("vdb").type == "block"
         listing = sorted(os.listdir(Path(file_disk).parent))
-        before = dom._vir.xml_desc()
+        before = dom.xml()
         with pytest.raises(UnsupportedError, match="not a local file"):
             statecapture.backup_via_temporary_snapshot(dom, _no_copy, quiesce=False)
         assert sorted(os.listdir(Path(file_disk).parent)) == listing
-        assert dom._vir.xml_desc() == before
+        assert dom.xml() == before
         assert read_journal(dom) is None and dom.block_jobs() == ()
         dom.destroy()
     finally:
@@ -274,9 +276,7 @@ def _restart_agent_without_freeze(dom: statecapture.Domain) -> None:
         )
         gone.wait(60, what="agent disconnect")
     dom.wait_for_agent(120)
-    from tests._harness.agent import wait_agent
-
-    wait_agent(raw(dom), timeout=120)
+    wait_agent(dom, timeout=120)
 
 
 def test_best_effort_when_the_agents_freeze_fails(guest_factory: Any, tmp_path: Path) -> None:
@@ -292,8 +292,8 @@ def test_best_effort_when_the_agents_freeze_fails(guest_factory: Any, tmp_path: 
     target.mkdir()
     listing = sorted(os.listdir(folder))
     _restart_agent_without_freeze(dom)
-    with pytest.raises(statecapture.LibvirtError, match="disabled"):
-        dom._vir.fs_freeze(None)  # the agent really refuses to freeze
+    with pytest.raises(libvirt.libvirtError, match="disabled"):
+        raw_domain(dom).fsFreeze(None, 0)  # the agent really refuses to freeze
     assert guest_frozen(dom) == "thawed"
     for outcome in _both(dom, target):
         assert isinstance(outcome, statecapture.LibvirtError), outcome

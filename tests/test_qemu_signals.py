@@ -138,7 +138,8 @@ def _qemu_pids_under(root: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def env(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """A guest with one data disk in its own embed root, driven only by child processes."""
-    from tests._harness.guestkit import domain_xml, make_data_disk, make_embed_root
+    from statecapture.testing.kit import domain_xml, make_data_disk
+    from tests._isolation import make_embed_root
 
     root = make_embed_root("scp-")
     e = Env(root, tmp_path_factory.mktemp("signals"))

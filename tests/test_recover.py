@@ -36,7 +36,8 @@ import pytest
 
 import statecapture
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
-from tests._harness import isolation
+from tests import _isolation as isolation
+from tests._raw import raw_domain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def _orphan_journal(dom: statecapture.Domain, sequence: str, facts: dict[str, st
     import attrs
 
     dead = attrs.evolve(journal, pid=_dead_pid())
-    dom._vir.set_metadata(JOURNAL_NS, "statecapture", dead.to_xml())
+    dom.set_metadata(JOURNAL_NS, "statecapture", dead.to_xml())
 
 
 def _qemu_img(*args: str) -> str:
@@ -71,12 +72,12 @@ def _qemu_img(*args: str) -> str:
 
 def test_recover_on_a_clean_domain_is_a_no_op(test_domain: statecapture.Domain) -> None:
     """recover() on a domain with nothing left behind finds nothing and changes nothing."""
-    before = test_domain._vir.xml_desc()
+    before = test_domain.xml()
     for _ in range(2):
         report = statecapture.recover(test_domain)
         assert report.clean and report.nothing_found
         assert report.found == report.actions == report.errors == ()
-    assert test_domain._vir.xml_desc() == before
+    assert test_domain.xml() == before
     assert "found:  nothing" in str(report)
 
 
@@ -84,7 +85,7 @@ def test_recover_thaws_what_the_journal_says_may_be_frozen(
     test_domain: statecapture.Domain,
 ) -> None:
     """A journal saying 'frozen' makes recover() thaw the guest, then clear the journal."""
-    assert test_domain._vir.fs_freeze(None) > 0  # the test driver freezes two filesystems
+    assert raw_domain(test_domain).fsFreeze(None, 0) > 0  # the test driver freezes two filesystems
     _orphan_journal(test_domain, "direct_backup", {"frozen": "1"})
     report = statecapture.recover(test_domain)
     assert report.clean, str(report)
@@ -92,7 +93,7 @@ def test_recover_thaws_what_the_journal_says_may_be_frozen(
     assert any(a.startswith("thawed") and "(2 thawed)" in a for a in report.actions)
     assert "cleared the journal" in report.actions
     assert read_journal(test_domain) is None
-    assert test_domain._vir.fs_thaw() == 0  # nothing frozen any more
+    assert test_domain.fs_thaw() == 0  # nothing frozen any more
 
 
 def test_recover_refuses_while_the_journalling_process_runs(
@@ -106,7 +107,7 @@ def test_recover_refuses_while_the_journalling_process_runs(
         import attrs
 
         live = attrs.evolve(writer.journal, pid=sleeper.pid)
-        test_domain._vir.set_metadata(JOURNAL_NS, "statecapture", live.to_xml())
+        test_domain.set_metadata(JOURNAL_NS, "statecapture", live.to_xml())
         with pytest.raises(statecapture.InvalidStateError, match="still running"):
             statecapture.recover(test_domain)
         assert read_journal(test_domain) is not None
@@ -119,11 +120,11 @@ def test_recover_refuses_while_the_journalling_process_runs(
 
 def test_recover_clears_a_damaged_journal(test_domain: statecapture.Domain) -> None:
     """A damaged journal is reported and removed (it would block every sequence)."""
-    test_domain._vir.set_metadata(JOURNAL_NS, "statecapture", "<journal pid='x'/>")
+    test_domain.set_metadata(JOURNAL_NS, "statecapture", "<journal pid='x'/>")
     report = statecapture.recover(test_domain)
     assert report.clean
     assert any("damaged" in f for f in report.found)
-    assert test_domain._vir.get_metadata(JOURNAL_NS) is None
+    assert test_domain.metadata(JOURNAL_NS) is None
 
 
 def test_recover_removes_what_an_unfinished_direct_backup_made(
@@ -166,7 +167,7 @@ def _shut_off_on_overlay(
     )
     beta = conn.domain("beta")
     beta.destroy()
-    xml = beta._vir.xml_desc(inactive=True)
+    xml = beta.xml(inactive=True)
     xml = xml.replace(
         "<source file='/var/lib/statecapture-test/beta.img'/>",
         f"<source file='{overlay}'/><backingStore type='file'><format type='qcow2'/>"
@@ -370,7 +371,8 @@ def _qemu_pids_under(root: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def kill_env(kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KillEnv]:
     """A guest with two data disks in its own embed root, driven only by child processes."""
-    from tests._harness.guestkit import domain_xml, make_data_disk, make_embed_root
+    from statecapture.testing.kit import domain_xml, make_data_disk
+    from tests._isolation import make_embed_root
 
     root = make_embed_root("sck-")
     env = KillEnv(root, tmp_path_factory.mktemp("kill"), kit)
@@ -479,7 +481,7 @@ def _abandon(job: Any) -> None:
 def _record_text(dom: statecapture.Domain) -> str | None:
     from statecapture._backup import RECORD_NS
 
-    return dom._vir.get_metadata(RECORD_NS)
+    return dom.metadata(RECORD_NS)
 
 
 @pytest.mark.qemu
@@ -555,7 +557,7 @@ def test_recover_cleans_the_stale_record_of_a_job_that_ended_without_its_run(
     with events.expect(kind=statecapture.EventKind.JOB_COMPLETED, domain_uuid=dom.uuid) as done:
         job = dom.backup(mode="pull", checkpoint="s2", incremental_from="s1")
         _abandon(job)
-        dom._vir._raw.abortJob()
+        raw_domain(dom).abortJob()
         done.wait(120, what="JOB_COMPLETED")
     _wait_no_job(dom)
     assert _record_text(dom) is not None

@@ -19,6 +19,8 @@ from lxml import etree
 
 import statecapture
 from statecapture import PointKind, Repository, RestorePoint
+from statecapture.testing import wait_agent
+from tests._raw import raw_domain
 
 MiB = 1 << 20
 
@@ -50,7 +52,7 @@ def _references(dom: statecapture.Domain, tmp: Path, tag: str) -> dict[str, Path
 
     refs = {}
     for disk, alias in _aliases(dom).items():
-        libvirt_qemu.qemuMonitorCommand(dom._vir._raw, f'qemu-io -d {alias} "flush"', 1)
+        libvirt_qemu.qemuMonitorCommand(raw_domain(dom), f'qemu-io -d {alias} "flush"', 1)
         ref = tmp / f"ref-{tag}-{disk}.raw"
         _qemu_img("convert", "-U", "-O", "raw", str(dom.disk(disk).source), str(ref))
         refs[disk] = ref
@@ -58,10 +60,10 @@ def _references(dom: statecapture.Domain, tmp: Path, tag: str) -> dict[str, Path
 
 
 def _guest_writes(dom: statecapture.Domain, name: str, mib: int = 2) -> None:
-    from tests._harness.agent import guest_exec
+    from statecapture.testing import guest_exec
 
     code, _out, err = guest_exec(
-        dom._vir._raw,
+        dom,
         ["sh", "-c", f"dd if=/dev/urandom of=/data/{name} bs=64k count={16 * mib} && sync"],
         timeout=120,
     )
@@ -270,7 +272,7 @@ def test_kill_matrix_backup_and_prune(kit: object, tmp_path: Path) -> None:
     repository checks clean and the domain carries only checkpoints a point references."""
     import signal
 
-    from tests._harness.guestkit import prepare_embed_root
+    from statecapture.testing.kit import prepare_embed_root
 
     root = Path(f"/tmp/sc-rkill-{os.getpid()}")
     prepare_embed_root(root)
@@ -312,7 +314,7 @@ def _remove_bitmap_behind_libvirts_back(dom: statecapture.Domain, disk: str, nam
         cmd: dict[str, object] = {"execute": command}
         if arguments:
             cmd["arguments"] = arguments
-        raw = libvirt_qemu.qemuMonitorCommand(dom._vir._raw, json.dumps(cmd), 0)
+        raw = libvirt_qemu.qemuMonitorCommand(raw_domain(dom), json.dumps(cmd), 0)
         return json.loads(raw)["return"]
 
     source = dom.disk(disk).source
@@ -323,14 +325,14 @@ def _remove_bitmap_behind_libvirts_back(dom: statecapture.Domain, disk: str, nam
 
 
 def _attach_disk(dom: statecapture.Domain, target: str, tmp: Path) -> Path:
-    from tests._harness.guestkit import make_data_disk
+    from statecapture.testing.kit import make_data_disk
 
     path = make_data_disk(tmp / f"hotplug-{target}.qcow2", size_mib=32)
     xml = (
         "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
         f"<source file='{path}'/><target dev='{target}' bus='virtio'/></disk>"
     )
-    dom._vir._raw.attachDeviceFlags(xml, 1)  # VIR_DOMAIN_AFFECT_LIVE
+    raw_domain(dom).attachDeviceFlags(xml, 1)  # VIR_DOMAIN_AFFECT_LIVE
     return path
 
 
@@ -375,7 +377,6 @@ def test_broken_bitmap_added_disk_shut_off_and_restore_domain(
         new.undefine()
     # a clean shutdown writes the bitmaps into the images: the shut-off point is an
     # incremental from them, and it defines a new checkpoint (metadata + bitmap)
-    from tests._harness.agent import wait_agent
 
     _guest_writes(guest, "b4", mib=1)
     guest.shutdown(mode=statecapture.ShutdownMode.AGENT, timeout=180)
@@ -389,7 +390,7 @@ def test_broken_bitmap_added_disk_shut_off_and_restore_domain(
     assert 0 < p4.bytes_copied < p4.disks["vda"].size / 4
     _restore_equals(repo, p4, {"vda": ref4}, tmp_path / "rb4")
     guest.start()
-    wait_agent(guest._vir._raw, timeout=180)
+    wait_agent(guest, timeout=180)
     _guest_writes(guest, "b5", mib=1)
     p5, r5 = _paused_backup(repo, guest, tmp_path, "b5")
     if p4.checkpoint is not None:  # the driver defined a checkpoint while shut off

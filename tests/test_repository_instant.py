@@ -44,11 +44,11 @@ def _repo_sums(repo: Repository) -> dict[str, str]:
 
 
 def _write_marker(dom: statecapture.Domain, name: str, line: bytes) -> None:
-    from tests._harness.agent import guest_exec
+    from statecapture.testing import guest_exec
 
     text = line.decode().rstrip("\n")
     code, _out, err = guest_exec(
-        dom._vir._raw,
+        dom,
         ["sh", "-c", f"yes {text} | head -c {MiB} > /data/{name} && sync"],
         timeout=120,
     )
@@ -56,9 +56,9 @@ def _write_marker(dom: statecapture.Domain, name: str, line: bytes) -> None:
 
 
 def _guest_sha(dom: statecapture.Domain, name: str) -> str:
-    from tests._harness.agent import guest_exec
+    from statecapture.testing import guest_exec
 
-    code, out, err = guest_exec(dom._vir._raw, ["sha256sum", f"/data/{name}"], timeout=120)
+    code, out, err = guest_exec(dom, ["sha256sum", f"/data/{name}"], timeout=120)
     assert code == 0, err
     return out.split()[0].decode()
 
@@ -111,7 +111,7 @@ def test_export_boot_detach(
     taken name or overlay directory is refused first; detach() pulls the chain into the
     overlays (progress reported) so the domain boots again with the repository moved away;
     the repository's files are unchanged by checksum throughout."""
-    from tests._harness.agent import wait_agent
+    from statecapture.testing import wait_agent
 
     repo = Repository.create(tmp_path / "repo")
     _write_marker(guest, "marker", LINE)
@@ -151,7 +151,7 @@ def test_export_boot_detach(
         assert Path(new.disk("vda").source or "").parent == tmp_path / "ov"
         assert (os.stat(tmp_path / "ov").st_mode & 0o777) == 0o700
         assert _backing(new, "vda") == "file"
-        wait_agent(new._vir._raw, timeout=240)
+        wait_agent(new, timeout=240)
         assert _guest_sha(new, "marker") == hashlib.sha256(MARKER).hexdigest()
         assert _guest_sha(new, "marker2") == hashlib.sha256(MARKER2).hexdigest()
         assert _repo_sums(repo) == before
@@ -174,7 +174,7 @@ def test_export_boot_detach(
         os.rename(repo.path, moved)
         try:
             new.start()
-            wait_agent(new._vir._raw, timeout=240)
+            wait_agent(new, timeout=240)
             assert _guest_sha(new, "marker") == hashlib.sha256(MARKER).hexdigest()
         finally:
             os.rename(moved, repo.path)

@@ -28,6 +28,8 @@ import pytest
 import statecapture
 from statecapture import Consistency, SequenceResult, StepTiming, UsageError, _journal
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
+from statecapture.testing import wait_agent
+from tests._raw import adapter, raw_domain
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +41,7 @@ def _no_hook() -> Iterator[None]:
 def _orphan_journal(dom: statecapture.Domain) -> None:
     writer = JournalWriter.begin(dom, "direct_backup")
     dead = attrs.evolve(writer.journal, pid=999_999_999)
-    dom._vir.set_metadata(JOURNAL_NS, "statecapture", dead.to_xml())
+    dom.set_metadata(JOURNAL_NS, "statecapture", dead.to_xml())
 
 
 def _no_copy(images: Mapping[str, Path]) -> None:
@@ -51,10 +53,10 @@ def _no_copy(images: Mapping[str, Path]) -> None:
 
 def test_snapshot_sequence_needs_block_commit(test_domain: statecapture.Domain) -> None:
     """The test driver has no block commit: refused up front, nothing changed."""
-    before = test_domain._vir.xml_desc()
+    before = test_domain.xml()
     with pytest.raises(statecapture.UnsupportedError, match="virDomainBlockCommit"):
         statecapture.backup_via_temporary_snapshot(test_domain, _no_copy, quiesce=False)
-    assert test_domain._vir.xml_desc() == before
+    assert test_domain.xml() == before
     assert read_journal(test_domain) is None
 
 
@@ -85,12 +87,12 @@ def test_quiesce_without_agent_is_refused(
 def test_unfinished_run_is_refused(test_domain: statecapture.Domain, tmp_path: Path) -> None:
     """A journal left by an interrupted run blocks both sequences until recover()."""
     _orphan_journal(test_domain)
-    stored = test_domain._vir.get_metadata(JOURNAL_NS)
+    stored = test_domain.metadata(JOURNAL_NS)
     with pytest.raises(statecapture.InvalidStateError, match=r"recover\(dom\)"):
         statecapture.backup_via_temporary_snapshot(test_domain, _no_copy)
     with pytest.raises(statecapture.InvalidStateError, match=r"recover\(dom\)"):
         statecapture.direct_backup(test_domain, tmp_path)
-    assert test_domain._vir.get_metadata(JOURNAL_NS) == stored
+    assert test_domain.metadata(JOURNAL_NS) == stored
 
 
 def test_stopped_domain_is_refused(test_domain: statecapture.Domain, tmp_path: Path) -> None:
@@ -172,9 +174,9 @@ def test_result_values() -> None:
 
 
 def _sh(dom: statecapture.Domain, script: str, timeout: float = 60) -> str:
-    from tests._harness.agent import guest_exec
+    from statecapture.testing import guest_exec
 
-    code, out, err = guest_exec(dom._vir._raw, ["sh", "-c", script], timeout=timeout)
+    code, out, err = guest_exec(dom, ["sh", "-c", script], timeout=timeout)
     assert code == 0, f"{script}: {err.decode()}"
     return out.decode()
 
@@ -211,8 +213,7 @@ def seq_guest(
     qemu_conn: statecapture.Connection, kit: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SeqGuest]:
     """One running guest with two qcow2 data disks and an agent, shared by the module."""
-    from tests._harness.agent import wait_agent
-    from tests._harness.guestkit import domain_xml, make_data_disk
+    from statecapture.testing.kit import domain_xml, make_data_disk
 
     tmp = tmp_path_factory.mktemp("seq")
     image_dir = tmp / "images"
@@ -223,10 +224,10 @@ def seq_guest(
     dom = qemu_conn.define(xml)
     try:
         dom.start()
-        wait_agent(dom._vir._raw, timeout=300)
+        wait_agent(dom, timeout=300)
         yield SeqGuest(dom, {"vda": str(images[0]), "vdb": str(images[1])}, image_dir, tmp)
     finally:
-        raw = dom._vir._raw
+        raw = raw_domain(dom)
         with contextlib.suppress(Exception):
             raw.abortJob()
         with contextlib.suppress(Exception):
@@ -247,7 +248,7 @@ def _assert_clean(g: SeqGuest) -> None:
     assert dom.block_jobs() == ()
     assert dom.active_backup() is None
     assert read_journal(dom) is None
-    assert dom._vir.fs_freeze_status() == "thawed"
+    assert dom.fs_freeze_status() == "thawed"
 
 
 def _copier(dest: Path) -> Any:
@@ -547,9 +548,9 @@ def test_frozen_window_holds_the_capture_call_only(seq_guest: SeqGuest, tmp_path
 
     def look(name: str) -> None:
         if name.startswith("in:"):
-            stored[name] = dom._vir.get_metadata(JOURNAL_NS)  # a read: no guest I/O
+            stored[name] = dom.metadata(JOURNAL_NS)  # a read: no guest I/O
             if name.endswith(":frozen"):
-                assert dom._vir.fs_freeze_status() == "frozen"
+                assert dom.fs_freeze_status() == "frozen"
 
     _journal._fault_hook = look
     snap = statecapture.backup_via_temporary_snapshot(dom, lambda images: None)
@@ -577,14 +578,14 @@ def test_thaw_failure_keeps_the_journal_for_recover(seq_guest: SeqGuest, monkeyp
     def broken_thaw() -> int:
         raise statecapture.GuestAgentError("injected: agent unresponsive", code=86)
 
-    monkeypatch.setattr(dom._vir, "fs_thaw", broken_thaw)
+    monkeypatch.setattr(adapter(dom), "fs_thaw", broken_thaw)
     with pytest.raises(statecapture.ThawError) as caught:
         statecapture.backup_via_temporary_snapshot(dom, lambda images: None, max_frozen=1)
     monkeypatch.undo()
     assert "recover(dom) thaws" in "\n".join(caught.value.__notes__)
     journal = read_journal(dom)
     assert journal is not None and journal.fact("frozen") == "1"
-    assert dom._vir.fs_freeze_status() == "frozen"
+    assert dom.fs_freeze_status() == "frozen"
     assert {d.target: d.source for d in dom.definition.disks} == seq_guest.originals
     report = statecapture.recover(dom)
     assert report.clean, str(report)

@@ -13,7 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import attrs
 import pytest
 
 import statecapture
@@ -35,6 +34,8 @@ from statecapture import (
     _qemuimg,
 )
 from statecapture._version import Version
+from statecapture.testing import wait_agent
+from tests._raw import daemon_version, raw_domain
 from tests.schema import assert_valid
 
 # ============================================================================ fast tier
@@ -188,7 +189,7 @@ def test_quiesce_without_agent_refused(test_domain: statecapture.Domain) -> None
 
 def test_checkpoint_blocks_internal_snapshot(test_domain: statecapture.Domain) -> None:
     """An internal snapshot is refused while checkpoints (dirty bitmaps) exist."""
-    test_domain._vir._raw.checkpointCreateXML(
+    raw_domain(test_domain).checkpointCreateXML(
         "<domaincheckpoint><name>c1</name></domaincheckpoint>", 0
     )
     with pytest.raises(UnsupportedError, match="c1") as info:
@@ -238,13 +239,10 @@ def test_external_delete_gate(test_domain: statecapture.Domain) -> None:
         )
     )
     # Simulate an 8.x daemon (the gate reads the daemon's version, never the client's).
-    conn._versions = attrs.evolve(conn.versions, daemon=Version(8, 10, 0))
-    try:
+    with daemon_version(conn, Version(8, 10, 0)):
         with pytest.raises(UnsupportedError, match=r"9\.0"):
             ext.delete()
         assert "x1" in snaps
-    finally:
-        conn._versions = None
     ext.delete()
     assert "x1" not in snaps
 
@@ -362,9 +360,9 @@ def test_qemuimg_missing_is_unsupported(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def _counter(dom: statecapture.Domain) -> int:
-    from tests._harness.agent import read_guest_file
+    from statecapture.testing import read_guest_file
 
-    lines = read_guest_file(dom._vir._raw, "/data/ticks").decode().split("\n")
+    lines = read_guest_file(dom, "/data/ticks").decode().split("\n")
     last = [ln for ln in lines if ln.strip()][-1]
     return int(last.split()[0])
 
@@ -379,9 +377,9 @@ def _wait_counter(dom: statecapture.Domain, at_least: int, timeout: float = 120)
 
 
 def _guest_sh(dom: statecapture.Domain, script: str) -> int:
-    from tests._harness.agent import guest_exec
+    from statecapture.testing import guest_exec
 
-    code, _out, _err = guest_exec(dom._vir._raw, ["sh", "-c", script], timeout=30)
+    code, _out, _err = guest_exec(dom, ["sh", "-c", script], timeout=30)
     return code
 
 
@@ -390,7 +388,6 @@ def test_internal_snapshots_tree_revert_and_bitmap_hazard_on_qemu(guest_factory)
     """Internal snapshots with memory on QEMU: a three-level tree, revert brings back disk
     and memory (the guest's tick counter goes back), delete with children; once a checkpoint
     exists, internal create and revert are refused with nothing changed."""
-    from tests._harness.agent import wait_agent
 
     dom = guest_factory()
     snaps = dom.snapshots
@@ -415,7 +412,7 @@ def test_internal_snapshots_tree_revert_and_bitmap_hazard_on_qemu(guest_factory)
     revert_s = time.monotonic() - t0
     assert dom.state is DomainState.PAUSED and s1.is_current
     dom.resume()
-    wait_agent(dom._vir._raw, timeout=60)
+    wait_agent(dom, timeout=60)
     c_post = _counter(dom)
     assert c_post < c_pre  # memory went back to s1
     assert c_post <= c_after + 40
@@ -434,7 +431,7 @@ def test_internal_snapshots_tree_revert_and_bitmap_hazard_on_qemu(guest_factory)
     print(f"\ninternal create {create_s:.2f} s, revert {revert_s:.2f} s")
 
     # A checkpoint keeps a persistent dirty bitmap: internal create/revert are refused.
-    dom._vir._raw.checkpointCreateXML("<domaincheckpoint><name>c1</name></domaincheckpoint>", 0)
+    raw_domain(dom).checkpointCreateXML("<domaincheckpoint><name>c1</name></domaincheckpoint>", 0)
     with pytest.raises(UnsupportedError, match="c1"):
         snaps.create("s5")
     assert "s5" not in snaps and len(snaps) == 2

@@ -31,6 +31,7 @@ from statecapture.testing import (
     environment_problem,
     guest_exec,
     read_guest_file,
+    wait_agent,
     write_guest_file,
 )
 from statecapture.testing import hypervisor as hv_module
@@ -272,6 +273,7 @@ def test_testing_public_names_are_pinned_and_documented() -> None:
         "guest_exec",
         "read_guest_file",
         "write_guest_file",
+        "wait_agent",
         "environment_problem",
         "make_data_disk",
         "TestEnvironmentError",
@@ -322,6 +324,7 @@ def test_guest_methods_reach_into_the_guest(
         assert read_guest_file(guest.domain, "/data/small") == b"x\n"
         assert guest_exec(guest.domain, ["cat", "/data/small"]) == (0, b"x\n", b"")
         assert agent_command(guest.domain, {"execute": "guest-ping"}) == {}
+        assert wait_agent(guest.domain, timeout=60) >= 0
         with pytest.raises(statecapture.GuestAgentError):
             guest.read("/data/does-not-exist")
     names = [d.name for d in qemu_hypervisor.connection.domains()]

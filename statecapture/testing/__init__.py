@@ -10,7 +10,7 @@
   ``domain`` is a statecapture :class:`~statecapture.Domain`.
 * :func:`guest_exec`, :func:`read_guest_file`, :func:`write_guest_file` and
   :func:`agent_command` do the same on any running :class:`~statecapture.Domain` with a
-  guest agent.
+  guest agent; :func:`wait_agent` waits until that agent answers.
 * A pytest plugin (opt in with ``pytest_plugins = ["statecapture.testing"]``) provides the
   fixtures ``sc_hypervisor``, ``sc_guest_factory`` and ``sc_guest`` and the marker
   ``requires_qemu``.
@@ -28,7 +28,14 @@ from __future__ import annotations
 import importlib.util
 
 from ..errors import GuestBootError, TestEnvironmentError
-from .guest import TestGuest, agent_command, guest_exec, read_guest_file, write_guest_file
+from .guest import (
+    TestGuest,
+    agent_command,
+    guest_exec,
+    read_guest_file,
+    wait_agent,
+    write_guest_file,
+)
 from .hypervisor import EmbeddedHypervisor
 from .kit import GuestKit, KitBuildError, environment_problem, make_data_disk
 
@@ -40,6 +47,7 @@ __all__ = [
     "guest_exec",
     "read_guest_file",
     "write_guest_file",
+    "wait_agent",
     "environment_problem",
     "make_data_disk",
     "TestEnvironmentError",

@@ -64,8 +64,8 @@ _names = itertools.count(1)
 
 
 # --------------------------------------------------------------------------- agent helpers
-# They take the adapter's VirDomain so that tests/_harness can keep its raw-domain helpers
-# as thin shims; TestGuest is the public face.
+# They take the adapter's VirDomain; TestGuest and the Domain helpers below are the public
+# face.
 
 
 def agent_channel_state(vir: VirDomain) -> str | None:
@@ -292,6 +292,18 @@ def guest_exec(
     connected guest agent.
     """
     return run_in_guest(domain._vir, argv, input=input, timeout=timeout)
+
+
+def wait_agent(domain: Domain, *, timeout: float = 300) -> float:
+    """Poll ``guest-ping`` on *domain* until its guest agent answers; the seconds waited.
+
+    Stricter than :meth:`Domain.wait_for_agent <statecapture.Domain.wait_for_agent>`, which
+    trusts the channel state in the live XML: this waits until a command really goes
+    through — e.g. in a process that just opened an embedded driver, which reconnects to the
+    agent first. Raises :class:`~statecapture.GuestBootError` (``timed_out`` True) after
+    *timeout* seconds, and (``timed_out`` False) when the domain stops meanwhile.
+    """
+    return wait_for_agent(domain._vir, timeout)
 
 
 def read_guest_file(domain: Domain, path: str, *, timeout: int = 30) -> bytes:

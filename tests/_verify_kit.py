@@ -2,7 +2,7 @@
 
 Run from the repository root (as root)::
 
-    python -m tests._harness.verify_kit [--keep] [--cache-dir DIR]
+    python -m tests._verify_kit [--keep] [--cache-dir DIR]
 
 Builds (or reuses) the kit, boots a guest with one 64 MiB data disk in a
 throw-away ``qemu:///embed`` root and checks, in order: the agent comes up,
@@ -37,16 +37,73 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import libvirt_qemu
 
-from tests._harness.agent import agent_command, guest_exec, wait_agent
-from tests._harness.guestkit import (
+from statecapture._adapter import ensure_event_loop
+from statecapture.testing.kit import (
     default_cache_dir,
     domain_xml,
     ensure_kit,
     make_data_disk,
-    make_embed_root,
-    open_embed,
+    prepare_embed_root,
 )
+from tests._isolation import make_embed_root
+
+# This smoke check drives libvirt directly (no statecapture handle), so it carries its own
+# raw-``virDomain`` agent helpers: failures raise libvirt.libvirtError, a command still
+# running raises TimeoutError.
+
+
+def agent_command(dom: libvirt.virDomain, command: dict[str, Any], timeout: int = 10) -> Any:
+    """Send one agent command (QMP-style dict) and return its ``"return"`` member."""
+    import json
+
+    reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(command), max(1, int(timeout)), 0)
+    return json.loads(reply)["return"]
+
+
+def wait_agent(dom: libvirt.virDomain, timeout: float = 60) -> float:
+    """Poll ``guest-ping`` until the agent answers; return the seconds waited."""
+    start = time.monotonic()
+    while True:
+        try:
+            agent_command(dom, {"execute": "guest-ping"}, timeout=5)
+            return time.monotonic() - start
+        except libvirt.libvirtError:
+            if not dom.isActive():
+                raise RuntimeError(f"{dom.name()} stopped while waiting for its agent") from None
+            if time.monotonic() - start >= timeout:
+                raise TimeoutError(f"the agent of {dom.name()} did not answer") from None
+        time.sleep(0.2)
+
+
+def guest_exec(
+    dom: libvirt.virDomain, argv: list[str], timeout: float = 10
+) -> tuple[int, bytes, bytes]:
+    """Run *argv* in the guest; ``(exit code, stdout, stderr)``; TimeoutError if still running."""
+    import base64
+
+    args = {"path": argv[0], "arg": argv[1:], "capture-output": True}
+    pid = agent_command(dom, {"execute": "guest-exec", "arguments": args})["pid"]
+    deadline = time.monotonic() + timeout
+    while True:
+        st = agent_command(dom, {"execute": "guest-exec-status", "arguments": {"pid": pid}})
+        if st.get("exited"):
+            code = int(st["exitcode"]) if "exitcode" in st else -int(st.get("signal", 0))
+            out = base64.b64decode(st.get("out-data", ""))
+            return code, out, base64.b64decode(st.get("err-data", ""))
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"guest command {argv!r} still running after {timeout:g} s")
+        time.sleep(0.05)
+
+
+def open_embed(root: Path) -> libvirt.virConnect:
+    """Start the event loop, write qemu.conf and open ``qemu:///embed?root=<root>`` raw."""
+    ensure_event_loop()
+    root = Path(root).absolute()
+    prepare_embed_root(root)
+    return libvirt.open(f"qemu:///embed?root={root}")
+
 
 DOMAIN_SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
 

@@ -22,7 +22,7 @@ import os
 import threading
 from pathlib import Path
 
-__all__ = ["problems", "qemu_processes", "record_leak", "track", "tracked"]
+__all__ = ["make_embed_root", "problems", "qemu_processes", "record_leak", "track", "tracked"]
 
 _lock = threading.Lock()
 _tracked: list[Path] = []
@@ -110,3 +110,12 @@ def problems(search: list[Path] | None = None) -> list[str]:
         for pid, cmdline in qemu_processes(paths + list(search or ()))
     )
     return out
+
+
+def make_embed_root(prefix: str = "sce-") -> Path:
+    """A fresh, short, prepared embed root under ``/tmp`` (``statecapture.testing.kit``),
+    registered with :func:`track` (it must be gone when the session ends); the caller
+    removes it."""
+    from statecapture.testing.kit import make_embed_root as make
+
+    return track(make(prefix))
