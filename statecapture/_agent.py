@@ -66,7 +66,7 @@ def agent_state_of(root: etree._Element, *, active: bool) -> AgentState:
 def agent_state(dom: Domain) -> AgentState:
     """The agent state of ``dom``, read from its live definition (no agent command is sent)."""
     active = dom.is_active
-    return agent_state_of(parse(dom._vir.xml_desc(), expected_root="domain"), active=active)
+    return agent_state_of(parse(dom.port.xml_desc(), expected_root="domain"), active=active)
 
 
 def agent_connected(dom: Domain) -> bool:

@@ -219,7 +219,7 @@ class BlockJob:
 
     def progress(self) -> BlockJobProgress:
         """The job's counters now (``blockJobInfo``); :class:`NotFoundError` once it ended."""
-        info = self.domain._vir.block_job_info(self.disk)
+        info = self.domain.port.block_job_info(self.disk)
         if info is None:
             raise NotFoundError(
                 f"no block job runs on disk {self.disk!r} of {self.domain.name!r} any more",
@@ -233,7 +233,7 @@ class BlockJob:
         """Change the job's bandwidth limit (bytes per second; ``0`` removes the limit)."""
         _check_bandwidth(bytes_per_second, allow_none=False)
         self._require_running("set bandwidth")
-        self.domain._vir.block_job_set_speed(self.disk, bytes_per_second)
+        self.domain.port.block_job_set_speed(self.disk, bytes_per_second)
 
     # ------------------------------------------------------------------ waiting
     def wait_ready(self, timeout: float | None = None) -> None:
@@ -343,7 +343,7 @@ class BlockJob:
                 return
         self._ready_at_end = self._status is BlockJobStatus.READY
         try:
-            self.domain._vir.block_job_abort(self.disk, pivot=pivot, asynchronous=asynchronous)
+            self.domain.port.block_job_abort(self.disk, pivot=pivot, asynchronous=asynchronous)
         except LibvirtError:
             # Raced with the job's own end (a commit finishing): that is not an error for
             # abort. Anything else is.
@@ -447,7 +447,7 @@ class BlockJob:
 
     def _job_gone(self) -> bool:
         try:
-            return self.domain._vir.block_job_info(self.disk) is None
+            return self.domain.port.block_job_info(self.disk) is None
         except InvalidStateError:  # the domain stopped
             return True
         except UnsupportedError:  # this driver cannot tell: rely on the events alone
@@ -553,7 +553,7 @@ def _expect(dom: Domain, target: str) -> Expectation:
 
 
 def _live_disks(dom: Domain) -> list[etree._Element]:
-    root = parse(dom._vir.xml_desc(), expected_root="domain")
+    root = parse(dom.port.xml_desc(), expected_root="domain")
     return list(root.iterfind("devices/disk"))
 
 
@@ -601,7 +601,7 @@ def _mirror_ready(dom: Domain, target: str) -> bool:
 
 
 def _require_no_job(dom: Domain, target: str, operation: str) -> None:
-    info = dom._vir.block_job_info(target)
+    info = dom.port.block_job_info(target)
     if info is not None:
         raise InvalidStateError(
             f"disk {target!r} of {dom.name!r} already has a {info[0]} block job running; "
@@ -681,7 +681,7 @@ def start_commit(
         dom,
         target,
         kind,
-        lambda: dom._vir.block_commit(
+        lambda: dom.port.block_commit(
             target,
             base=base,
             top=top,
@@ -715,7 +715,7 @@ def start_pull(dom: Domain, disk: str, *, bandwidth: int | None = None) -> Block
         dom,
         target,
         BlockJobKind.PULL,
-        lambda: dom._vir.block_pull(target, bandwidth=bandwidth),
+        lambda: dom.port.block_pull(target, bandwidth=bandwidth),
     )
 
 
@@ -802,7 +802,7 @@ def _start_copy(
         dom,
         plan.target,
         BlockJobKind.COPY,
-        lambda: dom._vir.block_copy(
+        lambda: dom.port.block_copy(
             plan.target,
             plan.xml(),
             bandwidth=bandwidth,
@@ -864,7 +864,7 @@ def running_jobs(dom: Domain) -> tuple[BlockJob, ...]:
             continue
         exp = _expect(dom, target)  # before the query: a READY/end in between is kept
         try:
-            info = dom._vir.block_job_info(target)
+            info = dom.port.block_job_info(target)
         except BaseException:
             exp.close()
             raise

@@ -191,7 +191,7 @@ def fs_info(dom: Domain) -> tuple[Filesystem, ...]:
     """The guest's mounted filesystems, sorted by mount point (``Domain.fs_info``)."""
     dom._require_active("get filesystem info")
     try:
-        rows = dom._vir.fs_info()
+        rows = dom.port.fs_info()
     except LibvirtError as exc:
         if _refused_while_frozen(exc):
             raise _already_frozen(dom, exc, "get filesystem info") from exc
@@ -206,7 +206,7 @@ def fs_thaw(dom: Domain) -> int:
     """Thaw every frozen filesystem of the guest; how many thawed (``Domain.fs_thaw``)."""
     dom._require_active("filesystem thaw")
     try:
-        return dom._vir.fs_thaw()
+        return dom.port.fs_thaw()
     except LibvirtError as exc:
         raise ThawError(
             f"thawing the filesystems of {dom.name!r} failed; they may still be frozen: {exc}",
@@ -416,10 +416,10 @@ class _Freeze:
         """``fs_thaw``, bounded by ``agent_timeout`` when set; a thaw still pending from an
         earlier attempt is waited for rather than queued again."""
         if self.agent_timeout is None:
-            return self.dom._vir.fs_thaw()
+            return self.dom.port.fs_thaw()
         call = self.pending_thaw
         if call is None:
-            call = _AgentCall(self.dom._vir.fs_thaw, f"statecapture-thaw-{self.dom.name}")
+            call = _AgentCall(self.dom.port.fs_thaw, f"statecapture-thaw-{self.dom.name}")
             self.pending_thaw = call
         try:
             return call.result(self.agent_timeout, "filesystem thaw", self.dom)
@@ -796,10 +796,10 @@ class FreezeScope:
             started = freeze.freeze_called_at = time.monotonic()
             try:
                 if self.agent_timeout is None:
-                    freeze.frozen_count = dom._vir.fs_freeze(targets)
+                    freeze.frozen_count = dom.port.fs_freeze(targets)
                 else:
                     call = _AgentCall(
-                        lambda: dom._vir.fs_freeze(targets), f"statecapture-freeze-{dom.name}"
+                        lambda: dom.port.fs_freeze(targets), f"statecapture-freeze-{dom.name}"
                     )
                     freeze.pending_freeze = call
                     freeze.frozen_count = call.result(self.agent_timeout, "filesystem freeze", dom)

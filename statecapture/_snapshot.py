@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Final
 
 import attrs
 
-from . import _adapter, _bitmaps, _files, _locks, _qemuimg
+from . import _bitmaps, _files, _locks, _qemuimg
 from ._agent import AgentState, agent_state
 from ._hints import add_names_hint
 from ._host import is_local_uri, writes_host_files
+from ._ports import SnapshotObjectPort
 from .errors import (
     CleanupError,
     GuestAgentError,
@@ -122,7 +123,7 @@ def _dirty_bitmap_problems(dom: Domain, disks: Iterable[Disk]) -> builtins.list[
     live = _bitmaps.query_or_none(dom)
     if live:
         problems.extend(_bitmaps.describe(live))
-    checkpoints = dom._vir.snapshot_preflight_checkpoint_names()
+    checkpoints = dom.port.checkpoint_names()
     if checkpoints:
         problems.append(
             f"the domain has checkpoints ({', '.join(sorted(checkpoints))}), each backed by "
@@ -321,14 +322,14 @@ class Snapshot:
 
     domain: Domain
     """The domain the snapshot belongs to."""
-    _vir: _adapter.VirSnapshot = attrs.field(repr=False)
+    _port: SnapshotObjectPort = attrs.field(repr=False)
     name: str
     """The snapshot's name (unique within its domain)."""
     _requested: SnapshotXML | None = attrs.field(default=None, repr=False)
 
     @classmethod
-    def _from_vir(
-        cls, domain: Domain, vir: _adapter.VirSnapshot, requested: SnapshotXML | None = None
+    def _from_port(
+        cls, domain: Domain, vir: SnapshotObjectPort, requested: SnapshotXML | None = None
     ) -> Snapshot:
         return cls(domain, vir, vir.name, requested)
 
@@ -341,7 +342,7 @@ class Snapshot:
         definition that was requested.
         """
         try:
-            return SnapshotXML.from_xml(self._vir.xml_desc())
+            return SnapshotXML.from_xml(self._port.xml_desc())
         except NotFoundError:
             if self._requested is not None:
                 return self._requested
@@ -361,24 +362,24 @@ class Snapshot:
     @property
     def children(self) -> tuple[Snapshot, ...]:
         """The direct children."""
-        return tuple(Snapshot._from_vir(self.domain, v) for v in self._vir.children())
+        return tuple(Snapshot._from_port(self.domain, v) for v in self._port.children())
 
     def descendants(self) -> tuple[Snapshot, ...]:
         """Every snapshot below this one, each parent before its children."""
         return tuple(
-            Snapshot._from_vir(self.domain, v) for v in self._vir.children(descendants=True)
+            Snapshot._from_port(self.domain, v) for v in self._port.children(descendants=True)
         )
 
     @property
     def is_current(self) -> bool:
         """Whether this is the domain's current snapshot (the parent of the next one)."""
-        return self._vir.is_current()
+        return self._port.is_current()
 
     @property
     def has_metadata(self) -> bool:
         """Whether libvirt tracks this snapshot (``False`` for ``metadata=False``)."""
         try:
-            return self._vir.has_metadata()
+            return self._port.has_metadata()
         except NotFoundError:
             return False
 
@@ -424,7 +425,7 @@ class Snapshot:
                     operation="snapshot revert",
                     domain_name=dom.name,
                 )
-            self._vir.revert(running=running, paused=paused, force=force)
+            self._port.revert(running=running, paused=paused, force=force)
             return
         # Held from the bitmap check through the revert: no checkpoint made by statecapture
         # can slip in between (hazard 21).
@@ -438,7 +439,7 @@ class Snapshot:
                 f"revert to internal snapshot {self.name!r}",
                 "snapshot revert",
             )
-            self._vir.revert(running=running, paused=paused, force=force)
+            self._port.revert(running=running, paused=paused, force=force)
 
     def delete(
         self,
@@ -482,7 +483,7 @@ class Snapshot:
                         domain_name=dom.name,
                     )
         try:
-            self._vir.delete(
+            self._port.delete(
                 children=children, children_only=children_only, metadata_only=metadata_only
             )
         except UnsupportedError as exc:
@@ -536,44 +537,44 @@ class SnapshotCollection:
         True/False keeps only external/internal ones; ``disk_only`` True/False keeps only
         disk-only snapshots of running domains / the others.
         """
-        vir = self.domain._vir.snapshot_list(
+        vir = self.domain.port.snapshot_list(
             leaves=leaves, external=external, disk_only=disk_only, topological=True
         )
-        return tuple(Snapshot._from_vir(self.domain, v) for v in vir)
+        return tuple(Snapshot._from_port(self.domain, v) for v in vir)
 
     def roots(self) -> tuple[Snapshot, ...]:
         """The snapshots without a parent."""
-        vir = self.domain._vir.snapshot_list(roots=True)
-        return tuple(Snapshot._from_vir(self.domain, v) for v in vir)
+        vir = self.domain.port.snapshot_list(roots=True)
+        return tuple(Snapshot._from_port(self.domain, v) for v in vir)
 
     @property
     def current(self) -> Snapshot | None:
         """The current snapshot (parent of the next one), or ``None``."""
-        vir = self.domain._vir.snapshot_current()
-        return None if vir is None else Snapshot._from_vir(self.domain, vir)
+        vir = self.domain.port.snapshot_current()
+        return None if vir is None else Snapshot._from_port(self.domain, vir)
 
     def __getitem__(self, name: str) -> Snapshot:
         if not isinstance(name, str):
             raise UsageError(f"snapshots are looked up by name, got {name!r}")
-        vir = self.domain._vir
+        vir = self.domain.port
         try:
             found = vir.snapshot_lookup(name)
         except NotFoundError as exc:
             add_names_hint(exc, name, lambda: (s.name for s in vir.snapshot_list()), "snapshot")
             raise
-        return Snapshot._from_vir(self.domain, found)
+        return Snapshot._from_port(self.domain, found)
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
         try:
-            self.domain._vir.snapshot_lookup(name)
+            self.domain.port.snapshot_lookup(name)
         except NotFoundError:
             return False
         return True
 
     def __len__(self) -> int:
-        return self.domain._vir.snapshot_count()
+        return self.domain.port.snapshot_count()
 
     def __iter__(self) -> Iterator[Snapshot]:
         return iter(self.list())
@@ -594,8 +595,8 @@ class SnapshotCollection:
         parsed = SnapshotXML.from_xml(text)
         if not parsed.name:
             raise UsageError("a redefined snapshot needs a <name>")
-        vir = self.domain._vir.snapshot_create(text, redefine=True, current=current)
-        return Snapshot._from_vir(self.domain, vir)
+        vir = self.domain.port.snapshot_create(text, redefine=True, current=current)
+        return Snapshot._from_port(self.domain, vir)
 
     def create(
         self,
@@ -691,7 +692,7 @@ class SnapshotCollection:
                 # statecapture can slip in between (hazard 21).
                 guard.enter_context(_locks.domain_lock(dom.uuid, "snapshot create"))
                 self._refuse_internal()
-            vir = dom._vir.snapshot_create(
+            vir = dom.port.snapshot_create(
                 plan.xml_text or plan.xml.to_xml(),
                 disk_only=plan.disk_only,
                 quiesce=plan.quiesce,
@@ -703,7 +704,7 @@ class SnapshotCollection:
                 # built by SnapshotXML, and the test suite checks it against that schema.
                 validate=False,
             )
-        snapshot = Snapshot._from_vir(dom, vir, None if plan.metadata else plan.xml)
+        snapshot = Snapshot._from_port(dom, vir, None if plan.metadata else plan.xml)
         if plan.host_files:
             _owner_only(plan.new_files)
         return snapshot

@@ -162,7 +162,7 @@ def matches(select: Selector, host: Host, dom: Domain) -> bool:
 
 def labels(dom: Domain) -> Mapping[str, str]:
     """The labels stored on ``dom`` by :func:`set_labels` (empty when none)."""
-    text = dom._vir.get_metadata(LABELS_NS)
+    text = dom.port.get_metadata(LABELS_NS)
     if text is None:
         return MappingProxyType({})
     root = etree.fromstring(text.encode())  # libvirt returns it without its namespace
@@ -183,13 +183,13 @@ def set_labels(dom: Domain, values: Mapping[str, str]) -> None:
     """
     items = _frozen_labels(values)
     if not items:
-        dom._vir.set_metadata(LABELS_NS, _LABELS_KEY, None)
+        dom.port.set_metadata(LABELS_NS, _LABELS_KEY, None)
         return
     root = etree.Element(f"{{{LABELS_NS}}}labels", nsmap={None: LABELS_NS})  # type: ignore[dict-item]
     for k, v in sorted(items.items()):
         el = etree.SubElement(root, f"{{{LABELS_NS}}}label", name=k)
         el.text = v
-    dom._vir.set_metadata(LABELS_NS, _LABELS_KEY, etree.tostring(root).decode())
+    dom.port.set_metadata(LABELS_NS, _LABELS_KEY, etree.tostring(root).decode())
 
 
 def repository_of(host: Host) -> Repository:
