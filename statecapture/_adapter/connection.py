@@ -14,7 +14,7 @@ from .._events import Event
 from .._ports import DomainPort, ProbeAnswer
 from . import events, probe
 from .domain import VirDomain, save_flags
-from .translate import _const, call, translate_error, translated
+from .translate import _const, call, lacks_api, translate_error, translated
 
 __all__ = ["VirConnection"]
 
@@ -157,7 +157,7 @@ class VirConnection:
                 self._call("restore", self._raw.restoreParams, params, flags)
                 return "virDomainRestoreParams"
             except errors.UnsupportedError as exc:
-                if exc.code != libvirt.VIR_ERR_NO_SUPPORT:
+                if not lacks_api(exc):
                     raise
         self._call("restore", self._raw.restoreFlags, path, dxml, flags)
         return "virDomainRestoreFlags"

@@ -20,7 +20,7 @@ from .._ports import (
 )
 from . import probe, qemu
 from .objects import VirCheckpoint, VirSnapshot
-from .translate import _const, _flags, call, listing, translate_error
+from .translate import _const, _flags, call, lacks_api, listing, translate_error
 
 if TYPE_CHECKING:
     from .connection import VirConnection
@@ -192,7 +192,7 @@ class VirDomain:
                 self._call("save", self._raw.saveParams, params, flags)
                 return "virDomainSaveParams"
             except errors.UnsupportedError as exc:
-                if exc.code != libvirt.VIR_ERR_NO_SUPPORT:
+                if not lacks_api(exc):
                     raise
         self._call("save", self._raw.saveFlags, path, dxml, flags)
         return "virDomainSaveFlags"
@@ -659,7 +659,7 @@ class VirDomain:
         except (errors.UnsupportedError, errors.InvalidStateError):
             return None
         except errors.LibvirtError as exc:
-            if exc.code == 8:  # VIR_ERR_INVALID_ARG: no such disk
+            if exc.code == libvirt.VIR_ERR_INVALID_ARG:  # no such disk
                 return None
             raise
         return bool(found)

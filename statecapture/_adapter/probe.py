@@ -16,7 +16,7 @@ import libvirt
 
 from .. import errors
 from .._ports import ProbeAnswer
-from .translate import translate_error
+from .translate import is_flag_rejection, lacks_api, translate_error
 
 __all__ = ["PROBE_FLAG", "connection_calls", "domain_calls", "probe"]
 
@@ -75,12 +75,11 @@ def probe(api: str, fn: Callable[[], object], alive: Callable[[], bool]) -> Prob
             raise err from exc
         if err.code == libvirt.VIR_ERR_OPERATION_DENIED:
             return ProbeAnswer(None, f"{api} not probed: {message}")
-        flag_rejected = "unsupported flags" in message
-        if isinstance(err, errors.UnsupportedError) and not flag_rejected:
+        if lacks_api(err):
             if "unknown procedure" in message.lower():
                 return ProbeAnswer(False, f"the daemon does not know {api}")
             return ProbeAnswer(False, f"{api} not supported")
-        if flag_rejected and "in function " in message:
+        if is_flag_rejection(err.code, message) and "in function " in message:
             function = message.rpartition("in function ")[2].strip()
             return ProbeAnswer(True, f"{api} implemented ({function} rejected the probe flag)")
         return ProbeAnswer(True, f"{api} implemented (the driver answered: {message})")

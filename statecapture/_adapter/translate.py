@@ -27,7 +27,9 @@ __all__ = [
     "call",
     "client_library_version",
     "is_connection_loss",
+    "is_flag_rejection",
     "is_unsupported",
+    "lacks_api",
     "listing",
     "translate_error",
     "translated",
@@ -109,12 +111,22 @@ def is_unsupported(code: int | None, message: str) -> bool:
     implement that way: a capability gap, not a bad argument); or an RPC error "unknown
     procedure" (the daemon is older than the API).
     """
-    if code in errors.UnsupportedError.codes:
+    if code in errors.UnsupportedError.codes or is_flag_rejection(code, message):
         return True
-    lowered = message.lower()
-    if code == 8 and "unsupported flag" in lowered:  # VIR_ERR_INVALID_ARG
-        return True
-    return code == 39 and "unknown procedure" in lowered  # VIR_ERR_RPC
+    return code == 39 and "unknown procedure" in message.lower()  # VIR_ERR_RPC
+
+
+def is_flag_rejection(code: int | None, message: str) -> bool:
+    """A driver's ``INVALID_ARG`` "unsupported flags": the API is there, an option is not."""
+    return code == 8 and "unsupported flag" in message.lower()  # VIR_ERR_INVALID_ARG
+
+
+def lacks_api(error: errors.LibvirtError) -> bool:
+    """Whether a translated error says the driver or daemon lacks the API itself — an
+    :class:`~statecapture.UnsupportedError` other than a flag rejection (then the API is
+    there and only an option is missing)."""
+    message = error.libvirt_message or ""
+    return isinstance(error, errors.UnsupportedError) and not is_flag_rejection(error.code, message)
 
 
 def _is_agent_trouble(message: str) -> bool:
@@ -156,7 +168,7 @@ def translate_error(
     text = f"{operation}{where} failed: {message}"
     if is_unsupported(code, message) and cls is not errors.GuestAgentError:
         cls = errors.UnsupportedError
-        if code == 8:
+        if is_flag_rejection(code, message):
             text = (
                 f"{operation}{where} failed: this driver does not support the option asked"
                 f" for ({message})"

@@ -125,6 +125,11 @@ class CallLog:
         with self._lock:
             self.calls.append(call)
 
+    def clear(self) -> None:
+        """Forget the calls seen so far (recording goes on)."""
+        with self._lock:
+            self.calls.clear()
+
     def names(self, *, thread: int | None = None) -> list[str]:
         """The calls' names in the order they started (of one ``thread`` if given)."""
         return [c.name for c in self.of(thread)]
@@ -171,11 +176,14 @@ class Fault:
     after: Callable[[], object] | None = None
     delay: float = 0.0
     times: int | None = None
+    when: Callable[..., bool] | None = None
     calls: int = 0
     """How many calls matched so far (each one the fault acted on, up to ``times``)."""
     _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
 
-    def _arm(self) -> bool:
+    def _arm(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        if self.when is not None and not self.when(*args, **kwargs):
+            return False
         with self._lock:
             self.calls += 1
             return self.times is None or self.calls <= self.times
@@ -247,7 +255,7 @@ class _Interceptor:
         self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         faults, logs = self._all()
-        acting = [f for f in faults if f.call == name and f._arm()]
+        acting = [f for f in faults if f.call == name and f._arm(args, kwargs)]
         started = time.perf_counter()
         error: BaseException | None = None
         try:
@@ -320,19 +328,21 @@ def inject(
     after: Callable[[], object] | None = None,
     delay: float = 0.0,
     times: int | None = None,
+    when: Callable[..., bool] | None = None,
 ) -> Iterator[Fault]:
     """Within the block, the port call ``call`` of ``target`` misbehaves as asked.
 
-    For each matching call (the first ``times`` only, when given): wait ``delay``
-    seconds, run ``before()``, then raise ``raises`` (an exception, or a class to
-    instantiate) instead of making the call; otherwise make the real call and then run
+    A call matches when ``when`` (given the call's own arguments) is true, or always
+    without ``when``. For each matching call (the first ``times`` only, when given): wait
+    ``delay`` seconds, run ``before()``, then raise ``raises`` (an exception, or a class
+    to instantiate) instead of making the call; otherwise make the real call and then run
     ``after()`` (which may raise: the call happened, its caller sees the error). Yields
-    the :class:`Fault`, whose ``calls`` counts the matching calls. Faults of one name
-    nest; each ends with its block.
+    the :class:`Fault`, whose ``calls`` counts the matching calls (with no effect asked
+    for, it only counts). Faults of one name nest; each ends with its block.
     """
     if times is not None and times < 0:
         raise UsageError("times must be >= 0")
-    fault = Fault(call, raises, before, after, float(delay), times)
+    fault = Fault(call, raises, before, after, float(delay), times, when)
     where = _where(target, call)
     where._change(fault, add=True)
     try:
