@@ -392,7 +392,7 @@ class Domain:
 
         return SnapshotCollection(self)
 
-    # ------------------------------------------------------ guest agent, freeze (_freeze.py)
+    # ------------------------------------------------------ guest agent, freeze (_freeze/)
     @property
     def agent_connected(self) -> bool:
         """Whether the domain runs and its guest agent is connected.
