@@ -450,7 +450,7 @@ class Domain:
 
         return fs_thaw(self)
 
-    # ------------------------------------------------------------------ block jobs (_blockjob.py)
+    # ------------------------------------------------------------------ block jobs (_blockjob/)
     def block_commit(
         self,
         disk: str,
