@@ -383,7 +383,7 @@ class Domain:
             bypass_cache=bypass_cache,
         )
 
-    # ------------------------------------------------------------------ snapshots (_snapshot.py)
+    # ------------------------------------------------------------------ snapshots (_snapshot/)
     @property
     def snapshots(self) -> SnapshotCollection:
         """The domain's snapshots: ``create()``, ``list()``, ``roots()``, ``current``,
