@@ -30,7 +30,8 @@ from statecapture import (
     EventKind,
 )
 from statecapture._adapter import VirDomain
-from statecapture._blockjob import _expect, destination_xml
+from statecapture._blockjob.common import _expect
+from statecapture._blockjob.start import destination_xml
 from tests._raw import raw_domain
 from tests.schema import assert_valid
 

@@ -45,7 +45,7 @@ from statecapture import (
     fs_frozen,
 )
 from statecapture._adapter import VirDomain
-from statecapture._freeze import _held_freezes
+from statecapture._freeze.held import _held_freezes
 from statecapture.testing import wait_agent
 from tests._raw import raw_domain
 

@@ -20,7 +20,7 @@ import pytest
 import statecapture
 from statecapture import FreezeExpiredError, FreezeScope, FreezeStatus, UsageError, fs_frozen
 from statecapture._adapter import VirDomain
-from statecapture._freeze import _Freeze, _held_freezes
+from statecapture._freeze.held import _Freeze, _held_freezes
 from statecapture.testing import wait_agent
 from tests._proof import agent, guest_frozen, raw, sh, spawn
 
