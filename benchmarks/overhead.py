@@ -28,7 +28,7 @@ ITEM = 2
 TITLE = "per-operation overhead"
 TARGET = "≤ 1.10x + 1 ms"
 
-# What Domain.snapshots.create() sends (no VALIDATE: see statecapture/_snapshot.py).
+# What Domain.snapshots.create() sends (no VALIDATE: see statecapture/_snapshot/collection.py).
 _SNAP_CREATE_FLAGS_OF_LIBRARY = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
 
 

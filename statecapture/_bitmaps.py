@@ -8,7 +8,7 @@ any dirty bitmap makes QEMU 7.2 exit ("Device has active dirty bitmaps"). Only Q
 for sure, so statecapture asks it (``query-named-block-nodes`` through libvirt's
 ``qemuMonitorCommand``) where a wrong answer loses the running domain:
 
-* before an internal snapshot create or revert of a running domain (``_snapshot.py``);
+* before an internal snapshot create or revert of a running domain (``_snapshot/``);
 * in the advisor's bitmap blocker for a running domain (``_advisor/facts.py``);
 * around a checkpoint create on a running domain, to remove a bitmap that a failed
   create left behind (:func:`remove_new_orphans`).

@@ -396,7 +396,7 @@ class Domain:
             bypass_cache=bypass_cache,
         )
 
-    # ------------------------------------------------------------------ snapshots (_snapshot.py)
+    # ------------------------------------------------------------------ snapshots (_snapshot/)
     @property
     def snapshots(self) -> SnapshotCollection:
         """The domain's snapshots: ``create()``, ``list()``, ``roots()``, ``current``,
@@ -405,7 +405,7 @@ class Domain:
 
         return SnapshotCollection(self)
 
-    # ------------------------------------------------------ guest agent, freeze (_freeze.py)
+    # ------------------------------------------------------ guest agent, freeze (_freeze/)
     @property
     def agent_connected(self) -> bool:
         """Whether the domain runs and its guest agent is connected.
@@ -463,7 +463,7 @@ class Domain:
 
         return fs_thaw(self)
 
-    # ------------------------------------------------------------------ block jobs (_blockjob.py)
+    # ------------------------------------------------------------------ block jobs (_blockjob/)
     def block_commit(
         self,
         disk: str,

@@ -30,7 +30,8 @@ from statecapture import (
     EventKind,
 )
 from statecapture._adapter import block_job_kind_name
-from statecapture._blockjob import _expect, destination_xml
+from statecapture._blockjob.common import _expect
+from statecapture._blockjob.start import destination_xml
 from statecapture.testing.faults import inject
 from tests._raw import raw_domain
 from tests.schema import assert_valid

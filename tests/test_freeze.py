@@ -44,7 +44,7 @@ from statecapture import (
     UsageError,
     fs_frozen,
 )
-from statecapture._freeze import _held_freezes
+from statecapture._freeze.held import _held_freezes
 from statecapture.testing import wait_agent
 from statecapture.testing.faults import inject
 from tests._raw import raw_domain

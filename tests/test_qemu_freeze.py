@@ -19,7 +19,7 @@ import pytest
 
 import statecapture
 from statecapture import FreezeExpiredError, FreezeScope, FreezeStatus, UsageError, fs_frozen
-from statecapture._freeze import _Freeze, _held_freezes
+from statecapture._freeze.held import _Freeze, _held_freezes
 from statecapture.testing import wait_agent
 from statecapture.testing.faults import inject
 from tests._proof import agent, guest_frozen, raw, sh, spawn

@@ -1,99 +1,50 @@
-"""Filesystem freeze: :func:`fs_frozen`, its :class:`FreezeScope`, and the guest agent.
-
-A capture taken while the guest's filesystems are frozen (``fsfreeze`` through the QEMU guest
-agent) is *application-consistent*: every write the guest's applications finished is on disk
-and nothing is half-written. Without the freeze it is only *crash-consistent*, like pulling
-the power cord. A freeze is also an outage for the guest: writes stall until the thaw, Linux
-``qemu-ga`` never thaws by itself, and guests can rightfully panic when frozen too long.
-
-So the freeze lives in a single-use scope that always thaws:
-
-* on leaving the block, whatever ends it (return, exception, ``KeyboardInterrupt``, and
-  ``SIGTERM``, which is turned into ``SystemExit(143)`` inside the block);
-* from a watchdog thread once ``max_frozen`` seconds have passed, even when the block hangs;
-* after a freeze call that failed in a way that may still have frozen the guest (libvirt
-  before 11.2 reports an agent *timeout* as "agent unresponsive", and the freeze can land
-  in the guest later, when its agent wakes up).
-
-A failed thaw raises :class:`~statecapture.ThawError`, never a warning. Thaw attempts are
-serialised by a lock shared by the watchdog and the block's exit, so the guest is thawed once
-and the thaw counts are reported faithfully.
-
-Nesting: an ``fs_frozen`` scope entered, in the same thread, on a domain that an enclosing
-scope of this process holds frozen *joins* that freeze: it freezes nothing, thaws nothing,
-and leaving it leaves the guest frozen for the enclosing scope. Entering from another thread
-while the freeze is held raises :class:`~statecapture.UsageError`.
+""":func:`fs_frozen` and its single-use :class:`FreezeScope` (entering, joining, leaving,
+explicit thaw), with :class:`FreezeStatus`.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import ExitStack
-from numbers import Real
-from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._agent import AgentState, agent_connected, agent_state
-from ._events import EventKind
-from .errors import (
-    ConnectionLostError,
+from .._agent import AgentState, agent_state
+from ..errors import (
     FreezeExpiredError,
     GuestAgentError,
-    InvalidStateError,
     LibvirtError,
     NotFoundError,
-    OperationTimeoutError,
-    StateCaptureError,
     ThawError,
     UnsupportedError,
     UsageError,
 )
-from .xml._domain import AGENT_CHANNEL
+from .agent import (
+    Filesystem,
+    _already_frozen,
+    _check_seconds,
+    _refused_while_frozen,
+    fs_info,
+)
+from .held import (
+    _AgentCall,
+    _Freeze,
+    _key,
+    _may_have_frozen,
+    _registry,
+    _registry_lock,
+    _unregister,
+)
+from .signals import _raise_system_exit, _SignalHold
 
 if TYPE_CHECKING:
-    from ._domain import Domain
-
-__all__ = [
-    "Filesystem",
-    "FreezeScope",
-    "FreezeStatus",
-    "agent_connected",
-    "fs_frozen",
-    "fs_info",
-    "fs_thaw",
-    "wait_for_agent",
-]
-
-#: Exit status of a process that SIGTERM stopped inside a freeze block (128 + 15, as a shell
-#: reports a process killed by SIGTERM).
-_SIGTERM_EXIT: Final = 128 + int(signal.SIGTERM)
-
-#: Pauses between thaw attempts while the agent does not answer (the last one repeats).
-_BACKOFF: Final = (0.1, 0.2, 0.5, 1.0)
-
-
-# --------------------------------------------------------------------------- values
-
-
-@attrs.frozen
-class Filesystem:
-    """One mounted guest filesystem, as the guest agent reports it (``Domain.fs_info()``)."""
-
-    mountpoint: str
-    """Where the guest mounts it (``/data``)."""
-    name: str | None = None
-    """The guest's device name (``vda``, ``dm-0``); ``None`` when the agent was not asked."""
-    fstype: str | None = None
-    """The filesystem type (``ext4``, ``xfs``); ``None`` when unknown."""
-    disks: tuple[str, ...] = ()
-    """Target names (``vda``) of the domain's disks that back it; empty when unknown."""
+    from .._domain import Domain
 
 
 class FreezeStatus(enum.Enum):
@@ -114,421 +65,6 @@ class FreezeStatus(enum.Enum):
     """A joined (nested) scope was left; the enclosing scope still holds the freeze."""
     FAILED = "failed"
     """Entering failed; nothing this scope did is left frozen."""
-
-
-# --------------------------------------------------------------------------- agent helpers
-
-
-def _check_seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise UsageError(f"{name} must be a number of seconds, got {value!r}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise UsageError(f"{name} must be a positive, finite number of seconds, got {value!r}")
-    return seconds
-
-
-def wait_for_agent(dom: Domain, timeout: float) -> float:
-    """Block until the guest agent is connected; the seconds waited (``Domain.wait_for_agent``)."""
-    limit = _check_seconds("timeout", timeout)
-    assert limit is not None
-    start = time.monotonic()
-    deadline = start + limit
-    events = dom.connection.events
-    # Subscribe before looking, so a connect between the look and the wait is not missed.
-    with events.expect(kind=EventKind.AGENT_LIFECYCLE, domain_uuid=dom.uuid) as expectation:
-        while True:
-            dom._require_active("wait for the guest agent")
-            state = agent_state(dom)
-            if state is AgentState.NO_CHANNEL:
-                raise GuestAgentError(
-                    f"domain {dom.name!r} has no guest agent channel "
-                    f"(<channel> with target name {AGENT_CHANNEL!r}); no agent can connect",
-                    operation="wait for the guest agent",
-                    domain_name=dom.name,
-                )
-            if state.maybe_connected:
-                return time.monotonic() - start
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise OperationTimeoutError(
-                    f"the guest agent of {dom.name!r} did not connect within {limit} s",
-                    operation="wait for the guest agent",
-                    domain_name=dom.name,
-                )
-            # Wake on the agent-lifecycle event; look again every second regardless.
-            event = expectation.poll()
-            if event is None:
-                try:
-                    event = expectation.wait(min(remaining, 1.0), what="agent connect")
-                except OperationTimeoutError:
-                    continue
-            if event.detail.get("connected"):
-                return time.monotonic() - start
-
-
-def _refused_while_frozen(exc: LibvirtError) -> bool:
-    return "frozen state" in (exc.libvirt_message or str(exc)).lower()
-
-
-def _already_frozen(dom: Domain, exc: LibvirtError, operation: str) -> StateCaptureError:
-    err = InvalidStateError(
-        f"{operation} on domain {dom.name!r}: the guest's filesystems are frozen already "
-        "(by an fs_frozen scope, another process or a tool), and its agent refuses most "
-        "commands while frozen",
-        code=exc.code,
-        operation=operation,
-        domain_name=dom.name,
-        libvirt_message=exc.libvirt_message,
-    )
-    err.__cause__ = exc
-    return err
-
-
-def fs_info(dom: Domain) -> tuple[Filesystem, ...]:
-    """The guest's mounted filesystems, sorted by mount point (``Domain.fs_info``)."""
-    dom._require_active("get filesystem info")
-    try:
-        rows = dom.port.fs_info()
-    except LibvirtError as exc:
-        if _refused_while_frozen(exc):
-            raise _already_frozen(dom, exc, "get filesystem info") from exc
-        raise
-    found = (
-        Filesystem(mp, name or None, fstype or None, disks) for mp, name, fstype, disks in rows
-    )
-    return tuple(sorted(found, key=lambda fs: fs.mountpoint))
-
-
-def fs_thaw(dom: Domain) -> int:
-    """Thaw every frozen filesystem of the guest; how many thawed (``Domain.fs_thaw``)."""
-    dom._require_active("filesystem thaw")
-    try:
-        return dom.port.fs_thaw()
-    except LibvirtError as exc:
-        raise ThawError(
-            f"thawing the filesystems of {dom.name!r} failed; they may still be frozen: {exc}",
-            domain_name=dom.name,
-        ) from exc
-
-
-# --------------------------------------------------------------------------- signals
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-class _SignalHold:
-    """Hold SIGINT and SIGTERM while a freeze or thaw call runs (main thread only).
-
-    Like trio's KeyboardInterrupt protection: a signal that arrives between "the guest is
-    frozen" and "the scope knows it" must not leave the guest frozen. Held signals are
-    re-delivered, to the handlers in place before, by :meth:`release`.
-    """
-
-    _SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.pending: list[int] = []
-        self._saved: dict[int, Any] = {}
-        if not _in_main_thread():
-            return
-        for signum in self._SIGNALS:
-            previous = signal.getsignal(signum)
-            if previous is None:  # installed outside Python: cannot be restored, leave it
-                continue
-            self._saved[signum] = previous
-            signal.signal(signum, self._hold)
-
-    def saved_handler(self, signum: int) -> Any:
-        """The handler that was in place before the hold (``None`` when not held)."""
-        return self._saved.get(signum)
-
-    def _hold(self, signum: int, _frame: FrameType | None) -> None:
-        self.pending.append(signum)
-
-    def release(self, replace: dict[int, Any] | None = None) -> None:
-        """Restore the handlers (or ``replace`` ones), then re-deliver held signals.
-
-        A held signal whose handler was the default action is raised as the exception
-        Python code can clean up after (``KeyboardInterrupt``, ``SystemExit(143)``) rather
-        than killing the process at once; an ignored one is dropped.
-        """
-        saved, self._saved = self._saved, {}
-        for signum, previous in saved.items():
-            signal.signal(signum, (replace or {}).get(signum, previous))
-        pending, self.pending = self.pending, []
-        for signum in dict.fromkeys(pending):
-            previous = saved[signum]
-            if previous is signal.SIG_IGN:
-                continue
-            if previous is signal.SIG_DFL or previous is _raise_system_exit:
-                if signum == signal.SIGINT:
-                    raise KeyboardInterrupt
-                raise SystemExit(_SIGTERM_EXIT)
-            signal.raise_signal(signum)  # runs that Python handler now (raises KI ...)
-
-
-def _raise_system_exit(_signum: int, _frame: FrameType | None) -> None:
-    """The SIGTERM handler inside a freeze block: end the block like an exception."""
-    raise SystemExit(_SIGTERM_EXIT)
-
-
-# --------------------------------------------------------------------------- one freeze
-
-
-def _may_have_frozen(exc: BaseException) -> bool:
-    """Whether a failed freeze call may still have frozen (or may yet freeze) the guest."""
-    if isinstance(exc, OperationTimeoutError | ConnectionLostError):
-        return True
-    if isinstance(exc, GuestAgentError):
-        message = (exc.libvirt_message or str(exc)).lower()
-        return not ("not connected" in message or "not configured" in message)
-    # Any other libvirt error is a refusal (qemu-ga undoes a partial freeze itself); never
-    # thaw after one: "frozen state" means someone else holds the freeze.
-    return not isinstance(exc, StateCaptureError)
-
-
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, GuestAgentError | OperationTimeoutError)
-
-
-class _AgentCallPending(OperationTimeoutError):
-    """A guest-agent call did not return within the scope's client-side ``agent_timeout``."""
-
-
-_T = TypeVar("_T")
-
-
-class _AgentCall(Generic[_T]):
-    """One guest-agent call run in a helper thread, so the caller waits at most a limit.
-
-    ``agent_timeout`` is enforced here, on the client side, and never by changing the
-    domain's agent response timeout (``virDomainAgentSetResponseTimeout``): that setting is
-    shared by every client of the domain, outlives the process, and libvirt offers no call
-    to read its current value, so it could not be put back (HAZARDS 23). A libvirt call
-    cannot be cancelled: when the limit passes, the call keeps running and may still land
-    (a freeze queued behind a hung agent freezes when the agent wakes up).
-    """
-
-    def __init__(self, fn: Callable[[], _T], name: str) -> None:
-        self.done = threading.Event()
-        self.value: _T | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
-        self.thread.start()
-
-    def _run(self, fn: Callable[[], _T]) -> None:
-        try:
-            self.value = fn()
-        except BaseException as exc:  # handed to the waiting thread
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def result(self, limit: float, what: str, dom: Domain) -> _T:
-        """The call's value (or its error) once it returns within ``limit`` seconds."""
-        if not self.done.wait(max(0.0, limit)):
-            raise _AgentCallPending(
-                f"{what} on domain {dom.name!r}: the guest agent did not answer within "
-                f"{limit:g} s (statecapture's agent_timeout; the call may still complete)",
-                operation=what,
-                domain_name=dom.name,
-            )
-        if self.error is not None:
-            raise self.error
-        assert self.value is not None
-        return self.value
-
-
-class _Freeze:
-    """One freeze of one domain held by this process, shared by the scopes that joined it."""
-
-    def __init__(
-        self,
-        dom: Domain,
-        max_frozen: float,
-        mountpoints: tuple[str, ...] | None,
-        agent_timeout: float | None = None,
-    ) -> None:
-        self.dom = dom
-        self.agent_timeout = agent_timeout
-        self.pending_freeze: _AgentCall[int] | None = None
-        self.pending_thaw: _AgentCall[int] | None = None
-        self.key = _key(dom)
-        self.thread_id = threading.get_ident()
-        self.mountpoints = mountpoints
-        self.max_frozen = max_frozen
-        self.filesystems: tuple[Filesystem, ...] = ()
-        self.lock = threading.Lock()  # serialises thaws and their bookkeeping
-        self.cond = threading.Condition()  # wakes the watchdog: new deadline or stop
-        self.deadline = math.inf
-        self.stopped = False
-        self.watchdog: threading.Thread | None = None
-        self.freeze_called_at: float | None = None  # just before the freeze call
-        self.frozen_at: float | None = None  # the freeze call returned
-        self.thaw_called_at: float | None = None  # the successful thaw call started
-        self.thawed_at: float | None = None  # the thaw call returned
-        self.frozen_count = 0
-        self.thawed_count: int | None = None
-        self.held = False  # the guest is (or may be) frozen by this freeze
-        self.ended: str | None = None  # "scope", "watchdog" or "external" once thawed
-        self.deadline_passed = False
-        self.count_unknown = False  # a thaw attempt failed: its effect is not known
-        self.thaw_error: ThawError | None = None
-        self.joined: list[FreezeScope] = []
-
-    # ---- thawing
-    def thaw_once(self, reason: str) -> ThawError | None:
-        """One thaw attempt unless already thawed; the error it met, if any."""
-        with self.lock:
-            if not self.held:
-                return None
-            called = time.monotonic()
-            try:
-                count = self._thaw_call()
-            except Exception as exc:  # libvirt's refusal, a closed connection ...: report it
-                self.count_unknown = True
-                error = ThawError(
-                    f"thawing the filesystems of {self.dom.name!r} failed; the guest may still "
-                    f"be frozen (retry with FreezeScope.thaw() or Domain.fs_thaw()): {exc}",
-                    domain_name=self.dom.name,
-                )
-                error.__cause__ = exc
-                self.thaw_error = error
-                return error
-            self.thawed_at = time.monotonic()
-            self.thaw_called_at = called
-            self.thawed_count = count
-            self.held = False
-            self.thaw_error = None
-            if not self.count_unknown and count < self.frozen_count:
-                self.ended = "external"
-            else:
-                self.ended = reason
-            _unregister(self)
-            return None
-
-    def _thaw_call(self) -> int:
-        """``fs_thaw``, bounded by ``agent_timeout`` when set; a thaw still pending from an
-        earlier attempt is waited for rather than queued again."""
-        if self.agent_timeout is None:
-            return self.dom.port.fs_thaw()
-        call = self.pending_thaw
-        if call is None:
-            call = _AgentCall(self.dom.port.fs_thaw, f"statecapture-thaw-{self.dom.name}")
-            self.pending_thaw = call
-        try:
-            return call.result(self.agent_timeout, "filesystem thaw", self.dom)
-        finally:
-            if call.done.is_set():
-                self.pending_thaw = None
-
-    def thaw(self, reason: str, *, until: float) -> ThawError | None:
-        """Thaw, retrying while the agent does not answer and ``until`` is not reached."""
-        attempt = 0
-        while True:
-            error = self.thaw_once(reason)
-            if error is None:
-                return None
-            pause = _BACKOFF[min(attempt, len(_BACKOFF) - 1)]
-            attempt += 1
-            if not _retryable(error.__cause__ or error) or time.monotonic() + pause > until:
-                return error
-            time.sleep(pause)
-
-    # ---- watchdog
-    def start_watchdog(self) -> None:
-        """Start the (unarmed) watchdog thread, before the freeze: its start-up then does
-        not count against the frozen time."""
-        # Not a daemon — explicitly: a thread inherits the daemon flag of the thread that
-        # starts it, and an interpreter shutting down must wait for it to thaw the guest
-        # even when the block runs (and hangs) in a daemon thread.
-        thread = threading.Thread(
-            target=self._watch,
-            name=f"statecapture-freeze-watchdog-{self.dom.name}",
-            daemon=False,
-        )
-        thread.start()
-        self.watchdog = thread
-
-    def arm_watchdog(self) -> None:
-        """Start counting the budget from the end of the freeze call."""
-        assert self.frozen_at is not None
-        self.lower_deadline(self.frozen_at + self.max_frozen)
-
-    def stop_and_join_watchdog(self) -> None:
-        self.stop_watchdog()
-        self.join_watchdog()
-
-    def lower_deadline(self, deadline: float) -> None:
-        with self.cond:
-            if deadline < self.deadline:
-                self.deadline = deadline
-                self.cond.notify_all()
-
-    def stop_watchdog(self) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify_all()
-
-    def join_watchdog(self) -> None:
-        if self.watchdog is not None and self.watchdog is not threading.current_thread():
-            self.watchdog.join()
-
-    def _watch(self) -> None:
-        with self.cond:
-            while not self.stopped:
-                if self.deadline == math.inf:  # not armed yet
-                    self.cond.wait()
-                    continue
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self.cond.wait(remaining)
-            if self.stopped:
-                return
-        error = self.thaw_once("watchdog")
-        # Only now: "expired" must not show before the thaw was at least attempted.
-        self.deadline_passed = True
-        # Keep trying until the thaw gets through or the block ends (its exit tries again).
-        attempt = 0
-        while error is not None:
-            pause = _BACKOFF[min(attempt, len(_BACKOFF) - 1)]
-            attempt += 1
-            with self.cond:
-                if self.cond.wait_for(self._is_stopped, pause):
-                    return
-            error = self.thaw_once("watchdog")
-
-    def _is_stopped(self) -> bool:
-        return self.stopped
-
-    @property
-    def expired(self) -> bool:
-        return self.deadline_passed or self.ended in ("watchdog", "external")
-
-
-# --------------------------------------------------------------------------- registry
-
-_registry_lock = threading.Lock()
-_registry: dict[tuple[str, str], _Freeze] = {}
-
-
-def _key(dom: Domain) -> tuple[str, str]:
-    return (dom.connection.uri, dom.uuid)
-
-
-def _unregister(freeze: _Freeze) -> None:
-    with _registry_lock:
-        if _registry.get(freeze.key) is freeze:
-            del _registry[freeze.key]
-
-
-# --------------------------------------------------------------------------- the scope
 
 
 def _normalise_mountpoints(mountpoints: Iterable[str] | None) -> tuple[str, ...] | None:
@@ -1066,7 +602,7 @@ def fs_frozen(
     nothing, its ``mountpoints`` must be among those frozen, and its ``max_frozen`` can only
     shorten the shared budget. From another thread it raises :class:`UsageError`.
     """
-    from ._domain import Domain
+    from .._domain import Domain
 
     if not isinstance(dom, Domain):
         raise UsageError(f"fs_frozen() needs a statecapture Domain, got {type(dom).__name__}")
@@ -1074,9 +610,3 @@ def fs_frozen(
     assert budget is not None
     timeout = _check_seconds("agent_timeout", agent_timeout, allow_none=True)
     return FreezeScope(dom, _normalise_mountpoints(mountpoints), budget, timeout)
-
-
-#: For tests: the freezes this process holds now.
-def _held_freezes() -> list[_Freeze]:
-    with _registry_lock:
-        return list(_registry.values())
