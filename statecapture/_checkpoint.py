@@ -47,6 +47,7 @@ from .xml._checkpoint import check_checkpoint_name
 
 if TYPE_CHECKING:
     from ._domain import Domain
+    from ._ports import CheckpointPort
 
 __all__ = ["EXPORT_FORMAT", "Checkpoint", "CheckpointCollection"]
 
@@ -178,7 +179,7 @@ class Checkpoint:
         name = CheckpointXML.from_xml(self._port.xml_desc(no_domain=True)).parent
         if name is None:
             return None
-        return Checkpoint._from_port(self.domain, self.domain.port.checkpoint_lookup(name))
+        return Checkpoint._from_port(self.domain, _port(self.domain).checkpoint_lookup(name))
 
     @property
     def children(self) -> tuple[Checkpoint, ...]:
@@ -234,7 +235,7 @@ class Checkpoint:
         _need_active(self.domain, "checkpoint validate", "QEMU checks the bitmaps it has open")
         with _locks.domain_lock(self.domain.uuid, "checkpoint validate"), _refined(self.name):
             xml = self._port.xml_desc()
-            self.domain.port.checkpoint_create(xml, redefine=True, validate=True)
+            _port(self.domain).checkpoint_create(xml, redefine=True, validate=True)
 
     def delete(self, *, children: bool = False, metadata_only: bool = False) -> None:
         """Delete the checkpoint (and with ``children`` its descendants).
@@ -266,9 +267,9 @@ class Checkpoint:
         except BaseException as exc:
             for name, xml in kids:
                 try:
-                    current = self.domain.port.checkpoint_lookup(name)
+                    current = _port(self.domain).checkpoint_lookup(name)
                     if CheckpointXML.from_xml(current.xml_desc(no_domain=True)).parent is None:
-                        self.domain.port.checkpoint_create(xml, redefine=True)
+                        _port(self.domain).checkpoint_create(xml, redefine=True)
                 except Exception as undo:  # never mask the delete's own error
                     exc.add_note(
                         f"statecapture could not restore the parent link of checkpoint "
@@ -323,7 +324,7 @@ class CheckpointCollection:
     def __getitem__(self, name: str) -> Checkpoint:
         if not isinstance(name, str):
             raise UsageError(f"checkpoint names are strings, got {name!r}")
-        vir = self.domain.port
+        vir = _port(self.domain)
         try:
             found = vir.checkpoint_lookup(name)
         except NotFoundError as exc:
@@ -336,14 +337,14 @@ class CheckpointCollection:
         if not isinstance(name, str):
             return False
         try:
-            self.domain.port.checkpoint_lookup(name)
+            _port(self.domain).checkpoint_lookup(name)
         except NotFoundError:
             return False
         return True
 
     def __len__(self) -> int:
         with _locks.domain_lock(self.domain.uuid, "list checkpoints"):
-            return len(self.domain.port.list_checkpoints())
+            return len(_port(self.domain).list_checkpoints())
 
     def __iter__(self) -> Iterator[Checkpoint]:
         return iter(self.list())
@@ -351,13 +352,13 @@ class CheckpointCollection:
     def list(self) -> builtins.list[Checkpoint]:
         """Every checkpoint, parents before their children (topological order)."""
         with _locks.domain_lock(self.domain.uuid, "list checkpoints"):
-            found = self.domain.port.list_checkpoints(topological=True)
+            found = _port(self.domain).list_checkpoints(topological=True)
         return [Checkpoint._from_port(self.domain, v) for v in found]
 
     def roots(self) -> builtins.list[Checkpoint]:
         """The checkpoints without a parent, sorted by name."""
         with _locks.domain_lock(self.domain.uuid, "list checkpoints"):
-            found = self.domain.port.list_checkpoints(roots=True)
+            found = _port(self.domain).list_checkpoints(roots=True)
         roots = [Checkpoint._from_port(self.domain, v) for v in found]
         return sorted(roots, key=lambda c: c.name)
 
@@ -396,7 +397,7 @@ class CheckpointCollection:
             before = _bitmaps.query_or_none(dom)
             try:
                 with _refined(name):
-                    vir = dom.port.checkpoint_create(xml)
+                    vir = _port(dom).checkpoint_create(xml)
             except BaseException as exc:
                 if before is not None:
                     remove_orphan_bitmaps(dom, before, exc)
@@ -465,7 +466,9 @@ class CheckpointCollection:
             _need_active(self.domain, "checkpoint redefine", "validate=True checks live bitmaps")
         cp = self._fit_domain(cp)
         with _locks.domain_lock(self.domain.uuid, "checkpoint redefine"), _refined(cp.name):
-            vir = self.domain.port.checkpoint_create(cp.to_xml(), redefine=True, validate=validate)
+            vir = _port(self.domain).checkpoint_create(
+                cp.to_xml(), redefine=True, validate=validate
+            )
         return Checkpoint._from_port(self.domain, vir)
 
     def _fit_domain(self, cp: CheckpointXML) -> CheckpointXML:
@@ -494,7 +497,7 @@ class CheckpointCollection:
         root = etree.Element(EXPORT_ROOT, format=EXPORT_FORMAT, domain=dom.name, uuid=dom.uuid)
         root.set("exported", str(int(time.time())))
         count = 0
-        for vir in dom.port.list_checkpoints(topological=True):
+        for vir in _port(dom).list_checkpoints(topological=True):
             root.append(parse(vir.xml_desc(), expected_root="domaincheckpoint"))
             count += 1
         data = serialize(root) + "\n"
@@ -533,7 +536,7 @@ class CheckpointCollection:
             )
         cps = [CheckpointXML.from_element(el) for el in root.iterfind("domaincheckpoint")]
         dom = self.domain
-        existing = {v.name for v in dom.port.list_checkpoints()}
+        existing = {v.name for v in _port(dom).list_checkpoints()}
         order = _import_order(cps, existing)
         taken = sorted(c.name for c in order if c.name in existing)
         if taken:
@@ -548,7 +551,7 @@ class CheckpointCollection:
             for cp in order:
                 fitted = self._fit_domain(cp)
                 with _refined(cp.name):
-                    vir = dom.port.checkpoint_create(
+                    vir = _port(dom).checkpoint_create(
                         fitted.to_xml(), redefine=True, validate=validate
                     )
                 undo.callback(_forget, vir)
@@ -584,7 +587,7 @@ def remove_orphan_bitmaps(
     bitmaps QEMU gained since ``before`` that no checkpoint uses; notes go on ``exc``."""
     try:
         known: set[str] = set()
-        for vir in dom.port.list_checkpoints():
+        for vir in _port(dom).list_checkpoints():
             known.add(vir.name)
             cp = CheckpointXML.from_xml(vir.xml_desc(no_domain=True))
             known.update(d.bitmap for d in cp.disks if d.bitmap)
@@ -666,3 +669,8 @@ def _write_private(target: Path, data: str, *, overwrite: bool) -> None:
             raise
         finally:
             os.close(fd)
+
+
+def _port(dom: Domain) -> CheckpointPort:
+    """The domain's port as this module uses it: ``CheckpointPort`` (mypy checks it)."""
+    return dom.port
