@@ -171,7 +171,7 @@ class Fault:
     """What :func:`inject` does to one named call; counts the calls it saw."""
 
     call: str
-    raises: BaseException | type[BaseException] | None = None
+    raises: BaseException | Callable[[], BaseException] | None = None
     before: Callable[[], object] | None = None
     after: Callable[[], object] | None = None
     delay: float = 0.0
@@ -193,8 +193,10 @@ class Fault:
             time.sleep(self.delay)
         if self.before is not None:
             self.before()
+        if isinstance(self.raises, BaseException):
+            raise self.raises
         if self.raises is not None:
-            raise self.raises() if isinstance(self.raises, type) else self.raises
+            raise self.raises()  # an exception class, or a factory
 
     def _exit(self) -> None:
         if self.after is not None:
@@ -323,7 +325,7 @@ def inject(
     target: Domain | Connection,
     call: str,
     *,
-    raises: BaseException | type[BaseException] | None = None,
+    raises: BaseException | Callable[[], BaseException] | None = None,
     before: Callable[[], object] | None = None,
     after: Callable[[], object] | None = None,
     delay: float = 0.0,
@@ -335,7 +337,7 @@ def inject(
     A call matches when ``when`` (given the call's own arguments) is true, or always
     without ``when``. For each matching call (the first ``times`` only, when given): wait
     ``delay`` seconds, run ``before()``, then raise ``raises`` (an exception, or a class
-    to instantiate) instead of making the call; otherwise make the real call and then run
+    or factory to call for a fresh one) instead of making the call; otherwise make the real call and then run
     ``after()`` (which may raise: the call happened, its caller sees the error). Yields
     the :class:`Fault`, whose ``calls`` counts the matching calls (with no effect asked
     for, it only counts). Faults of one name nest; each ends with its block.
