@@ -171,12 +171,19 @@ class Fault:
     """What :func:`inject` does to one named call; counts the calls it saw."""
 
     call: str
+    """The port call's name (``"fs_thaw"``, ``"checkpoint.delete"``)."""
     raises: BaseException | Callable[[], BaseException] | None = None
+    """Raised instead of the call (an exception, or a class or factory making one)."""
     before: Callable[[], object] | None = None
+    """Run before the call (or before raising)."""
     after: Callable[[], object] | None = None
+    """Run after the real call returned; may raise."""
     delay: float = 0.0
+    """Seconds to wait before the call."""
     times: int | None = None
+    """Act on the first ``times`` matching calls only (``None``: all)."""
     when: Callable[..., bool] | None = None
+    """A call matches only when this, given the call's arguments, is true."""
     calls: int = 0
     """How many calls matched so far (each one the fault acted on, up to ``times``)."""
     _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
@@ -337,8 +344,9 @@ def inject(
     A call matches when ``when`` (given the call's own arguments) is true, or always
     without ``when``. For each matching call (the first ``times`` only, when given): wait
     ``delay`` seconds, run ``before()``, then raise ``raises`` (an exception, or a class
-    or factory to call for a fresh one) instead of making the call; otherwise make the real call and then run
-    ``after()`` (which may raise: the call happened, its caller sees the error). Yields
+    or factory to call for a fresh one) instead of making the call; otherwise make the
+    real call and then run ``after()`` (which may raise: the call happened, its caller
+    sees the error). Yields
     the :class:`Fault`, whose ``calls`` counts the matching calls (with no effect asked
     for, it only counts). Faults of one name nest; each ends with its block.
     """
