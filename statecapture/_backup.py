@@ -237,7 +237,7 @@ def _rolled_back_note(dom: Domain, exc: BaseException, undone: list[str]) -> Non
 def _job_xml(dom: Domain) -> str | None:
     """The running job's XML; ``None`` when there is none (also: the domain stopped)."""
     try:
-        return dom._vir.backup_xml_desc()
+        return dom.port.backup_xml_desc()
     except InvalidStateError:
         if not dom.is_active:  # a shutdown ended the job (HAZARDS 7)
             return None
@@ -351,7 +351,7 @@ class BackupJob:
         if not self.running:
             done = self._result.bytes_written if self._result is not None else 0
             return BackupProgress(done, done, elapsed)
-        stats = self.domain._vir.backup_job_stats()
+        stats = self.domain.port.backup_job_stats()
         if self.mode is BackupMode.PUSH:
             return BackupProgress(
                 int(stats.get("disk_processed", 0)), int(stats.get("disk_total", 0)), elapsed
@@ -407,7 +407,7 @@ class BackupJob:
                 if event_now is not None:
                     return dict(event_now.detail.get("stats", {}))
                 try:
-                    return self.domain._vir.backup_job_stats(completed=True)
+                    return self.domain.port.backup_job_stats(completed=True)
                 except LibvirtError:
                     return {}
             if progress is not None:
@@ -740,7 +740,7 @@ class BackupJob:
             self._abort_and_wait_locked(timeout)
 
     def _abort_and_wait_locked(self, timeout: float) -> None:
-        vir = self.domain._vir
+        vir = self.domain.port
         exp = self._expectation()
         if _job_xml(self.domain) is None:
             return
@@ -1002,7 +1002,7 @@ class BackupStart:
     def begin(self) -> None:
         """``virDomainBackupBegin`` with the plan's XML: the capture call, nothing else."""
         try:
-            self.dom._vir.backup_begin(self.plan.backup_xml, self.plan.checkpoint_xml)
+            self.dom.port.backup_begin(self.plan.backup_xml, self.plan.checkpoint_xml)
         except UnsupportedError as exc:
             raise unsupported(self.dom, exc, "backup") from exc
 
@@ -1043,7 +1043,7 @@ class BackupStart:
             if self._exp is not None:
                 try:
                     if _job_xml(dom) is not None:
-                        dom._vir.backup_abort_job()
+                        dom.port.backup_abort_job()
                         undone.append("ended the half-started backup job (abortJob)")
                         with contextlib.suppress(OperationTimeoutError):
                             self._exp.wait(_END_TIMEOUT, what="JOB_COMPLETED")

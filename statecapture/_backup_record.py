@@ -167,7 +167,7 @@ class Record:
 
 
 def read_record(dom: Domain) -> Record | None:
-    text = dom._vir.get_metadata(RECORD_NS)
+    text = dom.port.get_metadata(RECORD_NS)
     if text is None:
         return None
     try:
@@ -177,7 +177,7 @@ def read_record(dom: Domain) -> Record | None:
 
 
 def write_record(dom: Domain, record: Record | None) -> None:
-    dom._vir.set_metadata(RECORD_NS, RECORD_KEY, None if record is None else record.to_xml())
+    dom.port.set_metadata(RECORD_NS, RECORD_KEY, None if record is None else record.to_xml())
 
 
 def clear_record(dom: Domain, errors: list[str]) -> None:
@@ -232,7 +232,7 @@ def recover_stale(dom: Domain) -> list[str]:
     """
     record = read_record(dom)
     if record is None:
-        if dom._vir.get_metadata(RECORD_NS) is not None:  # damaged: drop it
+        if dom.port.get_metadata(RECORD_NS) is not None:  # damaged: drop it
             write_record(dom, None)
             return ["cleared a damaged backup record"]
         return []

@@ -197,7 +197,7 @@ def read_journal(dom: Domain) -> Journal | None:
 
     Raises :class:`XMLError` when the stored journal is damaged.
     """
-    text = dom._vir.get_metadata(JOURNAL_NS)
+    text = dom.port.get_metadata(JOURNAL_NS)
     if text is None:
         return None
     return Journal.from_xml(text)
@@ -251,7 +251,7 @@ class JournalWriter:
         return writer
 
     def _check_owner(self) -> None:
-        text = self.dom._vir.get_metadata(JOURNAL_NS)
+        text = self.dom.port.get_metadata(JOURNAL_NS)
         try:
             stored = Journal.from_xml(text) if text is not None else None
         except XMLError:
@@ -267,7 +267,7 @@ class JournalWriter:
     def _flush(self, *, check: bool = True) -> None:
         if check:
             self._check_owner()
-        self.dom._vir.set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
+        self.dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
 
     def _merge_staged(self) -> None:
         if not self._staged:
@@ -331,10 +331,10 @@ class JournalWriter:
 
     def finish(self) -> None:
         """The sequence ended cleanly (or was fully undone): remove the journal."""
-        self.dom._vir.set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
+        self.dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
 
 
 def clear_journal(dom: Domain) -> None:
     """Remove the journal element from ``dom`` (idempotent)."""
-    if dom._vir.get_metadata(JOURNAL_NS) is not None:
-        dom._vir.set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
+    if dom.port.get_metadata(JOURNAL_NS) is not None:
+        dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, None)

@@ -149,7 +149,7 @@ class _Recovery:
                 ) from exc
         status: str | None
         try:
-            status = self.agent(dom._vir.fs_freeze_status)
+            status = self.agent(dom.port.fs_freeze_status)
         except UnsupportedError:  # a driver without raw agent commands (the test driver)
             status = None
         except LibvirtError as exc:
@@ -160,7 +160,7 @@ class _Recovery:
             self.found.append("the guest's filesystems are frozen")
         if status == "frozen" or (journalled and status != "thawed"):
             try:
-                count = self.agent(dom._vir.fs_thaw)
+                count = self.agent(dom.port.fs_thaw)
             except LibvirtError as exc:
                 raise ThawError(
                     f"thawing the filesystems of {dom.name!r} failed; they may still be "
@@ -276,7 +276,7 @@ class _Recovery:
         from . import _backup_record
 
         dom = self.dom
-        if dom._vir.get_metadata(_backup_record.RECORD_NS) is None:
+        if dom.port.get_metadata(_backup_record.RECORD_NS) is None:
             return
         if dom.is_active:
             try:

@@ -102,7 +102,7 @@ def discard_backup(
                 actions.append(f"removed {path} ({what})")
             except OSError as exc:
                 problems.append(f"remove {path}: {exc}")
-    if dom._vir.get_metadata(RECORD_NS) is not None:
+    if dom.port.get_metadata(RECORD_NS) is not None:
         still = _running_backup(dom) if dom.is_active else None
         if still is None:
             from .._backup_record import discard_stale_record
