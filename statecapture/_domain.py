@@ -422,8 +422,11 @@ class Domain:
         """Block until the guest agent is connected; returns the seconds waited.
 
         Driven by the agent-lifecycle event (subscribed before looking, so a connect is
-        never missed). Right after a boot the agent is not connected yet; freezing before
-        it is raises :class:`GuestAgentError`. Raises :class:`OperationTimeoutError` after
+        never missed), and done only once the agent answers a command (``guest-get-time``,
+        which adds no taint): a process that has just opened an embedded driver sees the
+        channel "connected" while the driver is still reconnecting to the agent. Right after
+        a boot the agent is not connected yet; freezing before it is raises
+        :class:`GuestAgentError`. Raises :class:`OperationTimeoutError` after
         ``timeout`` seconds, :class:`GuestAgentError` when the domain has no agent channel,
         and :class:`InvalidStateError` when the domain is not (or stops) running.
         """

@@ -42,7 +42,9 @@ def frozen(dom: statecapture.Domain) -> str:
 
 def domain(conn: statecapture.Connection) -> statecapture.Domain:
     dom = conn.domain(NAME)
-    wait_agent(dom, timeout=120)  # a fresh process reconnects to the agent first
+    # A fresh process reconnects to the agent first: Domain.wait_for_agent waits until the
+    # agent answers a command, not just until the channel reads "connected".
+    dom.wait_for_agent(120)
     return dom
 
 

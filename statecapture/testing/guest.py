@@ -298,11 +298,11 @@ def guest_exec(
 def wait_agent(domain: Domain, *, timeout: float = 300) -> float:
     """Poll ``guest-ping`` on *domain* until its guest agent answers; the seconds waited.
 
-    Stricter than :meth:`Domain.wait_for_agent <statecapture.Domain.wait_for_agent>`, which
-    trusts the channel state in the live XML: this waits until a command really goes
-    through — e.g. in a process that just opened an embedded driver, which reconnects to the
-    agent first. Raises :class:`~statecapture.GuestBootError` (``timed_out`` True) after
-    *timeout* seconds, and (``timed_out`` False) when the domain stops meanwhile.
+    The test kit's variant of :meth:`Domain.wait_for_agent
+    <statecapture.Domain.wait_for_agent>` (which also waits until a command goes through):
+    it pings with ``guest-ping`` and raises the kit's boot error instead. Raises
+    :class:`~statecapture.GuestBootError` (``timed_out`` True) after *timeout* seconds, and
+    (``timed_out`` False) when the domain stops meanwhile.
     """
     return wait_for_agent(domain.port, timeout)
 
