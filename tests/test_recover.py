@@ -479,9 +479,7 @@ def _abandon(job: Any) -> None:
 
 
 def _record_text(dom: statecapture.Domain) -> str | None:
-    from statecapture._backup import RECORD_NS
-
-    return dom.metadata(RECORD_NS)
+    return dom.metadata(JOURNAL_NS)
 
 
 @pytest.mark.qemu
@@ -493,7 +491,6 @@ def test_recover_after_a_failed_record_update_leaves_no_orphan_image(
     clean while leaving an image tied to a checkpoint it deleted — the image and the
     checkpoint go together."""
     from statecapture._adapter import VirDomain
-    from statecapture._backup import RECORD_NS
 
     dom = guest
     dest = tmp_path / "pull"
@@ -503,7 +500,7 @@ def test_recover_after_a_failed_record_update_leaves_no_orphan_image(
     def lose_connection_once_the_image_exists(
         self: VirDomain, namespace_uri: str, key: str, xml: str | None
     ) -> None:
-        if namespace_uri == RECORD_NS and any(p.suffix == ".qcow2" for p in dest.iterdir()):
+        if namespace_uri == JOURNAL_NS and any(p.suffix == ".qcow2" for p in dest.iterdir()):
             raise statecapture.ConnectionLostError(
                 "set metadata failed: internal error: client socket is closed",
                 code=1,
@@ -579,7 +576,7 @@ def test_recover_keeps_a_completed_push_whose_run_died_while_moving_it(
     still staged) or after the move (the staged name gone), the job had delivered: recover()
     keeps the checkpoint, the image ends up at its final name and no staging directory
     stays behind."""
-    from statecapture._backup import _final_path, _publish
+    from statecapture._backup import final_path, publish
 
     dom = guest
     out = tmp_path / "push"
@@ -592,11 +589,11 @@ def test_recover_keeps_a_completed_push_whose_run_died_while_moving_it(
             done.wait(120, what="JOB_COMPLETED")
         _wait_no_job(dom)
         staged = Path(job.xml.backed_up[0].store or "")
-        final = _final_path(staged)
+        final = final_path(staged)
         assert final == out / f"{dom.name}.vda.{cp}.qcow2" != staged
         job._add_files(final)  # the run recorded the final name, then died ...
         if moved:
-            _publish(staged, final)  # ... or died right after moving the target
+            publish(staged, final)  # ... or died right after moving the target
         report = statecapture.recover(dom)
         assert report.clean, str(report)
         assert cp in dom.checkpoints, str(report)

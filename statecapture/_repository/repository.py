@@ -411,7 +411,7 @@ class Repository:
 
     def _delete_checkpoints(self, dom: Domain, *, keep: set[str]) -> list[str]:
         """Delete this repository's checkpoints on ``dom`` other than ``keep``."""
-        from .._backup_record import delete_checkpoint as _delete_checkpoint
+        from .._backup import delete_checkpoint as _delete_checkpoint
 
         deleted: list[str] = []
         errors: list[str] = []
