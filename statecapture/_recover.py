@@ -292,11 +292,9 @@ class _Recovery:
         if journal is None or not journal.is_backup_job:
             return
         if dom.is_active:
-            try:
+            with contextlib.suppress(UnsupportedError):  # a driver without jobs runs none
                 if active_backup(dom) is not None:
                     return  # a job still runs: stage 2 reported why it could not end it
-            except UnsupportedError:
-                return
         self.found.append(
             "the record of a backup job that ended without its run (a crash, a lost "
             "connection or a daemon restart)"

@@ -18,6 +18,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+import attrs
+
 from .. import _files, _journal
 from .._backup import BackupJob, BackupProgress, BackupStart, require_local_nbd
 from .._backup.record import remove_dirs
@@ -200,9 +202,68 @@ def direct_backup(
         disks: the disk targets to copy (default: every writable disk with an image).
         progress: called with :class:`BackupProgress` while the disks are copied.
     """
-    dom = _check_domain(dom, SEQ_DIRECT)
-    qmode = _check_quiesce(quiesce)
-    budget = _check_max_frozen(max_frozen)
+    plan = _plan_direct(
+        _check_domain(dom, SEQ_DIRECT),
+        target_dir,
+        mode=mode,
+        incremental_from=incremental_from,
+        checkpoint=checkpoint,
+        quiesce=_check_quiesce(quiesce),
+        max_frozen=_check_max_frozen(max_frozen),
+        disks=disks,
+    )
+    return _execute(plan, progress)
+
+
+@attrs.frozen
+class _DirectPlan:
+    """What a direct backup will do: checked and planned before anything changes."""
+
+    dom: Domain
+    backup: BackupPlan
+    """The backup job's plan (one read of the domain)."""
+    target_dir: Path
+    run_id: str
+    freeze: bool
+    quiesce: QuiesceMode
+    max_frozen: float
+    files: Mapping[str, str]
+    """``file:vda`` / ``partial:vda`` → the paths the run will write (recorded facts)."""
+    notes: tuple[str, ...]
+
+    @property
+    def pull(self) -> bool:
+        return self.backup.mode is BackupMode.PULL
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.backup.checkpoint
+
+    def facts(self) -> dict[str, str]:
+        """The run record's first facts."""
+        facts = {
+            "mode": self.backup.mode.value,
+            "target_dir": str(self.target_dir),
+            "label": self.backup.label,
+            **self.files,
+        }
+        if self.checkpoint is not None:
+            facts["checkpoint"] = self.checkpoint
+        return facts
+
+
+def _plan_direct(
+    dom: Domain,
+    target_dir: str | os.PathLike[str],
+    *,
+    mode: str,
+    incremental_from: str | None,
+    checkpoint: bool | str,
+    quiesce: QuiesceMode,
+    max_frozen: float,
+    disks: Sequence[str] | None,
+) -> _DirectPlan:
+    """Every check :func:`direct_backup` makes, then its plan; nothing changes."""
     bmode = parse_mode(mode)
     pull = bmode is BackupMode.PULL
     if pull:  # the NBD export is a UNIX socket on the domain's host
@@ -215,9 +276,8 @@ def direct_backup(
     _checkpoint_name(checkpoint, "0" * 32)  # validates the argument
     if incremental_from is not None and not isinstance(incremental_from, str):
         raise UsageError(f"incremental_from must be a checkpoint name, got {incremental_from!r}")
-    freeze, notes = _preflight(dom, qmode, SEQ_DIRECT)
+    freeze, notes = _preflight(dom, quiesce, SEQ_DIRECT)
     run_id = _journal.new_run_id()
-    cp_name = _checkpoint_name(checkpoint, run_id)
     # One plan from one read of the domain: disks, file names, checkpoint and backup XML.
     try:
         plan = plan_backup(
@@ -225,7 +285,7 @@ def direct_backup(
             mode=bmode,
             disks=disks,
             incremental_from=incremental_from,
-            checkpoint=cp_name,
+            checkpoint=_checkpoint_name(checkpoint, run_id),
             target_dir=None if pull else tdir,
         )
     except UnsupportedError as exc:
@@ -234,24 +294,38 @@ def direct_backup(
     _refuse_jobs(dom, SEQ_DIRECT, backup=False)
     if pull and incremental_from is not None:
         _check_previous(dom, plan, tdir)
-    planned = _plan_files(plan, tdir, pull=pull)
-    facts = {"mode": bmode.value, "target_dir": str(tdir), "label": plan.label, **planned}
-    if cp_name is not None:
-        facts["checkpoint"] = cp_name
+    return _DirectPlan(
+        dom=dom,
+        backup=plan,
+        target_dir=tdir,
+        run_id=run_id,
+        freeze=freeze,
+        quiesce=quiesce,
+        max_frozen=max_frozen,
+        files=_plan_files(plan, tdir, pull=pull),
+        notes=tuple(notes),
+    )
 
+
+def _execute(
+    plan: _DirectPlan, progress: Callable[[BackupProgress], None] | None
+) -> SequenceResult:
+    """Carry out a direct backup's plan: record → freeze → backup begin → thaw → transfer
+    → end, every step recorded before and after, any failure undone."""
+    dom, cp_name, notes = plan.dom, plan.checkpoint, list(plan.notes)
     holder: list[BackupJob] = []
-    with Run(dom, SEQ_DIRECT, run_id=run_id, facts=facts) as run:
+    with Run(dom, SEQ_DIRECT, run_id=plan.run_id, facts=plan.facts()) as run:
         # The job records itself in the run's record; the plan was made just now (no
         # re-check). Its rollback (a failed or interrupted start) is reported by the
         # run's undo below.
-        start = BackupStart(dom, plan, note=False, writer=run.writer, recheck=False)
+        start = BackupStart(dom, plan.backup, note=False, writer=run.writer, recheck=False)
 
         def discard() -> list[str]:
             return start.undone + discard_backup(
                 dom,
                 job=holder[0] if holder else None,
                 checkpoint=cp_name,
-                files=planned,
+                files=plan.files,
                 adopt_checkpoint=cp_name,
             )
 
@@ -260,7 +334,7 @@ def direct_backup(
         # to remove: BackupStart's rollback or the job's discard.)
         run.on_undo("end the backup job and remove its checkpoint and files", discard)
 
-        if freeze:
+        if plan.freeze:
             run.stage("frozen", "1")
         with run.step("begin"):
             # Entering writes the job's section of the record and takes the lock; only the
@@ -271,9 +345,9 @@ def direct_backup(
                     dom,
                     "begin",
                     start.begin,
-                    freeze=freeze,
-                    quiesce=qmode,
-                    max_frozen=budget,
+                    freeze=plan.freeze,
+                    quiesce=plan.quiesce,
+                    max_frozen=plan.max_frozen,
                     notes=notes,
                 )
             job = start.job
@@ -290,8 +364,8 @@ def direct_backup(
                 progress(p)
 
         with run.step("transfer"):
-            if pull:  # (target_dir and the NBD socket's locality are checked above)
-                job._download(tdir, report, {})
+            if plan.pull:  # (target_dir and the NBD socket's locality were checked)
+                job._download(plan.target_dir, report, {})
             else:
                 job.wait(progress=report)
 
