@@ -35,6 +35,7 @@ plan from ``_backup_plan.py``; active_backup), ``job.py`` (the BackupJob handle 
 job), ``values.py`` (the result values).
 """
 
+from .._backup_plan import backup_file_name
 from .job import BackupJob, job_xml, require_local_nbd
 from .record import delete_checkpoint, final_path, publish, recover_stale
 from .start import BackupStart, active_backup, begin_backup, settle_stale_record
@@ -49,6 +50,7 @@ __all__ = [
     "DiskBackup",
     "ProgressCallback",
     "active_backup",
+    "backup_file_name",
     "begin_backup",
     "delete_checkpoint",
     "final_path",
