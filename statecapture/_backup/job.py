@@ -42,7 +42,6 @@ __all__ = ["END_TIMEOUT", "BackupJob", "job_xml", "require_local_nbd", "rolled_b
 
 END_TIMEOUT: Final = 60.0
 """Seconds to wait for ``JOB_COMPLETED`` after ``abortJob()``."""
-_END_TIMEOUT: Final = END_TIMEOUT
 
 
 def require_local_nbd(dom: Domain, operation: str) -> None:
@@ -341,7 +340,7 @@ class BackupJob:
         self._log.add_files(*paths)
 
     # ------------------------------------------------------------------ ending
-    def end(self, *, timeout: float = _END_TIMEOUT) -> BackupResult | None:
+    def end(self, *, timeout: float = END_TIMEOUT) -> BackupResult | None:
         """End the job now; idempotent. Returns the result when the job delivered every disk.
 
         A running push job is cancelled; a pull job is ended (``abortJob()``). Either way
@@ -351,7 +350,7 @@ class BackupJob:
         """
         return self._end(discard=False, timeout=timeout)
 
-    def discard(self, *, timeout: float = _END_TIMEOUT) -> None:
+    def discard(self, *, timeout: float = END_TIMEOUT) -> None:
         """End the job and remove everything it made: checkpoint, files, scratch.
 
         What leaving the ``with`` block by an exception does while the job still runs.

@@ -380,7 +380,8 @@ class Repository:
             from .._recover import recover
 
             with contextlib.suppress(StateCaptureError):
-                if read_journal(dom) is not None:
+                journal = read_journal(dom)
+                if journal is not None and not journal.is_backup_job:
                     recover(dom)
                     removed.append(f"recovered an interrupted run on {dom.name}")
         points = self._load(ddir)
