@@ -146,7 +146,7 @@ class BenchGuest:
     @property
     def raw(self) -> Any:
         """The libvirt ``virDomain`` (for the raw comparisons)."""
-        return self.dom._vir._raw
+        return self.dom.port._raw
 
     @classmethod
     def create(cls, *, data_mib: int, log: Callable[[str], None] = print) -> BenchGuest:

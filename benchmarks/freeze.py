@@ -3,10 +3,10 @@
 The window is measured from the host, from the moment the freeze call is made to the moment
 the thaw call returns, the same way for both sides:
 
-* library: the calls are observed by wrapping ``VirDomain.fs_freeze`` / ``fs_thaw`` of
-  statecapture's adapter (the only place the library calls libvirt; the wrapper adds two
-  clock reads), so the figure includes everything the library does while the guest is
-  frozen. The libvirt capture call inside (``backupBegin`` / ``snapshotCreateXML``) is timed
+* library: the calls are observed through the domain's port, the only way the library
+  calls libvirt (``statecapture.testing.faults.record``: a pass-through that adds two clock
+  reads per call), so the figure includes everything the library does while the guest is
+  frozen. The libvirt capture call inside (``backup_begin`` / ``snapshot_create``) is timed
   the same way, to show where the time goes;
 * raw: the same libvirt-python calls made back to back: ``fsFreeze``, the capture call,
   ``fsThaw``.
@@ -15,9 +15,9 @@ Raw and library runs alternate on the same guest; the figure is the median of th
 Target: library ≤ 1.05 x raw, and the library's own time inside the freeze (the window less
 the freeze, capture and thaw calls) ≤ 1 ms median. The note splits the window into the
 freeze call, the capture call, the thaw call and the rest (for the library: its own code
-while the guest is frozen), and lists the adapter calls the library made while frozen
-(every ``VirDomain``/``VirConnection`` method is wrapped; the goal is the capture call
-alone).
+while the guest is frozen), and lists the port calls the library made while frozen (every
+call through the domain's and its connection's port is recorded; the goal is the capture
+call alone).
 
 Rows:
 
@@ -35,7 +35,6 @@ Rows:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import os
 import shutil
@@ -47,7 +46,7 @@ from typing import Any
 import libvirt
 
 import statecapture
-from statecapture import _adapter
+from statecapture.testing.faults import record
 
 from ._common import Context, Row, Unavailable, fmt_seconds, median
 from ._guest import BenchGuest
@@ -78,10 +77,8 @@ class _Window:
         """Duration of the thaw call itself."""
         self.reported: float | None = None
         """The sequence's own ``SequenceResult.frozen_for`` (sequences only)."""
-        self.frozen = False
-        self.depth = 0
         self.inside: list[str] = []
-        """Adapter calls the library made between the freeze call's return and the thaw call."""
+        """Port calls the library made between the freeze call's return and the thaw call."""
 
     @property
     def seconds(self) -> float:
@@ -91,77 +88,26 @@ class _Window:
 
 
 @contextlib.contextmanager
-def _observe() -> Iterator[_Window]:
-    """Wrap the adapter's freeze, thaw and capture calls for the duration of the block."""
+def _observe(dom: statecapture.Domain) -> Iterator[_Window]:
+    """Record every call through ``dom``'s port (and its connection's) for the duration of
+    the block; the window is filled in from the log when the block ends."""
     window = _Window()
-    cls: Any = _adapter.VirDomain
-    saved = {
-        n: getattr(cls, n) for n in ("fs_freeze", "fs_thaw", "backup_begin", "snapshot_create")
-    }
-
-    def fs_freeze(self: Any, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        if window.freeze_at is None:
-            window.freeze_at = t0
-        try:
-            return saved["fs_freeze"](self, *args, **kwargs)
-        finally:
-            window.freeze_s += time.perf_counter() - t0
-            window.frozen = True
-
-    def fs_thaw(self: Any, *args: Any, **kwargs: Any) -> Any:
-        window.frozen = False
-        t0 = time.perf_counter()
-        try:
-            return saved["fs_thaw"](self, *args, **kwargs)
-        finally:
-            window.thawed_at = time.perf_counter()
-            window.thaw_s += window.thawed_at - t0
-
-    def timed(name: str) -> Callable[..., Any]:
-        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return saved[name](self, *args, **kwargs)
-            finally:
-                window.capture_s += time.perf_counter() - t0
-
-        return call
-
     main = threading.get_ident()
-
-    def counted(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
-        """Count a call the library makes while frozen (not one nested in the adapter)."""
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            here = threading.get_ident() == main
-            if window.frozen and here and not window.depth:
-                window.inside.append(name)
-            window.depth += here
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                window.depth -= here
-
-        return call
-
-    cls.fs_freeze, cls.fs_thaw = fs_freeze, fs_thaw
-    cls.backup_begin, cls.snapshot_create = timed("backup_begin"), timed("snapshot_create")
-    wrapped: list[tuple[Any, str, Any]] = []
-    for owner in (_adapter.VirDomain, _adapter.VirConnection):
-        for n, fn in list(vars(owner).items()):
-            if n.startswith("_") or n in ("fs_freeze", "fs_thaw") or not inspect.isfunction(fn):
-                continue
-            current = getattr(owner, n)
-            wrapped.append((owner, n, current))
-            setattr(owner, n, counted(current, n))
-    try:
-        yield window
-    finally:
-        for owner, n, fn in reversed(wrapped):
-            setattr(owner, n, fn)
-        for n, fn in saved.items():
-            setattr(cls, n, fn)
+    with record(dom) as log:
+        try:
+            yield window
+        finally:
+            freezes, thaws = log.named("fs_freeze"), log.named("fs_thaw")
+            if freezes:
+                window.freeze_at = freezes[0].started
+                window.freeze_s = sum(c.seconds for c in freezes)
+            if thaws:
+                window.thawed_at = thaws[-1].ended
+                window.thaw_s = sum(c.seconds for c in thaws)
+            window.capture_s = sum(
+                c.seconds for c in log.of(None) if c.name in ("backup_begin", "snapshot_create")
+            )
+            window.inside = log.between("fs_freeze", "fs_thaw", thread=main)
 
 
 def _raw_window(raw: Any, capture: Callable[[], object]) -> _Window:
@@ -265,7 +211,7 @@ class _PullBackup(_Case):
     def library(self) -> _Window:
         dom = self.g.dom
         plan = dom.backup_plan(mode="pull", checkpoint=_unique("fw-lib"))  # outside
-        with _observe() as window, statecapture.fs_frozen(dom, max_frozen=60):
+        with _observe(dom) as window, statecapture.fs_frozen(dom, max_frozen=60):
             job = dom.backup(plan=plan)  # the whole start: record, lock, begin, read back
         job.end()  # not downloaded: the job removes its checkpoint and scratch files
         return window
@@ -313,7 +259,7 @@ class _DirectBackup(_Case):
 
     def library(self) -> _Window:
         name = _unique("fw-seq")
-        with _observe() as window:
+        with _observe(self.g.dom) as window:
             result = statecapture.direct_backup(
                 self.g.dom,
                 self.out,
@@ -360,7 +306,7 @@ class _SnapshotCreate(_Case):
         name = _unique("fw-lib")
         try:
             plan = dom.snapshots.plan(name, disk_only=True)  # outside the freeze
-            with _observe() as window, statecapture.fs_frozen(dom, max_frozen=60):
+            with _observe(dom) as window, statecapture.fs_frozen(dom, max_frozen=60):
                 dom.snapshots.create(plan=plan)
             return window
         finally:
@@ -391,7 +337,7 @@ class _TemporarySnapshot(_SnapshotCreate):
             _merge_overlays(self.g, f".{name}")
 
     def library(self) -> _Window:
-        with _observe() as window:
+        with _observe(self.g.dom) as window:
             result = statecapture.backup_via_temporary_snapshot(
                 self.g.dom, lambda _images: None, quiesce=True, max_frozen=60
             )
@@ -408,7 +354,7 @@ class _Bare(_Case):
         return _raw_window(self.g.raw, lambda: None)
 
     def library(self) -> _Window:
-        with _observe() as window, statecapture.fs_frozen(self.g.dom, max_frozen=60):
+        with _observe(self.g.dom) as window, statecapture.fs_frozen(self.g.dom, max_frozen=60):
             pass
         return window
 

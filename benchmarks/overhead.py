@@ -79,8 +79,8 @@ def run(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     with statecapture.connect("test:///default") as conn:
         dom = conn.domain("test")
-        raw_conn: Any = conn._vir._raw
-        raw_dom: Any = dom._vir._raw
+        raw_conn: Any = conn.port._raw
+        raw_dom: Any = dom.port._raw
         _clear(raw_dom)
         try:
             rounds = (ctx.repetitions(15, quick=2), ctx.repetitions(9, quick=2))

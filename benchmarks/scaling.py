@@ -55,7 +55,7 @@ def run(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     with statecapture.connect("test:///default") as conn:
         dom = conn.domain("test")
-        raw_dom: Any = dom._vir._raw
+        raw_dom: Any = dom.port._raw
         _clear(raw_dom)
         try:
             rows += _measure("snapshots", _SnapshotTree(dom, raw_dom), ns, rounds, ctx)

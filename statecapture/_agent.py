@@ -29,6 +29,7 @@ from .xml._domain import AGENT_CHANNEL
 
 if TYPE_CHECKING:
     from ._domain import Domain
+    from ._ports import DomainInfoPort
 
 __all__ = ["AgentState", "agent_connected", "agent_state", "agent_state_of"]
 
@@ -66,7 +67,7 @@ def agent_state_of(root: etree._Element, *, active: bool) -> AgentState:
 def agent_state(dom: Domain) -> AgentState:
     """The agent state of ``dom``, read from its live definition (no agent command is sent)."""
     active = dom.is_active
-    return agent_state_of(parse(dom._vir.xml_desc(), expected_root="domain"), active=active)
+    return agent_state_of(parse(_port(dom).xml_desc(), expected_root="domain"), active=active)
 
 
 def agent_connected(dom: Domain) -> bool:
@@ -75,3 +76,8 @@ def agent_connected(dom: Domain) -> bool:
     A channel whose state the driver does not report counts as connected.
     """
     return dom.is_active and agent_state(dom).maybe_connected
+
+
+def _port(dom: Domain) -> DomainInfoPort:
+    """The domain's port as this module uses it: ``DomainInfoPort`` (mypy checks it)."""
+    return dom.port

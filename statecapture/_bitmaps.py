@@ -34,12 +34,13 @@ from typing import TYPE_CHECKING, Final
 from lxml import etree
 
 from . import _locks
-from ._adapter import NodeBitmap
+from ._ports import NodeBitmap
 from .errors import LibvirtError, NotFoundError, UnsupportedError
 from .xml import parse
 
 if TYPE_CHECKING:
     from ._domain import Domain
+    from ._ports import BitmapPort
 
 __all__ = ["describe", "live_bitmaps", "query_or_none", "remove_new_orphans"]
 
@@ -71,7 +72,7 @@ def _disk_layers(xml: str) -> tuple[dict[int, str], dict[str, str]]:
 
 
 def _group(dom: Domain, bitmaps: Iterable[NodeBitmap]) -> dict[str, tuple[NodeBitmap, ...]]:
-    by_index, by_path = _disk_layers(dom._vir.xml_desc())
+    by_index, by_path = _disk_layers(_port(dom).xml_desc())
     out: dict[str, list[NodeBitmap]] = {}
     for bm in bitmaps:
         m = _NODE.match(bm.node)
@@ -90,7 +91,7 @@ def live_bitmaps(dom: Domain) -> dict[str, tuple[NodeBitmap, ...]]:
     :class:`UnsupportedError` for a driver without a QEMU monitor.
     """
     with _locks.domain_lock(dom.uuid, "query dirty bitmaps"):
-        found = dom._vir.block_dirty_bitmaps()
+        found = _port(dom).block_dirty_bitmaps()
     return _group(dom, found)
 
 
@@ -148,7 +149,7 @@ def remove_new_orphans(
             if (bm.node, bm.name) in old or bm.name in keep or bm.busy:
                 continue  # there before, libvirt's, or a job's own
             try:
-                dom._vir.remove_block_dirty_bitmap(bm.node, bm.name)
+                _port(dom).remove_block_dirty_bitmap(bm.node, bm.name)
             except NotFoundError:
                 continue
             except Exception as err:
@@ -161,3 +162,8 @@ def remove_new_orphans(
                     f"statecapture removed dirty bitmap {bm.name!r} that the failed "
                     f"checkpoint create had left on {disk} (node {bm.node})"
                 )
+
+
+def _port(dom: Domain) -> BitmapPort:
+    """The domain's port as this module uses it: ``BitmapPort`` (mypy checks it)."""
+    return dom.port

@@ -33,6 +33,7 @@ from .xml._base import parse
 if TYPE_CHECKING:
     from ._connection import Connection
     from ._domain import Domain
+    from ._ports import ConnectionPort, ProbePort
 
 __all__ = ["Capabilities", "Capability", "probe_connection", "probe_domain"]
 
@@ -258,16 +259,16 @@ def probe_domain(dom: Domain) -> Capabilities:
 
 
 def _probe(conn: Connection, dom: Domain | None) -> Capabilities:
-    vir = conn._vir
+    vir: ConnectionPort = conn.port
     versions = conn.versions
     driver, daemon, hyper = versions.driver, versions.daemon, versions.hypervisor
-    vdom = dom._vir if dom is not None else None
+    vdom: ProbePort | None = dom.port if dom is not None else None
     no_domain = (None, "needs a domain to probe: use Domain.capabilities()")
 
     def probe(feature: str) -> tuple[bool | None, str]:
         if vdom is None:
             return no_domain
-        return vir.probe_api(feature, vdom)
+        return vdom.probe_api(feature)
 
     restore = vir.probe_api("restore")
     save_answer = probe("save")
@@ -293,7 +294,7 @@ def _probe(conn: Connection, dom: Domain | None) -> Capabilities:
     # connection-level hint.
     domcaps = _backup_in_domcaps(vir.domain_capabilities_xml()) if vdom is None else None
     if vdom is not None:
-        implemented, job = vir.probe_backup_job(vdom)
+        implemented, job = vdom.probe_backup_job()
         if implemented:
             why = "a backup job is running" if job is not None else "no backup job running"
             backup = Capability(

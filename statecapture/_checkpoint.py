@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Final
 import attrs
 from lxml import etree
 
-from . import _adapter, _bitmaps, _files, _locks
+from . import _bitmaps, _files, _locks
 from ._hints import add_names_hint
+from ._ports import CheckpointObjectPort, NodeBitmap
 from .errors import (
     CheckpointInconsistentError,
     InvalidStateError,
@@ -46,6 +47,7 @@ from .xml._checkpoint import check_checkpoint_name
 
 if TYPE_CHECKING:
     from ._domain import Domain
+    from ._ports import CheckpointPort
 
 __all__ = ["EXPORT_FORMAT", "Checkpoint", "CheckpointCollection"]
 
@@ -157,34 +159,34 @@ class Checkpoint:
 
     domain: Domain
     """The domain the checkpoint belongs to."""
-    _vir: _adapter.VirCheckpoint = attrs.field(repr=False)
+    _port: CheckpointObjectPort = attrs.field(repr=False)
     name: str
     """The checkpoint's name (also the default name of its dirty bitmaps)."""
 
     @classmethod
-    def _from_vir(cls, domain: Domain, vir: _adapter.VirCheckpoint) -> Checkpoint:
+    def _from_port(cls, domain: Domain, vir: CheckpointObjectPort) -> Checkpoint:
         return cls(domain, vir, vir.name)
 
     # ------------------------------------------------------------------ queries
     @property
     def definition(self) -> CheckpointXML:
         """The checkpoint's XML (with the domain definition libvirt stored with it)."""
-        return CheckpointXML.from_xml(self._vir.xml_desc())
+        return CheckpointXML.from_xml(self._port.xml_desc())
 
     @property
     def parent(self) -> Checkpoint | None:
         """The parent checkpoint, ``None`` for a root."""
-        name = CheckpointXML.from_xml(self._vir.xml_desc(no_domain=True)).parent
+        name = CheckpointXML.from_xml(self._port.xml_desc(no_domain=True)).parent
         if name is None:
             return None
-        return Checkpoint._from_vir(self.domain, self.domain._vir.checkpoint_lookup(name))
+        return Checkpoint._from_port(self.domain, _port(self.domain).checkpoint_lookup(name))
 
     @property
     def children(self) -> tuple[Checkpoint, ...]:
         """The direct children, sorted by name."""
         with _locks.domain_lock(self.domain.uuid, "list checkpoint children"):
-            found = self._vir.children()
-        kids = [Checkpoint._from_vir(self.domain, v) for v in found]
+            found = self._port.children()
+        kids = [Checkpoint._from_port(self.domain, v) for v in found]
         return tuple(sorted(kids, key=lambda c: c.name))
 
     def dirty_bytes(self) -> dict[str, int]:
@@ -199,7 +201,7 @@ class Checkpoint:
         """
         _need_active(self.domain, "checkpoint dirty size", "QEMU counts dirty blocks live")
         with _locks.domain_lock(self.domain.uuid, "checkpoint dirty size"), _refined(self.name):
-            cp = CheckpointXML.from_xml(self._vir.xml_desc(size=True, no_domain=True))
+            cp = CheckpointXML.from_xml(self._port.xml_desc(size=True, no_domain=True))
         missing = [d.name for d in cp.tracked_disks if d.size is None]
         if missing:
             try:
@@ -232,8 +234,8 @@ class Checkpoint:
         """
         _need_active(self.domain, "checkpoint validate", "QEMU checks the bitmaps it has open")
         with _locks.domain_lock(self.domain.uuid, "checkpoint validate"), _refined(self.name):
-            xml = self._vir.xml_desc()
-            self.domain._vir.checkpoint_create(xml, redefine=True, validate=True)
+            xml = self._port.xml_desc()
+            _port(self.domain).checkpoint_create(xml, redefine=True, validate=True)
 
     def delete(self, *, children: bool = False, metadata_only: bool = False) -> None:
         """Delete the checkpoint (and with ``children`` its descendants).
@@ -258,16 +260,16 @@ class Checkpoint:
     def _delete(self, *, children: bool, metadata_only: bool) -> None:
         kids: builtins.list[tuple[str, str]] = []
         if not children:
-            kids = [(k.name, k.xml_desc()) for k in self._vir.children()]
+            kids = [(k.name, k.xml_desc()) for k in self._port.children()]
         try:
             with _refined(self.name):
-                self._vir.delete(children=children, metadata_only=metadata_only)
+                self._port.delete(children=children, metadata_only=metadata_only)
         except BaseException as exc:
             for name, xml in kids:
                 try:
-                    current = self.domain._vir.checkpoint_lookup(name)
+                    current = _port(self.domain).checkpoint_lookup(name)
                     if CheckpointXML.from_xml(current.xml_desc(no_domain=True)).parent is None:
-                        self.domain._vir.checkpoint_create(xml, redefine=True)
+                        _port(self.domain).checkpoint_create(xml, redefine=True)
                 except Exception as undo:  # never mask the delete's own error
                     exc.add_note(
                         f"statecapture could not restore the parent link of checkpoint "
@@ -322,27 +324,27 @@ class CheckpointCollection:
     def __getitem__(self, name: str) -> Checkpoint:
         if not isinstance(name, str):
             raise UsageError(f"checkpoint names are strings, got {name!r}")
-        vir = self.domain._vir
+        vir = _port(self.domain)
         try:
             found = vir.checkpoint_lookup(name)
         except NotFoundError as exc:
             names = lambda: (c.name for c in vir.list_checkpoints())  # noqa: E731
             add_names_hint(exc, name, names, "checkpoint")
             raise
-        return Checkpoint._from_vir(self.domain, found)
+        return Checkpoint._from_port(self.domain, found)
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
         try:
-            self.domain._vir.checkpoint_lookup(name)
+            _port(self.domain).checkpoint_lookup(name)
         except NotFoundError:
             return False
         return True
 
     def __len__(self) -> int:
         with _locks.domain_lock(self.domain.uuid, "list checkpoints"):
-            return len(self.domain._vir.list_checkpoints())
+            return len(_port(self.domain).list_checkpoints())
 
     def __iter__(self) -> Iterator[Checkpoint]:
         return iter(self.list())
@@ -350,14 +352,14 @@ class CheckpointCollection:
     def list(self) -> builtins.list[Checkpoint]:
         """Every checkpoint, parents before their children (topological order)."""
         with _locks.domain_lock(self.domain.uuid, "list checkpoints"):
-            found = self.domain._vir.list_checkpoints(topological=True)
-        return [Checkpoint._from_vir(self.domain, v) for v in found]
+            found = _port(self.domain).list_checkpoints(topological=True)
+        return [Checkpoint._from_port(self.domain, v) for v in found]
 
     def roots(self) -> builtins.list[Checkpoint]:
         """The checkpoints without a parent, sorted by name."""
         with _locks.domain_lock(self.domain.uuid, "list checkpoints"):
-            found = self.domain._vir.list_checkpoints(roots=True)
-        roots = [Checkpoint._from_vir(self.domain, v) for v in found]
+            found = _port(self.domain).list_checkpoints(roots=True)
+        roots = [Checkpoint._from_port(self.domain, v) for v in found]
         return sorted(roots, key=lambda c: c.name)
 
     # ------------------------------------------------------------------ create
@@ -395,12 +397,12 @@ class CheckpointCollection:
             before = _bitmaps.query_or_none(dom)
             try:
                 with _refined(name):
-                    vir = dom._vir.checkpoint_create(xml)
+                    vir = _port(dom).checkpoint_create(xml)
             except BaseException as exc:
                 if before is not None:
                     remove_orphan_bitmaps(dom, before, exc)
                 raise
-        return Checkpoint._from_vir(dom, vir)
+        return Checkpoint._from_port(dom, vir)
 
     def _plan_disks(
         self, disks: Sequence[str], *, definition: DomainXML | None = None
@@ -464,8 +466,10 @@ class CheckpointCollection:
             _need_active(self.domain, "checkpoint redefine", "validate=True checks live bitmaps")
         cp = self._fit_domain(cp)
         with _locks.domain_lock(self.domain.uuid, "checkpoint redefine"), _refined(cp.name):
-            vir = self.domain._vir.checkpoint_create(cp.to_xml(), redefine=True, validate=validate)
-        return Checkpoint._from_vir(self.domain, vir)
+            vir = _port(self.domain).checkpoint_create(
+                cp.to_xml(), redefine=True, validate=validate
+            )
+        return Checkpoint._from_port(self.domain, vir)
 
     def _fit_domain(self, cp: CheckpointXML) -> CheckpointXML:
         # libvirt refuses an embedded <domain> with another UUID ("must use uuid ..."); it is
@@ -493,7 +497,7 @@ class CheckpointCollection:
         root = etree.Element(EXPORT_ROOT, format=EXPORT_FORMAT, domain=dom.name, uuid=dom.uuid)
         root.set("exported", str(int(time.time())))
         count = 0
-        for vir in dom._vir.list_checkpoints(topological=True):
+        for vir in _port(dom).list_checkpoints(topological=True):
             root.append(parse(vir.xml_desc(), expected_root="domaincheckpoint"))
             count += 1
         data = serialize(root) + "\n"
@@ -532,7 +536,7 @@ class CheckpointCollection:
             )
         cps = [CheckpointXML.from_element(el) for el in root.iterfind("domaincheckpoint")]
         dom = self.domain
-        existing = {v.name for v in dom._vir.list_checkpoints()}
+        existing = {v.name for v in _port(dom).list_checkpoints()}
         order = _import_order(cps, existing)
         taken = sorted(c.name for c in order if c.name in existing)
         if taken:
@@ -547,11 +551,11 @@ class CheckpointCollection:
             for cp in order:
                 fitted = self._fit_domain(cp)
                 with _refined(cp.name):
-                    vir = dom._vir.checkpoint_create(
+                    vir = _port(dom).checkpoint_create(
                         fitted.to_xml(), redefine=True, validate=validate
                     )
                 undo.callback(_forget, vir)
-                imported.append(Checkpoint._from_vir(dom, vir))
+                imported.append(Checkpoint._from_port(dom, vir))
             undo.pop_all()
         return imported
 
@@ -561,7 +565,7 @@ class CheckpointCollection:
 
         rows = []
         for cp in self.list():
-            d = CheckpointXML.from_xml(cp._vir.xml_desc(no_domain=True))
+            d = CheckpointXML.from_xml(cp._port.xml_desc(no_domain=True))
             tracked = ", ".join(x.name for x in d.tracked_disks)
             created = (
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.creation_time))
@@ -577,13 +581,13 @@ class CheckpointCollection:
 
 
 def remove_orphan_bitmaps(
-    dom: Domain, before: Mapping[str, tuple[_adapter.NodeBitmap, ...]], exc: BaseException
+    dom: Domain, before: Mapping[str, tuple[NodeBitmap, ...]], exc: BaseException
 ) -> None:
     """After a failed checkpoint create (caller holds the domain's lock): remove the dirty
     bitmaps QEMU gained since ``before`` that no checkpoint uses; notes go on ``exc``."""
     try:
         known: set[str] = set()
-        for vir in dom._vir.list_checkpoints():
+        for vir in _port(dom).list_checkpoints():
             known.add(vir.name)
             cp = CheckpointXML.from_xml(vir.xml_desc(no_domain=True))
             known.update(d.bitmap for d in cp.disks if d.bitmap)
@@ -593,7 +597,7 @@ def remove_orphan_bitmaps(
     _bitmaps.remove_new_orphans(dom, before, known, exc)
 
 
-def _forget(vir: _adapter.VirCheckpoint) -> None:
+def _forget(vir: CheckpointObjectPort) -> None:
     """Undo of an import step: drop the metadata only (the bitmaps were there before)."""
     vir.delete(metadata_only=True)
 
@@ -665,3 +669,8 @@ def _write_private(target: Path, data: str, *, overwrite: bool) -> None:
             raise
         finally:
             os.close(fd)
+
+
+def _port(dom: Domain) -> CheckpointPort:
+    """The domain's port as this module uses it: ``CheckpointPort`` (mypy checks it)."""
+    return dom.port

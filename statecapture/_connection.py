@@ -12,6 +12,7 @@ import attrs
 from . import _adapter
 from ._events import Callback, Event, EventBus, EventKind, Subscription
 from ._hints import add_names_hint
+from ._ports import ConnectionPort
 from ._version import Version, Versions
 from .errors import NotFoundError, UnsupportedError, UsageError
 from .xml import DomainXML
@@ -83,7 +84,7 @@ def connect(uri: str | None = None, *, readonly: bool = False) -> Connection:
     """
     resolved = resolve_uri(uri)
     try:
-        vir = _adapter.VirConnection.open(resolved, readonly=readonly)
+        port: ConnectionPort = _adapter.VirConnection.open(resolved, readonly=readonly)
     except UnsupportedError as exc:
         if exc.code != _NO_CONNECT:
             raise
@@ -95,11 +96,11 @@ def connect(uri: str | None = None, *, readonly: bool = False) -> Connection:
             operation=exc.operation,
             libvirt_message=exc.libvirt_message,
         ) from exc
-    conn = Connection(vir)
+    conn = Connection(port)
     try:
-        vir.register_events(conn.events.publish)
+        port.register_events(conn.events.publish)
     except BaseException:
-        vir.close()
+        port.close()
         raise
     return conn
 
@@ -119,13 +120,24 @@ class Connection:
     for every thread; event callbacks run on libvirt's event thread.
     """
 
-    _vir: _adapter.VirConnection = attrs.field(repr=False)
+    _port: ConnectionPort = attrs.field(repr=False)
     events: EventBus = attrs.field(factory=EventBus, repr=False)
     """Domain events of this connection (see :meth:`subscribe`)."""
     _versions: Versions | None = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.events.subscribe(self._on_close, kind=EventKind.CONNECTION_CLOSED)
+
+    @property
+    def port(self) -> ConnectionPort:
+        """The typed libvirt port this connection talks through (advanced use).
+
+        One method per libvirt call, keyword arguments in, typed values out, statecapture's
+        errors only (the protocol is ``statecapture._ports.ConnectionPort``; its methods may
+        change between releases). :mod:`statecapture.testing.faults` puts a pass-through in
+        front of it to inject failures and record calls.
+        """
+        return self._port
 
     def _on_close(self, _event: Event) -> None:
         # The daemon went away; later calls raise UsageError/ConnectionLostError.
@@ -135,27 +147,27 @@ class Connection:
     @property
     def uri(self) -> str:
         """The URI this connection was opened with."""
-        return self._vir.uri
+        return self._port.uri
 
     @property
     def is_remote(self) -> bool:
         """Whether the daemon runs on another host (see :func:`is_remote_uri`): its domains'
         NBD exports and files are on that host, not here."""
-        return is_remote_uri(self._vir.uri)
+        return is_remote_uri(self._port.uri)
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._vir.closed
+        return self._port.closed
 
     @property
     def driver(self) -> str:
         """The driver's name as libvirt reports it (``QEMU``, ``Test`` ...)."""
-        return self._vir.driver_type()
+        return self._port.driver_type()
 
     @property
     def hostname(self) -> str:
-        return self._vir.hostname()
+        return self._port.hostname()
 
     @property
     def versions(self) -> Versions:
@@ -163,22 +175,22 @@ class Connection:
         if self._versions is None:
             hyper: Version | None
             try:
-                hv = self._vir.hypervisor_version()
+                hv = self._port.hypervisor_version()
                 hyper = Version.from_int(hv) if hv > 0 else None
             except Exception:  # some drivers do not report one
                 hyper = None
             self._versions = Versions(
                 library=Version.from_int(_adapter.client_library_version()),
-                daemon=Version.from_int(self._vir.daemon_version()),
+                daemon=Version.from_int(self._port.daemon_version()),
                 hypervisor=hyper,
-                driver=self._vir.driver_type(),
+                driver=self._port.driver_type(),
             )
         return self._versions
 
     @property
     def is_alive(self) -> bool:
         """Whether the connection is open and the other end answers."""
-        return self._vir.is_alive()
+        return self._port.is_alive()
 
     # ---- domains
     def domain(self, name_or_uuid: str) -> Domain:
@@ -192,19 +204,19 @@ class Connection:
         if not isinstance(name_or_uuid, str) or not name_or_uuid:
             raise UsageError(f"a domain name or UUID string is required, got {name_or_uuid!r}")
         try:
-            vir = self._vir.lookup_domain(name_or_uuid)
+            port = self._port.lookup_domain(name_or_uuid)
         except NotFoundError as exc:
             add_names_hint(
-                exc, name_or_uuid, lambda: (v.name for v in self._vir.list_domains()), "domain"
+                exc, name_or_uuid, lambda: (v.name for v in self._port.list_domains()), "domain"
             )
             raise
-        return Domain._from_vir(self, vir)
+        return Domain._from_port(self, port)
 
     def domains(self) -> tuple[Domain, ...]:
         """Every domain the driver knows, active and inactive, sorted by name."""
         from ._domain import Domain
 
-        doms = [Domain._from_vir(self, v) for v in self._vir.list_domains()]
+        doms = [Domain._from_port(self, v) for v in self._port.list_domains()]
         return tuple(sorted(doms, key=lambda d: d.name))
 
     def define(self, xml: str | DomainXML, *, validate: bool = True) -> Domain:
@@ -218,7 +230,7 @@ class Connection:
         if not isinstance(text, str):
             raise UsageError(f"define() takes XML text or a DomainXML, got {type(xml).__name__}")
         DomainXML.from_xml(text)  # XMLError with the line before libvirt sees it
-        return Domain._from_vir(self, self._vir.define(text, validate=validate))
+        return Domain._from_port(self, self._port.define(text, validate=validate))
 
     def create(self, xml: str | DomainXML, *, paused: bool = False) -> Domain:
         """Create and start a transient domain (gone when it stops)."""
@@ -226,7 +238,7 @@ class Connection:
 
         text = xml.to_xml() if isinstance(xml, DomainXML) else xml
         DomainXML.from_xml(text)
-        return Domain._from_vir(self, self._vir.create_transient(text, paused=paused))
+        return Domain._from_port(self, self._port.create_transient(text, paused=paused))
 
     # ---- memory state (_memory.py)
     def restore(
@@ -274,7 +286,7 @@ class Connection:
         """
         from ._capabilities import probe_connection
 
-        self._vir.check_open()
+        self._port.check_open()
         return probe_connection(self)
 
     # ---- events
@@ -291,7 +303,7 @@ class Connection:
         libvirt from them. Returns a :class:`Subscription`; cancel it (or use it as a context
         manager) to stop.
         """
-        self._vir.check_open()
+        self._port.check_open()
         return self.events.subscribe(
             callback, kind=kind, domain_uuid=domain.uuid if domain is not None else None
         )
@@ -299,10 +311,10 @@ class Connection:
     # ---- lifetime
     def close(self) -> None:
         """Close the connection; idempotent. Handles made from it become unusable."""
-        self._vir.close()
+        self._port.close()
 
     def __enter__(self) -> Connection:
-        self._vir.check_open()
+        self._port.check_open()
         return self
 
     def __exit__(
@@ -311,10 +323,10 @@ class Connection:
         self.close()
 
     def __del__(self) -> None:
-        vir = getattr(self, "_vir", None)
-        if vir is not None and not vir.closed:
+        port = getattr(self, "_port", None)
+        if port is not None and not port.closed:
             warnings.warn(
-                f"statecapture connection to {vir.uri} was never closed",
+                f"statecapture connection to {port.uri} was never closed",
                 ResourceWarning,
                 stacklevel=2,
             )

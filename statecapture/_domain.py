@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 import attrs
 from lxml import etree
 
-from . import _adapter
 from ._enums import DomainState, ShutdownMode
 from ._events import EventKind
+from ._ports import DomainPort
 from .errors import (
     InvalidStateError,
     LibvirtError,
@@ -71,41 +71,54 @@ class Domain:
 
     connection: Connection
     """The connection this handle belongs to."""
-    _vir: _adapter.VirDomain = attrs.field(repr=False)
+    _port: DomainPort = attrs.field(repr=False)
     name: str
     """The domain's name."""
     uuid: str
     """The domain's UUID (the stable identity)."""
 
     @classmethod
-    def _from_vir(cls, conn: Connection, vir: _adapter.VirDomain) -> Domain:
-        return cls(conn, vir, vir.name, vir.uuid())
+    def _from_port(cls, conn: Connection, port: DomainPort) -> Domain:
+        return cls(conn, port, port.name, port.uuid())
+
+    @property
+    def port(self) -> DomainPort:
+        """The typed libvirt port this handle talks through (advanced use).
+
+        One method per libvirt call (``fs_freeze``, ``backup_begin``, ``snapshot_create``
+        ...), keyword arguments in, typed values out, statecapture's errors only. It is
+        ``statecapture._ports.DomainPort``, composed of narrow capability ports; its
+        methods may change between releases. statecapture's own modules act through it,
+        and :mod:`statecapture.testing.faults` puts a pass-through in front of it to inject
+        failures and record calls.
+        """
+        return self._port
 
     # ------------------------------------------------------------------ state
     @property
     def state(self) -> DomainState:
         """The current run state."""
-        return DomainState(self._vir.state()[0])
+        return DomainState(self._port.state()[0])
 
     @property
     def is_active(self) -> bool:
         """Whether the domain is running or paused (has a live hypervisor process)."""
-        return self._vir.is_active()
+        return self._port.is_active()
 
     @property
     def is_persistent(self) -> bool:
         """Whether the domain has a persistent definition (survives being stopped)."""
-        return self._vir.is_persistent()
+        return self._port.is_persistent()
 
     @property
     def definition(self) -> DomainXML:
         """The live definition (the inactive one when the domain is not running)."""
-        return DomainXML.from_xml(self._vir.xml_desc())
+        return DomainXML.from_xml(self._port.xml_desc())
 
     @property
     def inactive_definition(self) -> DomainXML:
         """The persistent definition used at the next start."""
-        return DomainXML.from_xml(self._vir.xml_desc(inactive=True))
+        return DomainXML.from_xml(self._port.xml_desc(inactive=True))
 
     def xml(self, *, inactive: bool = False, secure: bool = False) -> str:
         """The domain's XML document as libvirt returns it (no parsing, nothing dropped).
@@ -115,7 +128,7 @@ class Domain:
         security-sensitive values (passwords), which needs a read-write connection.
         :attr:`definition` is the same document parsed.
         """
-        return self._vir.xml_desc(inactive=inactive, secure=secure)
+        return self._port.xml_desc(inactive=inactive, secure=secure)
 
     def metadata(self, namespace_uri: str) -> str | None:
         """The custom metadata element stored under ``namespace_uri``, or ``None``.
@@ -125,7 +138,7 @@ class Domain:
         job). ``recover()`` also reads what an older statecapture left in
         ``urn:x-statecapture:journal:1`` and ``urn:x-statecapture:backup:1``.
         """
-        return self._vir.get_metadata(namespace_uri)
+        return self._port.get_metadata(namespace_uri)
 
     def set_metadata(self, namespace_uri: str, key: str, xml: str | None) -> None:
         """Store ``xml`` (one element) under ``namespace_uri`` with prefix ``key``, in the live
@@ -145,7 +158,7 @@ class Domain:
                 etree.fromstring(xml.encode())
             except etree.XMLSyntaxError as exc:
                 raise UsageError(f"metadata is not one well-formed XML element: {exc}") from None
-        self._vir.set_metadata(namespace_uri, key, xml)
+        self._port.set_metadata(namespace_uri, key, xml)
 
     @property
     def disks(self) -> tuple[Disk, ...]:
@@ -179,7 +192,7 @@ class Domain:
         A domain with a managed-save image resumes from it unless ``force_boot`` is set
         (which discards the image). ``paused`` leaves the vCPUs stopped.
         """
-        self._vir.start(paused=paused, bypass_cache=bypass_cache, force_boot=force_boot)
+        self._port.start(paused=paused, bypass_cache=bypass_cache, force_boot=force_boot)
 
     def shutdown(
         self, *, mode: ShutdownMode = ShutdownMode.DEFAULT, timeout: float | None = None
@@ -196,7 +209,7 @@ class Domain:
             ShutdownMode(mode)
         ]
         try:
-            self._vir.shutdown(agent=agent)
+            self._port.shutdown(agent=agent)
         except LibvirtError as exc:
             eof = "end of file from agent" in str(exc).lower()
             if not (eof and agent is not False and timeout is not None):
@@ -206,12 +219,12 @@ class Domain:
 
     def destroy(self, *, graceful: bool = False) -> None:
         """Stop the domain at once (power cut). ``graceful`` refuses to kill a stuck process."""
-        self._vir.destroy(graceful=graceful)
+        self._port.destroy(graceful=graceful)
 
     def suspend(self) -> None:
         """Pause the vCPUs; the domain stays active."""
         self._require_active("suspend")
-        self._vir.suspend()
+        self._port.suspend()
 
     def resume(self) -> None:
         """Resume paused vCPUs; :class:`InvalidStateError` when the domain is not paused."""
@@ -222,7 +235,7 @@ class Domain:
                 operation="resume",
                 domain_name=self.name,
             )
-        self._vir.resume()
+        self._port.resume()
 
     def undefine(
         self,
@@ -238,7 +251,7 @@ class Domain:
         unless the matching flag asks to remove those too; the error then names the flag.
         """
         try:
-            self._vir.undefine(
+            self._port.undefine(
                 managed_save=managed_save,
                 snapshots_metadata=snapshots_metadata,
                 checkpoints_metadata=checkpoints_metadata,
@@ -437,7 +450,7 @@ class Domain:
         marks the domain tainted with ``custom-ga-command``, which is harmless). Raises
         :class:`GuestAgentError` when the agent is missing or does not answer.
         """
-        return self._vir.fs_freeze_status()
+        return self._port.fs_freeze_status()
 
     def fs_thaw(self) -> int:
         """Thaw every frozen filesystem of the guest; returns how many thawed.

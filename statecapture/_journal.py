@@ -295,7 +295,7 @@ class Journal:
 
 def _read_current(dom: Domain) -> Journal | None:
     """The record in the current format only (raises :class:`XMLError` when damaged)."""
-    text = dom._vir.get_metadata(JOURNAL_NS)
+    text = dom.port.get_metadata(JOURNAL_NS)
     if text is None:
         return None
     return Journal.from_xml(text)
@@ -389,12 +389,12 @@ class JournalWriter:
             from ._journal_legacy import clear_legacy
 
             self.journal = attrs.evolve(self.journal, legacy=False)
-            self.dom._vir.set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
+            self.dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
             clear_legacy(self.dom)
             return
         if check:
             self._check_owner()
-        self.dom._vir.set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
+        self.dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
 
     def _merge_staged(self) -> None:
         if not self._staged:
@@ -478,7 +478,7 @@ class JournalWriter:
             stored = None
         if stored is None or stored.run_id != self.journal.run_id:
             return
-        self.dom._vir.set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
+        self.dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
 
 
 def clear_journal(dom: Domain) -> bool:
@@ -487,7 +487,7 @@ def clear_journal(dom: Domain) -> bool:
     from ._journal_legacy import clear_legacy
 
     found = False
-    if dom._vir.get_metadata(JOURNAL_NS) is not None:
-        dom._vir.set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
+    if dom.port.get_metadata(JOURNAL_NS) is not None:
+        dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
         found = True
     return clear_legacy(dom) or found

@@ -43,8 +43,8 @@ def read_legacy(dom: Domain) -> Journal | None:
     Raises :class:`XMLError` when one of them is damaged (``recover()`` then reports and
     clears it).
     """
-    journal_text = dom._vir.get_metadata(LEGACY_JOURNAL_NS)
-    backup_text = dom._vir.get_metadata(LEGACY_BACKUP_NS)
+    journal_text = dom.port.get_metadata(LEGACY_JOURNAL_NS)
+    backup_text = dom.port.get_metadata(LEGACY_BACKUP_NS)
     if journal_text is None and backup_text is None:
         return None
     job = JobRecord.from_element(parse(backup_text)) if backup_text is not None else None
@@ -68,7 +68,7 @@ def clear_legacy(dom: Domain) -> bool:
     there was one."""
     found = False
     for namespace in (LEGACY_JOURNAL_NS, LEGACY_BACKUP_NS):
-        if dom._vir.get_metadata(namespace) is not None:
-            dom._vir.set_metadata(namespace, "statecapture", None)
+        if dom.port.get_metadata(namespace) is not None:
+            dom.port.set_metadata(namespace, "statecapture", None)
             found = True
     return found

@@ -54,6 +54,7 @@ from .xml import DomainXML
 if TYPE_CHECKING:
     from ._connection import Connection
     from ._domain import Domain
+    from ._ports import MemoryPort
 
 __all__ = [
     "ManagedSaveResult",
@@ -366,7 +367,7 @@ def _after_failed_stop(
 ) -> None:
     """Clean up after a (managed) save that raised; notes go on ``exc``, never replace it."""
     try:
-        completed = dom._vir.shut_off_by_save()
+        completed = _port(dom).shut_off_by_save()
     except BaseException as state_exc:  # cannot tell: keep everything, say so
         where = f"; the image file {target.write_path} was kept" if target else ""
         exc.add_note(
@@ -405,7 +406,7 @@ def _after_failed_stop(
     if was_running:
         try:
             if dom.state is DomainState.PAUSED:
-                dom._vir.resume()
+                _port(dom).resume()
         except BaseException as resume_exc:
             exc.add_note(
                 f"domain {dom.name!r} was left paused and could not be resumed: {resume_exc}"
@@ -441,7 +442,7 @@ def managed_save(dom: Domain, *, bypass_cache: bool, running: bool | None) -> Ma
     was_running = _require_savable(dom, "managed save")
     t0 = time.monotonic()
     try:
-        dom._vir.managed_save(running=running, bypass_cache=bypass_cache)
+        _port(dom).managed_save(running=running, bypass_cache=bypass_cache)
     except BaseException as exc:
         _after_failed_stop(dom, exc, was_running=was_running, target=None)
         raise
@@ -458,11 +459,11 @@ def managed_save(dom: Domain, *, bypass_cache: bool, running: bool | None) -> Ma
 
 def has_managed_save(dom: Domain) -> bool:
     """Implementation of :attr:`Domain.has_managed_save`."""
-    return dom._vir.has_managed_save()
+    return _port(dom).has_managed_save()
 
 
 def _require_managed_save(dom: Domain, operation: str) -> None:
-    if not dom._vir.has_managed_save():
+    if not _port(dom).has_managed_save():
         raise NotFoundError(
             f"domain {dom.name!r} has no managed save image",
             operation=operation,
@@ -473,13 +474,13 @@ def _require_managed_save(dom: Domain, operation: str) -> None:
 def remove_managed_save(dom: Domain) -> None:
     """Implementation of :meth:`Domain.remove_managed_save`."""
     _require_managed_save(dom, "remove managed save")
-    dom._vir.managed_save_remove()
+    _port(dom).managed_save_remove()
 
 
 def managed_save_definition(dom: Domain) -> DomainXML:
     """Implementation of :attr:`Domain.managed_save_definition`."""
     _require_managed_save(dom, "read managed save image")
-    return DomainXML.from_xml(dom._vir.managed_save_xml())
+    return DomainXML.from_xml(_port(dom).managed_save_xml())
 
 
 def redefine_managed_save(
@@ -494,8 +495,8 @@ def redefine_managed_save(
     )
     _require_managed_save(dom, "redefine managed save image")
     if text is None:
-        text = dom._vir.managed_save_xml(secure=True)
-    dom._vir.managed_save_define(text, running=running)
+        text = _port(dom).managed_save_xml(secure=True)
+    _port(dom).managed_save_define(text, running=running)
 
 
 def save(
@@ -529,7 +530,7 @@ def save(
     assert target.write_path is not None
     t0 = time.monotonic()
     try:
-        api = dom._vir.save(
+        api = _port(dom).save(
             str(target.write_path),
             dxml=dxml,
             running=running,
@@ -569,7 +570,7 @@ def _read_header(conn: Connection, path: Path, *, secure: bool = False) -> str:
         if stat.S_ISDIR(st.st_mode):
             raise UsageError(f"{path} is a directory, not a save image")
     try:
-        return conn._vir.save_image_xml(str(path), secure=secure)
+        return conn.port.save_image_xml(str(path), secure=secure)
     except UnsupportedError:
         raise
     except LibvirtError as exc:
@@ -602,7 +603,7 @@ def _classify_image_error(exc: LibvirtError, path: Path) -> LibvirtError:
 
 def open_image(conn: Connection, path: str | os.PathLike[str]) -> SaveImage:
     """Implementation of :meth:`Connection.save_image`."""
-    conn._vir.check_open()
+    conn.port.check_open()
     final = _image_path(path, local=_is_local(conn.uri))
     DomainXML.from_xml(_read_header(conn, final))
     return SaveImage(conn, final, None)
@@ -669,7 +670,7 @@ class SaveImage:
         if text is None:
             text = current.raw
         try:
-            self.connection._vir.save_image_define(str(self.path), text, running=running)
+            self.connection.port.save_image_define(str(self.path), text, running=running)
         except UnsupportedError:
             raise
         except LibvirtError as exc:
@@ -715,7 +716,7 @@ class SaveImage:
         with conn.events.expect(kind=EventKind.LIFECYCLE, domain_uuid=saved.uuid) as events:
             t0 = time.monotonic()
             try:
-                api = conn._vir.restore(
+                api = conn.port.restore(
                     str(self.path),
                     dxml=text,
                     running=running,
@@ -745,3 +746,8 @@ class SaveImage:
             api=api,
             finished_at=_now(),
         )
+
+
+def _port(dom: Domain) -> MemoryPort:
+    """The domain's port as this module uses it: ``MemoryPort`` (mypy checks it)."""
+    return dom.port

@@ -156,7 +156,7 @@ class _Recovery:
                 ) from exc
         status: str | None
         try:
-            status = self.agent(dom._vir.fs_freeze_status)
+            status = self.agent(dom.port.fs_freeze_status)
         except UnsupportedError:  # a driver without raw agent commands (the test driver)
             status = None
         except LibvirtError as exc:
@@ -167,7 +167,7 @@ class _Recovery:
             self.found.append("the guest's filesystems are frozen")
         if status == "frozen" or (journalled and status != "thawed"):
             try:
-                count = self.agent(dom._vir.fs_thaw)
+                count = self.agent(dom.port.fs_thaw)
             except LibvirtError as exc:
                 raise ThawError(
                     f"thawing the filesystems of {dom.name!r} failed; they may still be "

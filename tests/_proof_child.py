@@ -24,8 +24,8 @@ from typing import Any
 
 import statecapture
 from statecapture import _journal
-from statecapture._adapter import VirDomain
 from statecapture.testing import agent_command, wait_agent
+from statecapture.testing.faults import inject
 from tests._raw import raw_domain
 
 NAME = "scproof"
@@ -104,28 +104,25 @@ def freeze_then_wait(conn: statecapture.Connection, args: dict[str, Any]) -> Non
 def signal_during_call(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     """SIGTERM to this process while the freeze (after it landed) or thaw call runs."""
     dom = domain(conn)
-    real_freeze, real_thaw = VirDomain.fs_freeze, VirDomain.fs_thaw
 
-    def freeze_then_term(self: VirDomain, mountpoints: list[str] | None = None) -> int:
-        count = real_freeze(self, mountpoints)
-        emit(frozen_in_call=frozen(dom))
+    def term() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.2)  # the signal is surely pending now
-        return count
 
-    def term_then_thaw(self: VirDomain) -> int:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.2)
-        return real_thaw(self)
+    def frozen_then_term() -> None:
+        emit(frozen_in_call=frozen(dom))
+        term()
 
     if args["call"] == "freeze":
-        VirDomain.fs_freeze = freeze_then_term  # type: ignore[method-assign]
-        with statecapture.fs_frozen(dom, max_frozen=300):
+        with (
+            inject(dom, "fs_freeze", after=frozen_then_term),
+            statecapture.fs_frozen(dom, max_frozen=300),
+        ):
             emit(entered=True)  # not reached: the held SIGTERM ends __enter__
     else:
-        with statecapture.fs_frozen(dom, max_frozen=300):
+        with contextlib.ExitStack() as stack, statecapture.fs_frozen(dom, max_frozen=300):
             emit(frozen=frozen(dom))
-            VirDomain.fs_thaw = term_then_thaw  # type: ignore[method-assign]
+            stack.enter_context(inject(dom, "fs_thaw", before=term))
     emit(survived=True)  # not reached
 
 

@@ -1,6 +1,6 @@
 """The one place where tests reach past statecapture's public API (see HACKING.md, "Tests").
 
-Tests use the public API to act and to look. Two things it deliberately does not offer live
+Tests use the public API to act and to look. What it deliberately does not offer lives
 here, and only here (``tests/test_quality.py`` forbids private attribute access everywhere
 else in ``tests/``):
 
@@ -12,11 +12,11 @@ else in ``tests/``):
   ``libvirt.open`` would reach a different hypervisor for the fast tier's private
   ``test:///<file>`` instances, and libvirt allows one embedded QEMU driver per process),
   but every call on them bypasses statecapture exactly as another tool's call would.
-* :func:`adapter` / :func:`connection_adapter` — statecapture's libvirt adapter object of a
-  handle, **only** to inject faults (``monkeypatch.setattr(adapter(dom), "save", boom)``):
-  mocks are allowed only to inject faults, and the adapter is the seam where a libvirt
-  failure enters the library; :func:`daemon_version` pretends another daemon version (the
-  version gates read the daemon's version once per connection).
+* :func:`daemon_version` pretends another daemon version (the version gates read the
+  daemon's version once per connection).
+
+Faults are injected through the public ``statecapture.testing.faults`` (a pass-through in
+front of a handle's port), never by patching the adapter.
 """
 
 from __future__ import annotations
@@ -30,31 +30,20 @@ import libvirt
 
 if TYPE_CHECKING:
     from statecapture import Connection, Domain, Version
-    from statecapture._adapter import VirConnection, VirDomain
 
-__all__ = ["adapter", "connection_adapter", "daemon_version", "raw_connection", "raw_domain"]
+__all__ = ["daemon_version", "raw_connection", "raw_domain"]
 
 
 def raw_domain(dom: Domain) -> libvirt.virDomain:
     """libvirt's ``virDomain`` for *dom*, to act as another tool would (no statecapture)."""
-    raw: libvirt.virDomain = dom._vir._raw
+    raw: libvirt.virDomain = dom.port._raw
     return raw
 
 
 def raw_connection(conn: Connection) -> libvirt.virConnect:
     """libvirt's ``virConnect`` behind *conn*, to act as another tool would."""
-    raw: libvirt.virConnect = conn._vir._raw
+    raw: libvirt.virConnect = conn.port._raw
     return raw
-
-
-def adapter(dom: Domain) -> VirDomain:
-    """statecapture's adapter object of *dom* — a fault-injection seam, nothing else."""
-    return dom._vir
-
-
-def connection_adapter(conn: Connection) -> VirConnection:
-    """statecapture's adapter object of *conn* — a fault-injection seam, nothing else."""
-    return conn._vir
 
 
 @contextlib.contextmanager

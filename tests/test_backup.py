@@ -44,7 +44,8 @@ from statecapture import (
     verify,
 )
 from statecapture._restore import image_digest
-from tests._raw import adapter, raw_domain
+from statecapture.testing.faults import inject
+from tests._raw import raw_domain
 
 MiB = 1 << 20
 
@@ -580,17 +581,14 @@ def test_interrupted_backup_notes_what_was_rolled_back(
     assert "deleted the checkpoint 'k1'" in note
     assert len(dom.checkpoints) == 0 and dom.active_backup() is None
 
-    vir = adapter(dom)
-    real_begin = vir.backup_begin
-
-    def begin_then_interrupt(*args: object, **kwargs: object) -> None:
-        real_begin(*args, **kwargs)
+    def interrupt() -> None:
         raise KeyboardInterrupt  # Ctrl-C the moment libvirt returns
 
-    monkeypatch.setattr(vir, "backup_begin", begin_then_interrupt)
-    with pytest.raises(KeyboardInterrupt) as info:
+    with (
+        inject(dom, "backup_begin", after=interrupt),
+        pytest.raises(KeyboardInterrupt) as info,
+    ):
         dom.backup(mode="push", target_dir=tmp_path, checkpoint="k2")
-    monkeypatch.undo()
     note = "\n".join(info.value.__notes__)
     assert "deleted the checkpoint 'k2' made with it" in note
     assert "ended the half-started backup job" in note

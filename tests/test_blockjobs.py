@@ -29,9 +29,10 @@ from statecapture import (
     Event,
     EventKind,
 )
-from statecapture._adapter import VirDomain
+from statecapture._adapter import block_job_kind_name
 from statecapture._blockjob.common import _expect
 from statecapture._blockjob.start import destination_xml
+from statecapture.testing.faults import inject
 from tests._raw import raw_domain
 from tests.schema import assert_valid
 
@@ -49,8 +50,8 @@ def test_kinds_match_libvirt_job_types() -> None:
         libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP: BlockJobKind.BACKUP,
     }
     for code, kind in expected.items():
-        assert BlockJobKind(VirDomain.block_job_kind_name(code)) is kind
-    assert BlockJobKind(VirDomain.block_job_kind_name(99)) is BlockJobKind.UNKNOWN
+        assert BlockJobKind(block_job_kind_name(code)) is kind
+    assert BlockJobKind(block_job_kind_name(99)) is BlockJobKind.UNKNOWN
     assert {k for k in BlockJobKind if k.is_mirror} == {
         BlockJobKind.COPY,
         BlockJobKind.ACTIVE_COMMIT,
@@ -489,7 +490,7 @@ def _seqs(dom: statecapture.Domain) -> tuple[int, int]:
 
 @pytest.mark.qemu
 def test_consistent_copy_two_disks_same_instant(
-    guest_factory: GuestFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    guest_factory: GuestFactory, tmp_path: Path
 ) -> None:
     """consistent_copy of a two-disk guest yields images from one instant: the guest writes
     sequence number i to vda, then to vdb, in a loop; in the copies vda holds i or i+1 where
@@ -535,25 +536,20 @@ def test_consistent_copy_two_disks_same_instant(
     assert b2 - a2 >= 2
 
     # Fault: ending vdb's copy fails. The guest is resumed, every job ends, files go.
-    real_abort = VirDomain.block_job_abort
-    failed: list[str] = []
-
-    def flaky_abort(self: VirDomain, disk: str, **kw: bool) -> None:
-        if disk == "vdb" and not failed:
-            failed.append(disk)
-            raise statecapture.LibvirtError("injected fault", operation="block job abort")
-        real_abort(self, disk, **kw)
-
-    monkeypatch.setattr(VirDomain, "block_job_abort", flaky_abort)
     f0, f1 = tmp_path / "f0.qcow2", tmp_path / "f1.qcow2"
-    with pytest.raises(statecapture.LibvirtError, match="injected fault"):
+    fault = statecapture.LibvirtError("injected fault", operation="block job abort")
+    with (
+        inject(
+            dom, "block_job_abort", raises=fault, times=1, when=lambda disk, **_: disk == "vdb"
+        ) as failed,
+        pytest.raises(statecapture.LibvirtError, match="injected fault"),
+    ):
         statecapture.consistent_copy(dom, {"vda": f0, "vdb": f1})
-    assert failed == ["vdb"]
+    assert failed.calls >= 1
     assert dom.state is DomainState.RUNNING
     assert dom.block_jobs() == ()
     assert not f0.exists() and not f1.exists()
     assert (dom.disk("vda").source, dom.disk("vdb").source) == originals
-    monkeypatch.undo()
 
     # pivot=True moves both disks onto their copies at the same instant.
     p0, p1 = tmp_path / "p0.qcow2", tmp_path / "p1.qcow2"

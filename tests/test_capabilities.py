@@ -9,8 +9,9 @@ import pytest
 
 import statecapture
 from statecapture import Capabilities, Capability, Version
+from statecapture._adapter import probe, translate_error
 from statecapture._capabilities import CAPABILITY_NAMES, _gate
-from tests._raw import adapter, raw_domain
+from tests._raw import raw_domain
 
 
 def _state_of(dom: statecapture.Domain) -> tuple[str, str, str, int, int, bool | None]:
@@ -105,27 +106,20 @@ def test_read_only_connection_cannot_tell(test_uri: str) -> None:
     assert caps.fs_freeze.supported is None
 
 
-def test_unknown_procedure_means_unsupported(
-    test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An older daemon that does not know an RPC procedure reports the API as missing."""
+def test_unknown_procedure_means_unsupported() -> None:
+    """An older daemon that does not know an RPC procedure (VIR_ERR_RPC "unknown procedure")
+    lacks the API: the probe says so, and a call that meets it raises UnsupportedError —
+    not ConnectionLostError, although VIR_ERR_RPC is a connection code otherwise."""
+    err = libvirt.libvirtError("unknown procedure: 999")
+    err.err = (libvirt.VIR_ERR_RPC, 7, "unknown procedure: 999", 2, None, None, None, 0, 0)
 
-    class _Raw:
-        def __init__(self, real: object) -> None:
-            self._real = real
+    def managed_save() -> None:
+        raise err
 
-        def __getattr__(self, name: str) -> object:
-            return getattr(self._real, name)
-
-        def managedSave(self, flags: int) -> None:
-            err = libvirt.libvirtError("unknown procedure: 999")
-            err.err = (libvirt.VIR_ERR_RPC, 7, "unknown procedure: 999", 2, None, None, None, 0, 0)
-            raise err
-
-    monkeypatch.setattr(adapter(test_domain), "_raw", _Raw(raw_domain(test_domain)))
-    caps = test_domain.capabilities()
-    assert caps.managed_save.supported is False
-    assert "does not know virDomainManagedSave" in caps.managed_save.reason
+    answer = probe.probe("virDomainManagedSave", managed_save, alive=lambda: True)
+    assert answer.supported is False
+    assert "does not know virDomainManagedSave" in answer.evidence
+    assert type(translate_error(err, "managed save")) is statecapture.UnsupportedError
 
 
 def test_version_gates_compare_the_daemon() -> None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 
 import statecapture
@@ -29,9 +30,9 @@ from statecapture import (
     UnsupportedError,
     UsageError,
     XMLError,
-    _adapter,
 )
 from statecapture._checkpoint import _refine
+from statecapture.testing.faults import inject
 from tests._raw import raw_domain
 from tests.schema import assert_valid
 
@@ -167,33 +168,34 @@ def test_delete_variants(test_domain: statecapture.Domain) -> None:
     assert len(cps) == 0
 
 
-def test_failed_delete_keeps_children_attached(
-    test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_delete_keeps_children_attached(test_domain: statecapture.Domain) -> None:
     """When libvirt fails a delete after detaching the children (libvirt 9.0 does), the
     parent links are restored and the error names the missing bitmap (fault injected)."""
     cps = test_domain.checkpoints
-    c1 = cps.create("c1")
+    cps.create("c1")
     cps.create("c2")
     cps.create("c3", disks=["vda"])  # grandchild: untouched
-    real_create = _adapter.VirDomain.checkpoint_create
     message = "internal error: bitmap 'c1' not found in backing chain of 'vda'"
+    raw = raw_domain(test_domain)
 
-    def failing_delete(self: _adapter.VirCheckpoint, **_kw: Any) -> None:
-        for kid in self.children():  # what libvirt 9.0 does before it fails
-            orphan = CheckpointXML.from_xml(kid.xml_desc())
-            real_create(self.domain, _evolve(orphan, parent=None).to_xml(), redefine=True)
-        raise LibvirtError(
-            f"checkpoint delete failed: {message}",
-            code=1,
-            operation="checkpoint delete",
-            domain_name="alpha",
-            libvirt_message=message,
-        )
+    def detach_children() -> None:  # what libvirt 9.0 does before it fails
+        for kid in raw.checkpointLookupByName("c1").listAllChildren(0):
+            orphan = CheckpointXML.from_xml(kid.getXMLDesc(0))
+            xml = _evolve(orphan, parent=None).to_xml()
+            raw.checkpointCreateXML(xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
 
-    monkeypatch.setattr(_adapter.VirCheckpoint, "delete", failing_delete)
-    with pytest.raises(CheckpointInconsistentError) as info:
-        c1.delete()
+    failure = LibvirtError(
+        f"checkpoint delete failed: {message}",
+        code=1,
+        operation="checkpoint delete",
+        domain_name="alpha",
+        libvirt_message=message,
+    )
+    with (
+        inject(test_domain, "checkpoint.delete", before=detach_children, raises=failure),
+        pytest.raises(CheckpointInconsistentError) as info,
+    ):
+        cps["c1"].delete()  # the handle's port is the intercepted domain's
     assert (info.value.disk, info.value.bitmap) == ("vda", "c1")
     assert "metadata_only=True" in str(info.value)
     assert _parent(cps["c2"]) == "c1" and _parent(cps["c3"]) == "c2"
@@ -254,9 +256,7 @@ def test_export_import_round_trip(test_domain: statecapture.Domain, tmp_path: Pa
     assert len(cps) == 4
 
 
-def test_import_rolls_back_on_failure(
-    test_domain: statecapture.Domain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_import_rolls_back_on_failure(test_domain: statecapture.Domain, tmp_path: Path) -> None:
     """If one redefinition fails, the checkpoints imported before it are removed again."""
     cps = test_domain.checkpoints
     for n in ("c1", "c2", "c3"):
@@ -265,22 +265,23 @@ def test_import_rolls_back_on_failure(
     cps.export_metadata(path)
     for cp in reversed(cps.list()):
         cp.delete(metadata_only=True)
-    real_create = _adapter.VirDomain.checkpoint_create
     message = "checkpoint inconsistent: missing or broken bitmap 'c2' for disk 'vda'"
-
-    def flaky(self: _adapter.VirDomain, xml: str, **kw: Any) -> _adapter.VirCheckpoint:
-        if "<name>c2</name>" in xml:
-            raise statecapture.CheckpointInconsistentError(
-                f"checkpoint create failed: {message}",
-                code=109,
-                operation="checkpoint create",
-                domain_name="alpha",
-                libvirt_message=message,
-            )
-        return real_create(self, xml, **kw)
-
-    monkeypatch.setattr(_adapter.VirDomain, "checkpoint_create", flaky)
-    with pytest.raises(CheckpointInconsistentError) as info:
+    failure = statecapture.CheckpointInconsistentError(
+        f"checkpoint create failed: {message}",
+        code=109,
+        operation="checkpoint create",
+        domain_name="alpha",
+        libvirt_message=message,
+    )
+    with (
+        inject(
+            test_domain,
+            "checkpoint_create",
+            raises=failure,
+            when=lambda xml, **_kw: "<name>c2</name>" in xml,
+        ),
+        pytest.raises(CheckpointInconsistentError) as info,
+    ):
         cps.import_metadata(path, validate=False)
     assert (info.value.disk, info.value.bitmap) == ("vda", "c2")
     assert len(cps) == 0

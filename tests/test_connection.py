@@ -16,7 +16,6 @@ import pytest
 
 import statecapture
 from statecapture import DEFAULT_URI, EventKind, UsageError, XMLError, _adapter, resolve_uri
-from tests._raw import connection_adapter
 
 
 def test_default_uri_rules(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -252,7 +251,7 @@ def _lose_connection(top: Path) -> None:
             proc.terminate()
             proc.wait(timeout=60)
             deadline = time.monotonic() + 60
-            while connection_adapter(conn).is_alive() and time.monotonic() < deadline:
+            while conn.is_alive and time.monotonic() < deadline:
                 time.sleep(0.05)
             with pytest.raises(statecapture.ConnectionLostError) as info:
                 _ = dom.state

@@ -3,8 +3,8 @@
 Fast tier on the test driver (which simulates an agent that freezes ``/`` and ``/boot``);
 real tier on one TCG guest with two data disks (``/data`` with the guest's own tick writer,
 and ``/data1``), shared by the module's real tests, plus a guest without agent channel.
-Fault injection (monkeypatched adapter calls) is used only to make a call fail or to time a
-signal; every behaviour is also shown on real QEMU.
+Fault injection (``statecapture.testing.faults`` on the domain's port) is used only to make a
+call fail or to time a signal; every behaviour is also shown on real QEMU.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from statecapture import (
     UsageError,
     fs_frozen,
 )
-from statecapture._adapter import VirDomain
 from statecapture._freeze.held import _held_freezes
 from statecapture.testing import wait_agent
+from statecapture.testing.faults import inject
 from tests._raw import raw_domain
 
 AGENT_TIMEOUT_MESSAGE = "Guest agent is not responding: Guest agent not available for now"
@@ -220,20 +220,13 @@ def test_keyboard_interrupt_in_block_thaws(test_domain: statecapture.Domain) -> 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_ctrl_c_during_freeze_call_is_held_then_undone(
-    test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_ctrl_c_during_freeze_call_is_held_then_undone(test_domain: statecapture.Domain) -> None:
     """A SIGINT that arrives while the freeze call blocks is held; the freeze is then undone
     and KeyboardInterrupt raised from the with statement (nothing left frozen)."""
-    real = VirDomain.fs_freeze
-
-    def freeze_interrupted(self: VirDomain, mountpoints: list[str] | None = None) -> int:
-        signal.raise_signal(signal.SIGINT)  # Ctrl-C while libvirt waits for the agent
-        return real(self, mountpoints)
-
-    monkeypatch.setattr(VirDomain, "fs_freeze", freeze_interrupted)
+    # Ctrl-C while libvirt waits for the agent
+    sigint = inject(test_domain, "fs_freeze", before=lambda: signal.raise_signal(signal.SIGINT))
     scope = fs_frozen(test_domain)
-    with pytest.raises(KeyboardInterrupt), scope:
+    with sigint, pytest.raises(KeyboardInterrupt), scope:
         pytest.fail("entered")
     assert scope.status is FreezeStatus.FAILED
     assert _thaw_count(test_domain) == 0
@@ -241,21 +234,12 @@ def test_ctrl_c_during_freeze_call_is_held_then_undone(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_ctrl_c_during_thaw_call_is_delivered_after(
-    test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_ctrl_c_during_thaw_call_is_delivered_after(test_domain: statecapture.Domain) -> None:
     """A SIGINT during the exit's thaw call does not cut the thaw short; it follows it."""
-    real = VirDomain.fs_thaw
-
-    def thaw_interrupted(self: VirDomain) -> int:
-        signal.raise_signal(signal.SIGINT)
-        return real(self)
-
-    monkeypatch.setattr(VirDomain, "fs_thaw", thaw_interrupted)
     scope = fs_frozen(test_domain)
-    with pytest.raises(KeyboardInterrupt), scope:
+    sigint = inject(test_domain, "fs_thaw", before=lambda: signal.raise_signal(signal.SIGINT))
+    with sigint, pytest.raises(KeyboardInterrupt), scope:
         pass
-    monkeypatch.undo()
     assert scope.status is FreezeStatus.THAWED
     assert _thaw_count(test_domain) == 0
 
@@ -294,23 +278,19 @@ def _terminate_self(_scope: FreezeScope) -> None:
 @pytest.mark.usefixtures("default_sigterm")
 @pytest.mark.parametrize("call", ["fs_freeze", "fs_thaw"])
 def test_sigterm_during_freeze_or_thaw_call_is_held(
-    test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch, call: str
+    test_domain: statecapture.Domain, call: str
 ) -> None:
     """A SIGTERM during the freeze or the thaw call is held until the guest is thawed, then
     raised as SystemExit(143); the default action is back afterwards."""
-    real = getattr(VirDomain, call)
 
-    def interrupted(self: VirDomain, *args: Any) -> int:
+    def sigterm() -> None:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             pytest.fail("SIGTERM is not held during the call")  # instead of dying
         signal.raise_signal(signal.SIGTERM)
-        return int(real(self, *args))
 
-    monkeypatch.setattr(VirDomain, call, interrupted)
     scope = fs_frozen(test_domain)
-    with pytest.raises(SystemExit) as info:
+    with inject(test_domain, call, before=sigterm), pytest.raises(SystemExit) as info:
         _inside(scope, lambda _s: None)
-    monkeypatch.undo()
     assert info.value.code == 143
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert scope.status is (FreezeStatus.FAILED if call == "fs_freeze" else FreezeStatus.THAWED)
@@ -390,23 +370,16 @@ def test_watchdog_thaws_a_hung_block(test_domain: statecapture.Domain) -> None:
     assert scope.status is FreezeStatus.EXPIRED
 
 
-def test_expired_shows_only_once_the_watchdog_thawed(
-    test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_expired_shows_only_once_the_watchdog_thawed(test_domain: statecapture.Domain) -> None:
     """With a slow thaw call (injected delay), expired/EXPIRED appear only after it ended."""
-    real = VirDomain.fs_thaw
-
-    def slow_thaw(self: VirDomain) -> int:
-        time.sleep(0.3)
-        return real(self)
 
     def hung(scope: FreezeScope) -> None:
         _wait_expired(scope)
         assert scope.status is FreezeStatus.EXPIRED
         assert _thaw_count(test_domain) == 0
 
-    monkeypatch.setattr(VirDomain, "fs_thaw", slow_thaw)
-    with pytest.raises(FreezeExpiredError):
+    slow_thaw = inject(test_domain, "fs_thaw", delay=0.3)
+    with slow_thaw, pytest.raises(FreezeExpiredError):
         _inside(fs_frozen(test_domain, max_frozen=0.1), hung)
 
 
@@ -443,21 +416,6 @@ def test_explicit_thaw_inside_block(test_domain: statecapture.Domain) -> None:
     assert scope.status is FreezeStatus.THAWED and scope.frozen_for == held
 
 
-def _fail_with(error: BaseException, times: int | None = None) -> Any:
-    """A fs_thaw replacement that raises ``error`` (``times`` times, or always)."""
-    real = VirDomain.fs_thaw
-    calls = [0]
-
-    def thaw(self: VirDomain) -> int:
-        calls[0] += 1
-        if times is None or calls[0] <= times:
-            raise error
-        return real(self)
-
-    thaw.calls = calls  # type: ignore[attr-defined]
-    return thaw
-
-
 def _internal_error() -> LibvirtError:
     return LibvirtError(
         "filesystem thaw on domain failed: internal error: injected",
@@ -467,36 +425,30 @@ def _internal_error() -> LibvirtError:
     )
 
 
-def test_thaw_failure_raises_and_can_be_retried(
-    test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_thaw_failure_raises_and_can_be_retried(test_domain: statecapture.Domain) -> None:
     """A failed thaw raises ThawError (a CleanupError, libvirt's error as cause); thaw()
     retries later."""
-    monkeypatch.setattr(VirDomain, "fs_thaw", _fail_with(_internal_error()))
     scope = fs_frozen(test_domain)
-    with pytest.raises(ThawError) as info, scope:
+    failing = inject(test_domain, "fs_thaw", raises=_internal_error())
+    with failing, pytest.raises(ThawError) as info, scope:
         pass
     err = info.value
     assert isinstance(err, CleanupError) and isinstance(err.__cause__, LibvirtError)
     assert err.domain_name == "alpha" and "may still be frozen" in str(err)
     assert scope.status is FreezeStatus.THAW_FAILED and scope.thaw_error is err
-    monkeypatch.undo()
     scope.thaw()
     assert scope.status is FreezeStatus.THAWED and scope.thaw_error is None
     assert _thaw_count(test_domain) == 0
 
 
-def test_thaw_failure_is_a_note_when_the_block_raised(
-    test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_thaw_failure_is_a_note_when_the_block_raised(test_domain: statecapture.Domain) -> None:
     """The block's error wins; the thaw failure is attached as a note, and kept on the scope."""
-    monkeypatch.setattr(VirDomain, "fs_thaw", _fail_with(_internal_error()))
     scope = fs_frozen(test_domain)
-    with pytest.raises(RuntimeError) as info, scope:
+    failing = inject(test_domain, "fs_thaw", raises=_internal_error())
+    with failing, pytest.raises(RuntimeError) as info, scope:
         raise RuntimeError("body")
     assert any("ThawError" in note for note in info.value.__notes__)
     assert isinstance(scope.thaw_error, ThawError)
-    monkeypatch.undo()
     assert test_domain.fs_thaw() == 2  # the recovery tool
     scope.thaw()
     assert scope.status is FreezeStatus.THAWED
@@ -520,36 +472,31 @@ def test_closed_connection_makes_a_thaw_error(test_uri: str) -> None:
     assert scope.status is FreezeStatus.THAW_FAILED
 
 
-def test_unresponsive_agent_thaw_is_retried(
-    test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_unresponsive_agent_thaw_is_retried(test_domain: statecapture.Domain) -> None:
     """'Agent unresponsive' on thaw is retried within the budget; the guest ends thawed."""
     unresponsive = GuestAgentError(
         AGENT_TIMEOUT_MESSAGE, code=86, libvirt_message=AGENT_TIMEOUT_MESSAGE
     )
-    fake = _fail_with(unresponsive, times=2)
-    monkeypatch.setattr(VirDomain, "fs_thaw", fake)
-    with fs_frozen(test_domain) as scope:
+    with (
+        inject(test_domain, "fs_thaw", raises=unresponsive, times=2) as fault,
+        fs_frozen(test_domain) as scope,
+    ):
         pass
-    assert fake.calls[0] == 3
+    assert fault.calls == 3
     assert scope.status is FreezeStatus.THAWED
     assert _thaw_count(test_domain) == 0
 
 
-def test_ambiguous_freeze_failure_is_thawed(
-    test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_ambiguous_freeze_failure_is_thawed(test_domain: statecapture.Domain) -> None:
     """libvirt < 11.2 reports an agent timeout as 'unresponsive' although the freeze may have
     happened: fs_frozen thaws anyway and says so in a note."""
-    real = VirDomain.fs_freeze
 
-    def freeze_then_time_out(self: VirDomain, mountpoints: list[str] | None = None) -> int:
-        real(self, mountpoints)
+    def time_out() -> None:  # after the freeze happened
         raise GuestAgentError(AGENT_TIMEOUT_MESSAGE, code=86, libvirt_message=AGENT_TIMEOUT_MESSAGE)
 
-    monkeypatch.setattr(VirDomain, "fs_freeze", freeze_then_time_out)
     scope = fs_frozen(test_domain)
-    with pytest.raises(GuestAgentError) as info, scope:
+    timing_out = inject(test_domain, "fs_freeze", after=time_out)
+    with timing_out, pytest.raises(GuestAgentError) as info, scope:
         pytest.fail("entered")
     assert any("happened in the guest anyway" in n for n in info.value.__notes__)
     assert scope.status is FreezeStatus.FAILED
@@ -557,21 +504,21 @@ def test_ambiguous_freeze_failure_is_thawed(
 
 
 def test_refused_freeze_does_not_thaw_someone_elses_freeze(
-    test_domain: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
+    test_domain: statecapture.Domain,
 ) -> None:
     """A freeze the agent refused (e.g. 'frozen state': another tool froze) is not thawed."""
     assert _raw(test_domain).fsFreeze(None, 0) == 2  # another tool's freeze
-
-    def refused(self: VirDomain, mountpoints: list[str] | None = None) -> int:
-        raise LibvirtError(
-            "filesystem freeze failed: agent is in frozen state",
-            code=1,
-            libvirt_message="Command guest-fsfreeze-freeze has been disabled: the agent is "
-            "in frozen state",
-        )
-
-    monkeypatch.setattr(VirDomain, "fs_freeze", refused)
-    with pytest.raises(InvalidStateError, match="frozen already"), fs_frozen(test_domain):
+    refused = LibvirtError(
+        "filesystem freeze failed: agent is in frozen state",
+        code=1,
+        libvirt_message="Command guest-fsfreeze-freeze has been disabled: the agent is "
+        "in frozen state",
+    )
+    with (
+        inject(test_domain, "fs_freeze", raises=refused),
+        pytest.raises(InvalidStateError, match="frozen already"),
+        fs_frozen(test_domain),
+    ):
         pytest.fail("entered")
     assert _thaw_count(test_domain) == 2  # the other tool's freeze was left alone
 
@@ -870,19 +817,15 @@ def test_qemu_watchdog_thaws_hung_block(guest2: statecapture.Domain) -> None:
 
 
 @pytest.mark.qemu
-def test_qemu_thaw_failure_surfaces_then_recovers(
-    guest2: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_qemu_thaw_failure_surfaces_then_recovers(guest2: statecapture.Domain) -> None:
     """An (injected) thaw failure raises ThawError and the guest really stays frozen; the
     retry through thaw() then thaws it."""
     dom = guest2
-    monkeypatch.setattr(VirDomain, "fs_thaw", _fail_with(_internal_error()))
     scope = fs_frozen(dom)
-    with pytest.raises(ThawError), scope:
+    with inject(dom, "fs_thaw", raises=_internal_error()), pytest.raises(ThawError), scope:
         pass
     assert scope.status is FreezeStatus.THAW_FAILED
     assert _guest_freeze_status(dom) == "frozen"
-    monkeypatch.undo()
     scope.thaw()
     assert scope.status is FreezeStatus.THAWED
     assert _guest_freeze_status(dom) == "thawed"
@@ -890,7 +833,7 @@ def test_qemu_thaw_failure_surfaces_then_recovers(
 
 @pytest.mark.qemu
 def test_qemu_agent_timeout_freeze_that_lands_late_is_thawed(
-    guest2: statecapture.Domain, monkeypatch: pytest.MonkeyPatch, qemu_root: Path
+    guest2: statecapture.Domain, qemu_root: Path
 ) -> None:
     """The agent hangs during the freeze: fs_frozen stops waiting after agent_timeout
     (OperationTimeoutError), the queued freeze runs in the guest when the agent wakes up,
@@ -898,25 +841,25 @@ def test_qemu_agent_timeout_freeze_that_lands_late_is_thawed(
     timeout is never touched."""
     dom = guest2
     before = _domain_agent_timeout(dom, qemu_root)
-    real = VirDomain.fs_freeze
 
-    def freeze_while_agent_hangs(self: VirDomain, mountpoints: list[str] | None = None) -> int:
+    def agent_hangs() -> None:
         # Fault injection is only the timing: stop qemu-ga for 3 s right before the call.
         _spawn(dom, "kill -STOP $(pidof qemu-ga); sleep 3; kill -CONT $(pidof qemu-ga)")
         time.sleep(0.5)
-        return real(self, mountpoints)
 
-    monkeypatch.setattr(VirDomain, "fs_freeze", freeze_while_agent_hangs)
     scope = fs_frozen(dom, agent_timeout=1, max_frozen=15)
     start = time.monotonic()
-    with pytest.raises(OperationTimeoutError, match="did not answer within 1 s") as info, scope:
+    with (
+        inject(dom, "fs_freeze", before=agent_hangs),
+        pytest.raises(OperationTimeoutError, match="did not answer within 1 s") as info,
+        scope,
+    ):
         pytest.fail("entered")
     elapsed = time.monotonic() - start
     notes = " ".join(info.value.__notes__)
     assert "happened in the guest anyway" in notes, notes
     assert scope.status is FreezeStatus.FAILED
     assert elapsed < 15
-    monkeypatch.undo()
     assert _guest_freeze_status(dom) == "thawed"
     assert _domain_agent_timeout(dom, qemu_root) == before
     with fs_frozen(dom) as scope:

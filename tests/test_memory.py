@@ -36,7 +36,8 @@ from statecapture import (
     XMLError,
     _memory,
 )
-from tests._raw import adapter, raw_domain
+from statecapture.testing.faults import inject
+from tests._raw import raw_domain
 
 GAMMA_XML = """<domain type='test'>
   <name>gamma</name>
@@ -266,20 +267,19 @@ def test_overwrite_failure_keeps_old_file(test_domain: statecapture.Domain, tmp_
 
 
 def test_interrupt_after_completed_save_keeps_image(
-    test_domain: statecapture.Domain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    test_domain: statecapture.Domain, tmp_path: Path
 ) -> None:
     """Fault injection: a KeyboardInterrupt right after libvirt finished never deletes the
     only copy of the guest's memory; the image is kept at its path and the error says so."""
-    vir = adapter(test_domain)
-    real_save = vir.save
 
-    def save_then_interrupt(*args: Any, **kwargs: Any) -> str:
-        real_save(*args, **kwargs)
+    def interrupt() -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vir, "save", save_then_interrupt)
     target = tmp_path / "ki.save"
-    with pytest.raises(KeyboardInterrupt) as info:
+    with (
+        inject(test_domain, "save", after=interrupt),
+        pytest.raises(KeyboardInterrupt) as info,
+    ):
         test_domain.save(target)
     assert "completed before the interruption" in "\n".join(info.value.__notes__)
     assert test_domain.state is DomainState.SHUTOFF
@@ -288,15 +288,13 @@ def test_interrupt_after_completed_save_keeps_image(
 
 
 def test_interrupt_before_save_removes_reservation(
-    test_domain: statecapture.Domain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    test_domain: statecapture.Domain, tmp_path: Path
 ) -> None:
     """Fault injection: an interrupt before libvirt saved removes the reserved file only."""
-
-    def interrupt(*args: Any, **kwargs: Any) -> str:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(adapter(test_domain), "save", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with (
+        inject(test_domain, "save", raises=KeyboardInterrupt),
+        pytest.raises(KeyboardInterrupt),
+    ):
         test_domain.save(tmp_path / "never.save")
     assert not (tmp_path / "never.save").exists()
     assert test_domain.state is DomainState.RUNNING

@@ -5,20 +5,19 @@ Fast tier (test driver): a snapshot plan is a dry run and ``create(plan=)`` take
 ``frozen_for`` covers the freeze and thaw calls themselves (a slow agent injected).
 
 Real tier (embedded QEMU): a backup plan changes nothing, prints what it would do and is
-executed by ``dom.backup(plan=)``; with the adapter wrapped from outside, exactly one
-libvirt call — the capture call — runs between the freeze and the thaw in
-``direct_backup``, ``backup_via_temporary_snapshot`` and ``fs_frozen`` + a planned
-snapshot, and ``frozen_for`` is at least the window measured from outside.
+executed by ``dom.backup(plan=)``; with every call through the domain's port recorded
+(``statecapture.testing.faults.record``), exactly one libvirt call — the capture call —
+runs between the freeze and the thaw in ``direct_backup``,
+``backup_via_temporary_snapshot`` and ``fs_frozen`` + a planned snapshot, and
+``frozen_for`` is at least the window measured from outside.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,8 @@ from statecapture import (
     InvalidStateError,
     SnapshotPlan,
     UsageError,
-    _adapter,
 )
-from tests._raw import adapter
+from statecapture.testing.faults import CallLog, inject, record
 
 # ----------------------------------------------------------------------------- fast tier
 
@@ -66,24 +64,14 @@ def test_frozen_for_covers_the_freeze_and_thaw_calls(
     """frozen_for runs from the start of the freeze call to the return of the thaw call —
     a slow agent (injected: each call takes 0.2 s) counts in full — while frozen_inner is the
     narrower window between the two calls."""
-    vir = adapter(test_domain)
-    freeze, thaw = vir.fs_freeze, vir.fs_thaw
-
-    def slow_freeze(*args: Any, **kwargs: Any) -> int:
-        time.sleep(0.2)
-        return freeze(*args, **kwargs)
-
-    def slow_thaw(*args: Any, **kwargs: Any) -> int:
-        result = thaw(*args, **kwargs)
-        time.sleep(0.2)
-        return result
-
-    monkeypatch.setattr(vir, "fs_freeze", slow_freeze)
-    monkeypatch.setattr(vir, "fs_thaw", slow_thaw)
     monkeypatch.setattr(statecapture._freeze, "agent_connected", lambda dom: True)
     try:
         scope = statecapture.fs_frozen(test_domain, max_frozen=30)
-        with scope:
+        with (
+            inject(test_domain, "fs_freeze", delay=0.2),
+            inject(test_domain, "fs_thaw", after=lambda: time.sleep(0.2)),
+            scope,
+        ):
             pass
     except statecapture.GuestAgentError:
         pytest.skip("the test driver's domain has no agent channel here")
@@ -94,57 +82,15 @@ def test_frozen_for_covers_the_freeze_and_thaw_calls(
 # ----------------------------------------------------------------------------- real tier
 
 
-@attrs.define
-class _Tap:
-    """Wraps every VirDomain/VirConnection method: records the calls made between the end
-    of the freeze call and the start of the thaw call (main thread), and the window from
-    just inside the freeze call to just inside the thaw call's return."""
-
-    frozen: bool = False
-    inside: list[str] = attrs.field(factory=list)
-    windows: list[float] = attrs.field(factory=list)
-    started: float = 0.0
-    depth: int = 0
-    main: int = attrs.field(factory=threading.get_ident)
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        for cls in (_adapter.VirDomain, _adapter.VirConnection):
-            for name, fn in list(vars(cls).items()):
-                if name.startswith("_") or not inspect.isfunction(fn):
-                    continue
-                monkeypatch.setattr(cls, name, self._wrap(name, fn))
-
-    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        tap = self
-
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            here = threading.get_ident() == tap.main
-            if name == "fs_freeze":
-                tap.started = time.monotonic()
-                result = fn(*args, **kwargs)
-                tap.frozen = True
-                return result
-            if name == "fs_thaw":
-                tap.frozen = False
-                result = fn(*args, **kwargs)
-                tap.windows.append(time.monotonic() - tap.started)
-                return result
-            if tap.frozen and here and not tap.depth:
-                tap.inside.append(name)  # a call from the library, not one inside the adapter
-            tap.depth += here
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                tap.depth -= here
-
-        return wrapper
-
-    def take(self) -> tuple[list[str], float]:
-        inside, self.inside = self.inside, []
-        assert len(self.windows) == 1, self.windows
-        window = self.windows.pop()
-        return inside, window
+def _take(log: CallLog) -> tuple[list[str], float]:
+    """What the log saw since the last take: the calls made in the main thread between the
+    return of the freeze call and the start of the thaw call, and the window from the start
+    of the freeze call to the return of the thaw call (both as seen through the port)."""
+    inside = log.between("fs_freeze", "fs_thaw", thread=threading.get_ident())
+    freezes, thaws = log.named("fs_freeze"), log.named("fs_thaw")
+    assert len(freezes) == len(thaws) == 1, log.names()
+    log.clear()
+    return inside, thaws[0].ended - freezes[0].started
 
 
 @pytest.fixture
@@ -201,41 +147,39 @@ def test_backup_plan_is_a_dry_run_then_executes(
 
 @pytest.mark.qemu
 def test_only_the_capture_call_runs_inside_the_freeze(
-    planned_guest: statecapture.Domain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    planned_guest: statecapture.Domain, tmp_path: Path
 ) -> None:
-    """With every adapter method wrapped from outside: between the return of the freeze
+    """With every call through the domain's port recorded: between the return of the freeze
     call and the start of the thaw call exactly one libvirt call runs — virDomainBackupBegin
     in direct_backup (push and pull), the snapshot create in backup_via_temporary_snapshot
     and in fs_frozen + snapshots.create(plan=) — and frozen_for is at least the window
     measured from outside (inside the library's freeze and thaw calls)."""
     dom = planned_guest
-    tap = _Tap()
-    tap.install(monkeypatch)
+    with record(dom) as log:
+        push = statecapture.direct_backup(dom, _dir(tmp_path, "a"))
+        inside, window = _take(log)
+        assert inside == ["backup_begin"]
+        assert push.frozen_for is not None and push.frozen_for >= window
 
-    push = statecapture.direct_backup(dom, _dir(tmp_path, "a"))
-    inside, window = tap.take()
-    assert inside == ["backup_begin"]
-    assert push.frozen_for is not None and push.frozen_for >= window
+        pull = statecapture.direct_backup(
+            dom, tmp_path / "a", mode="pull", incremental_from=push.checkpoint
+        )
+        inside, window = _take(log)
+        assert inside == ["backup_begin"]
+        assert pull.frozen_for is not None and pull.frozen_for >= window
 
-    pull = statecapture.direct_backup(
-        dom, tmp_path / "a", mode="pull", incremental_from=push.checkpoint
-    )
-    inside, window = tap.take()
-    assert inside == ["backup_begin"]
-    assert pull.frozen_for is not None and pull.frozen_for >= window
+        def copy(images: Mapping[str, Path]) -> None:
+            return None
 
-    def copy(images: Mapping[str, Path]) -> None:
-        return None
+        snap = statecapture.backup_via_temporary_snapshot(dom, copy)
+        inside, window = _take(log)
+        assert inside == ["snapshot_create"]
+        assert snap.frozen_for is not None and snap.frozen_for >= window
 
-    snap = statecapture.backup_via_temporary_snapshot(dom, copy)
-    inside, window = tap.take()
-    assert inside == ["snapshot_create"]
-    assert snap.frozen_for is not None and snap.frozen_for >= window
-
-    plan = dom.snapshots.plan("planned", disk_only=True, metadata=False)
-    with statecapture.fs_frozen(dom) as scope:
-        dom.snapshots.create(plan=plan)
-    inside, window = tap.take()
+        plan = dom.snapshots.plan("planned", disk_only=True, metadata=False)
+        with statecapture.fs_frozen(dom) as scope:
+            dom.snapshots.create(plan=plan)
+        inside, window = _take(log)
     assert inside == ["snapshot_create"]
     assert scope.frozen_for >= window >= scope.frozen_inner
     print(

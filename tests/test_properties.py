@@ -197,7 +197,7 @@ class _Metadata:
 @attrs.define
 class _Dom:
     name: str = "prop"
-    _vir: _Metadata = attrs.field(factory=_Metadata)
+    port: _Metadata = attrs.field(factory=_Metadata)
 
 
 KEYS = ["original:vda", "overlay:vda", "format:vda", "checkpoint", "frozen", "file:vda"]
@@ -281,7 +281,7 @@ def test_journal_after_any_crash_tells_the_same_cleanup(first, ops) -> None:
             steps[-1] = (key, "done" if value else "failed")
             write()
 
-    history = dom._vir.history
+    history = dom.port.history
     assert len(history) == len(expected)
     for stored, (seq, facts, steps_then) in zip(history, expected, strict=True):
         want = _journal.Journal(seq, "r", "h", 1, 0.0, facts=facts)

@@ -19,9 +19,9 @@ import pytest
 
 import statecapture
 from statecapture import FreezeExpiredError, FreezeScope, FreezeStatus, UsageError, fs_frozen
-from statecapture._adapter import VirDomain
 from statecapture._freeze.held import _Freeze, _held_freezes
 from statecapture.testing import wait_agent
+from statecapture.testing.faults import inject
 from tests._proof import agent, guest_frozen, raw, sh, spawn
 
 pytestmark = pytest.mark.qemu
@@ -113,18 +113,12 @@ def test_exit_thaw_is_retried_while_the_agent_is_stopped(
     each met) and the adapter's thaw calls.
     """
     attempts: list[str] = []
-    calls: list[str] = []
     real_once = _Freeze.thaw_once
-    real_thaw = VirDomain.fs_thaw
 
     def counting_once(self: _Freeze, reason: str) -> Any:
         error = real_once(self, reason)
         attempts.append("ok" if error is None else type(error.__cause__ or error).__name__)
         return error
-
-    def counting_thaw(self: VirDomain) -> int:
-        calls.append("thaw")
-        return real_thaw(self)
 
     spawn(
         fg,
@@ -132,9 +126,11 @@ def test_exit_thaw_is_retried_while_the_agent_is_stopped(
         "sleep 1.5; p=$(pidof qemu-ga); kill -STOP $p; sleep 4; kill -CONT $p",
     )
     monkeypatch.setattr(_Freeze, "thaw_once", counting_once)
-    monkeypatch.setattr(VirDomain, "fs_thaw", counting_thaw)
     try:
-        with fs_frozen(fg, agent_timeout=1, max_frozen=60) as scope:
+        with (
+            inject(fg, "fs_thaw") as thaws,  # counts only
+            fs_frozen(fg, agent_timeout=1, max_frozen=60) as scope,
+        ):
             # Wait (bounded) until the agent no longer answers: qemu-ga is stopped.
             def stopped() -> bool:
                 try:
@@ -148,7 +144,7 @@ def test_exit_thaw_is_retried_while_the_agent_is_stopped(
         assert scope.status is FreezeStatus.THAWED
         assert attempts[-1] == "ok" and len(attempts) >= 2, attempts
         assert all(a == "_AgentCallPending" for a in attempts[:-1]), attempts
-        assert calls == ["thaw"], calls
+        assert thaws.calls == 1, thaws.calls
         assert scope.thaw_error is None
 
         wait_agent(fg, timeout=60)
@@ -215,39 +211,35 @@ def test_nested_budget_out_of_order_exit_and_other_thread(fg: statecapture.Domai
     assert owner.status is FreezeStatus.THAWED
 
 
-def test_sigint_during_the_freeze_or_thaw_call_is_held(
-    fg: statecapture.Domain, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sigint_during_the_freeze_or_thaw_call_is_held(fg: statecapture.Domain) -> None:
     """A real SIGINT that lands while the freeze call runs (after the guest froze) or while
     the thaw call runs (before it reaches the guest) is held: the guest ends thawed, and
     the KeyboardInterrupt comes after."""
-    real_freeze, real_thaw = VirDomain.fs_freeze, VirDomain.fs_thaw
     seen: list[str] = []
 
-    def freeze_then_sigint(self: VirDomain, mountpoints: list[str] | None = None) -> int:
-        count = real_freeze(self, mountpoints)
+    def sigint_after_the_freeze() -> None:
         seen.append(guest_frozen(fg))
         signal.raise_signal(signal.SIGINT)  # Ctrl-C right after the guest froze
-        return count
 
-    monkeypatch.setattr(VirDomain, "fs_freeze", freeze_then_sigint)
     scope = fs_frozen(fg)
-    with pytest.raises(KeyboardInterrupt), scope:
+    with (
+        inject(fg, "fs_freeze", after=sigint_after_the_freeze),
+        pytest.raises(KeyboardInterrupt),
+        scope,
+    ):
         pytest.fail("the block ran although Ctrl-C came during the freeze call")
-    monkeypatch.undo()
     assert seen == ["frozen"] and guest_frozen(fg) == "thawed"
 
-    def sigint_then_thaw(self: VirDomain) -> int:
-        signal.raise_signal(signal.SIGINT)  # Ctrl-C before the thaw reached the guest
-        return real_thaw(self)
+    with contextlib.ExitStack() as armed:
 
-    def arm(_scope: FreezeScope) -> None:
-        assert guest_frozen(fg) == "frozen"
-        monkeypatch.setattr(VirDomain, "fs_thaw", sigint_then_thaw)
+        def arm(_scope: FreezeScope) -> None:
+            assert guest_frozen(fg) == "frozen"
+            # Ctrl-C before the thaw reached the guest
+            sigint = lambda: signal.raise_signal(signal.SIGINT)  # noqa: E731
+            armed.enter_context(inject(fg, "fs_thaw", before=sigint))
 
-    scope = fs_frozen(fg)
-    with pytest.raises(KeyboardInterrupt):
-        _inside(scope, arm)
-    monkeypatch.undo()
+        scope = fs_frozen(fg)
+        with pytest.raises(KeyboardInterrupt):
+            _inside(scope, arm)
     assert scope.status is FreezeStatus.THAWED
     assert guest_frozen(fg) == "thawed"

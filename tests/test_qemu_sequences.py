@@ -30,9 +30,9 @@ from statecapture import (
     UnsupportedError,
     _journal,
 )
-from statecapture._adapter import VirDomain
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
 from statecapture.testing import wait_agent
+from statecapture.testing.faults import Fault, inject
 from tests._proof import (
     file_md5_in_image,
     flush_disk,
@@ -109,17 +109,11 @@ def _no_copy(images: Mapping[str, Path]) -> None:
     return None
 
 
-def _count_freezes(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Spy on the adapter's freeze call: the list of calls (an observation, no fault)."""
-    freezes: list[object] = []
-    real = VirDomain.fs_freeze
-
-    def counting(self: VirDomain, mountpoints: list[str] | None = None) -> int:
-        freezes.append(mountpoints)
-        return real(self, mountpoints)
-
-    monkeypatch.setattr(VirDomain, "fs_freeze", counting)
-    return freezes
+@pytest.fixture
+def freezes(g: G) -> Iterator[Fault]:
+    """Counts the freeze calls through the guest's port (an observation, no fault)."""
+    with inject(g.dom, "fs_freeze") as counter:
+        yield counter
 
 
 def _both(dom: statecapture.Domain, target: Path, **kw: Any) -> list[Any]:
@@ -139,15 +133,12 @@ def _both(dom: statecapture.Domain, target: Path, **kw: Any) -> list[Any]:
 # --------------------------------------------------------------------------- refusals
 
 
-def test_refused_while_a_backup_or_block_job_runs(
-    g: G, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_refused_while_a_backup_or_block_job_runs(g: G, tmp_path: Path, freezes: Fault) -> None:
     """While a backup job or a block job (a block copy) runs, both sequences refuse with
     InvalidStateError and change nothing: the job (and its checkpoint) stays, no overlay,
     no file, no checkpoint, no sequence journal (only the job's own record), and the guest
     is never frozen."""
     dom = g.dom
-    freezes = _count_freezes(monkeypatch)
     with dom.backup(mode="pull", checkpoint="foreign") as job:
         for outcome in _both(dom, tmp_path):
             assert isinstance(outcome, InvalidStateError), outcome
@@ -175,7 +166,7 @@ def test_refused_while_a_backup_or_block_job_runs(
     finally:
         copy.abort()
     (tmp_path / "mirror.qcow2").unlink(missing_ok=True)
-    assert freezes == []
+    assert freezes.calls == 0
     _assert_clean(g)
 
 
@@ -239,11 +230,10 @@ def test_non_file_disk_is_unsupported(guest_factory: Any, tmp_path: Path) -> Non
 # --------------------------------------------------------------------------- quiesce
 
 
-def test_quiesce_false_never_freezes(g: G, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quiesce_false_never_freezes(g: G, tmp_path: Path, freezes: Fault) -> None:
     """quiesce=False: no freeze is ever sent to the guest (the guest agent reports
     'thawed' at the capture, and no freeze call reaches libvirt); the results say
     crash-consistent."""
-    freezes = _count_freezes(monkeypatch)
     at_capture: list[str] = []
 
     def look(name: str) -> None:
@@ -257,7 +247,7 @@ def test_quiesce_false_never_freezes(g: G, tmp_path: Path, monkeypatch: pytest.M
         assert isinstance(result, statecapture.SequenceResult), result
         assert not result.quiesced and result.consistency is Consistency.CRASH
         assert result.frozen_for is None
-    assert at_capture == ["thawed", "thawed"] and freezes == []
+    assert at_capture == ["thawed", "thawed"] and freezes.calls == 0
     _assert_clean(g)
 
 

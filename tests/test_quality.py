@@ -36,10 +36,11 @@ def test_ruff_clean() -> None:
 
 
 def test_only_the_adapter_imports_libvirt() -> None:
-    """House rule: statecapture/_adapter.py is the one module that imports libvirt."""
+    """House rule: statecapture/_adapter/ is the one package that imports libvirt."""
     offenders = []
+    adapter = ROOT / "statecapture" / "_adapter"
     for path in (ROOT / "statecapture").rglob("*.py"):
-        if path.name == "_adapter.py":
+        if path.is_relative_to(adapter):
             continue
         for line in path.read_text().splitlines():
             stripped = line.strip()
@@ -76,8 +77,7 @@ def test_no_module_above_the_line_limit() -> None:
 
 # ---------------------------------------------------------------- tests use the public API
 # The rule (HACKING.md, "Tests reach into nothing private"): outside tests/_raw.py (the one
-# documented seam: libvirt's own objects to act as another tool, the adapter to inject
-# faults), a test file
+# documented seam: libvirt's own objects to act as another tool), a test file
 #   * never imports tests._harness (gone: statecapture.testing is the test kit);
 #   * never reads or writes an attribute whose name starts with "_" (dunders and IPython's
 #     "_repr_*_" display protocol excepted) — except on self/cls, on a module or object that
@@ -91,11 +91,11 @@ def test_no_module_above_the_line_limit() -> None:
 # Code inside strings (child-process scripts) is not checked.
 
 SEAM = "tests/_raw.py"
-_ADAPTER = "statecapture._adapter"  # fault injection at the adapter class (mocks inject faults)
+_ADAPTER = "statecapture._adapter"  # unit tests of the adapter's rules, constants, event loop
 PRIVATE_MODULES: dict[str, set[str]] = {
     "tests/_fleet_worker.py": {"statecapture._journal", "statecapture.fleet.run"},
     "tests/_kill_child.py": {"statecapture._backup", "statecapture._journal"},
-    "tests/_proof_child.py": {_ADAPTER, "statecapture._backup", "statecapture._journal"},
+    "tests/_proof_child.py": {"statecapture._backup", "statecapture._journal"},
     "tests/_repo_kill_child.py": {"statecapture._journal"},
     "tests/_verify_kit.py": {_ADAPTER},
     "tests/test_adapter_constants.py": {_ADAPTER},
@@ -112,8 +112,8 @@ PRIVATE_MODULES: dict[str, set[str]] = {
         "statecapture.xml._checkpoint",
     },
     "tests/test_blockjobs.py": {_ADAPTER, "statecapture._blockjob"},
-    "tests/test_capabilities.py": {"statecapture._capabilities"},
-    "tests/test_checkpoints.py": {_ADAPTER, "statecapture._checkpoint"},
+    "tests/test_capabilities.py": {_ADAPTER, "statecapture._capabilities"},
+    "tests/test_checkpoints.py": {"statecapture._checkpoint"},
     "tests/test_connection.py": {_ADAPTER},
     "tests/test_errors.py": {_ADAPTER, "statecapture._hints"},
     "tests/test_files.py": {"statecapture._files"},
@@ -122,7 +122,7 @@ PRIVATE_MODULES: dict[str, set[str]] = {
         "statecapture._journal",
         "statecapture.fleet.run",
     },
-    "tests/test_freeze.py": {_ADAPTER, "statecapture._freeze"},
+    "tests/test_freeze.py": {"statecapture._freeze"},
     "tests/test_host_agent.py": {
         "statecapture._advisor",
         "statecapture._agent",
@@ -131,18 +131,18 @@ PRIVATE_MODULES: dict[str, set[str]] = {
     },
     "tests/test_journal.py": {"statecapture._journal"},
     "tests/test_memory.py": {"statecapture._memory"},
-    "tests/test_plans.py": {_ADAPTER, "statecapture._freeze"},
+    "tests/test_plans.py": {"statecapture._freeze"},
     "tests/test_properties.py": {
         "statecapture._advisor",
         "statecapture._journal",
         "statecapture._nbd",
         "statecapture._restore",
     },
-    "tests/test_qemu_freeze.py": {_ADAPTER, "statecapture._freeze"},
+    "tests/test_qemu_freeze.py": {"statecapture._freeze"},
     "tests/test_qemu_recover.py": {"statecapture._journal"},
-    "tests/test_qemu_sequences.py": {_ADAPTER, "statecapture._journal"},
+    "tests/test_qemu_sequences.py": {"statecapture._journal"},
     "tests/test_qemuimg.py": {"statecapture._qemuimg", "statecapture._restore"},
-    "tests/test_recover.py": {_ADAPTER, "statecapture._backup", "statecapture._journal"},
+    "tests/test_recover.py": {"statecapture._backup", "statecapture._journal"},
     "tests/test_repository_instant.py": {"statecapture._nbd", "statecapture._repository"},
     "tests/test_repository_unit.py": {"statecapture._repository"},
     "tests/test_sequences.py": {"statecapture._journal"},
@@ -153,7 +153,6 @@ PRIVATE_ATTRIBUTES: dict[str, dict[str, str]] = {
     "tests/test_checkpoints.py": {"_plan_disks": "unit test of the checkpoint disk planner"},
     "tests/test_snapshots.py": {"_plan": "unit test of the snapshot planner"},
     "tests/test_fleet.py": {"_correct_state": "distributed.LocalCluster's, not ours"},
-    "tests/test_properties.py": {"_vir": "the fake Domain this file defines"},
     "tests/test_recover.py": {
         "_add_files": "fault injection: the record write fails once the image is linked"
     },
@@ -292,3 +291,54 @@ def test_privacy_rule_catches_reaches(tmp_path: Path) -> None:
     assert "reaches dom._vir " in text and "reaches dom._vir._raw " in text
     assert "_journal._fault_hook" in text  # the module is not listed for this file
     assert "sys._getframe" not in text and "self._x" not in text
+
+
+# ---------------------------------------------------------------- faults go through the ports
+# Fault injection and call spying use statecapture.testing.faults (a pass-through in front of
+# a handle's port): no test names an adapter class, and none patches a port object.
+_ADAPTER_CLASSES = frozenset({"VirConnection", "VirDomain", "VirSnapshot", "VirCheckpoint"})
+
+
+def _fault_offences(path: Path, root: Path = ROOT) -> list[str]:
+    rel = path.relative_to(root).as_posix()
+    found: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+        where = f"{rel}:{getattr(node, 'lineno', '?')}"
+        name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", None)
+        if isinstance(node, ast.Name | ast.Attribute | ast.alias):
+            if isinstance(node, ast.alias):
+                name = node.name
+            if name in _ADAPTER_CLASSES:
+                found.append(f"{where}: names the adapter class {name}")
+        if isinstance(node, ast.Call) and node.args:
+            func = ast.unparse(node.func)
+            target = ast.unparse(node.args[0])
+            if func.endswith("setattr") and (target.endswith(".port") or "port(" in target):
+                found.append(f"{where}: patches a port ({ast.unparse(node)})")
+    return found
+
+
+def test_faults_are_injected_through_the_ports() -> None:
+    """No test names an adapter class (VirDomain ...) or patches a port object: faults and
+    call spies go through statecapture.testing.faults (docs/testing.md, "Injecting
+    faults")."""
+    offences: list[str] = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        offences.extend(_fault_offences(path))
+    assert offences == []
+
+
+def test_fault_rule_catches_patches(tmp_path: Path) -> None:
+    """The rule above flags an adapter class import, a class patch and a port patch."""
+    (tmp_path / "tests").mkdir()
+    probe = tmp_path / "tests" / "test_sample.py"
+    probe.write_text(
+        "from statecapture._adapter import VirDomain\n"
+        "def test(monkeypatch, dom):\n"
+        "    monkeypatch.setattr(VirDomain, 'fs_thaw', None)\n"
+        "    monkeypatch.setattr(dom.port, 'fs_thaw', None)\n"
+    )
+    text = "\n".join(_fault_offences(probe, tmp_path))
+    assert "test_sample.py:1: names the adapter class VirDomain" in text
+    assert "test_sample.py:3: names the adapter class VirDomain" in text
+    assert "test_sample.py:4: patches a port" in text

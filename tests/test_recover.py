@@ -36,6 +36,7 @@ import pytest
 
 import statecapture
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
+from statecapture.testing.faults import inject
 from tests import _isolation as isolation
 from tests._raw import raw_domain
 
@@ -484,35 +485,30 @@ def _record_text(dom: statecapture.Domain) -> str | None:
 
 @pytest.mark.qemu
 def test_recover_after_a_failed_record_update_leaves_no_orphan_image(
-    guest: statecapture.Domain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    guest: statecapture.Domain, tmp_path: Path
 ) -> None:
     """A lost connection right after a pull download linked its finished image into place
     (the backup record can no longer be written): recover() in a later run never reports
     clean while leaving an image tied to a checkpoint it deleted — the image and the
     checkpoint go together."""
-    from statecapture._adapter import VirDomain
-
     dom = guest
     dest = tmp_path / "pull"
     dest.mkdir()
-    real = VirDomain.set_metadata
 
-    def lose_connection_once_the_image_exists(
-        self: VirDomain, namespace_uri: str, key: str, xml: str | None
-    ) -> None:
-        if namespace_uri == JOURNAL_NS and any(p.suffix == ".qcow2" for p in dest.iterdir()):
-            raise statecapture.ConnectionLostError(
-                "set metadata failed: internal error: client socket is closed",
-                code=1,
-                operation="set metadata",
-            )
-        real(self, namespace_uri, key, xml)
+    def once_the_image_exists(namespace_uri: str, *_args: object) -> bool:
+        return namespace_uri == JOURNAL_NS and any(p.suffix == ".qcow2" for p in dest.iterdir())
 
+    lost = statecapture.ConnectionLostError(
+        "set metadata failed: internal error: client socket is closed",
+        code=1,
+        operation="set metadata",
+    )
     job = dom.backup(mode="pull", checkpoint="r1")
-    monkeypatch.setattr(VirDomain, "set_metadata", lose_connection_once_the_image_exists)
-    with pytest.raises(statecapture.ConnectionLostError):
+    with (
+        inject(dom, "set_metadata", raises=lost, when=once_the_image_exists),
+        pytest.raises(statecapture.ConnectionLostError),
+    ):
         job.download(dest)
-    monkeypatch.undo()
     _abandon(job)
     report = statecapture.recover(dom)
     assert report.clean, str(report)

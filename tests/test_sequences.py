@@ -29,7 +29,8 @@ import statecapture
 from statecapture import Consistency, SequenceResult, StepTiming, UsageError, _journal
 from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
 from statecapture.testing import wait_agent
-from tests._raw import adapter, raw_domain
+from statecapture.testing.faults import inject
+from tests._raw import raw_domain
 
 
 @pytest.fixture(autouse=True)
@@ -570,18 +571,16 @@ def test_frozen_window_holds_the_capture_call_only(seq_guest: SeqGuest, tmp_path
 
 
 @pytest.mark.qemu
-def test_thaw_failure_keeps_the_journal_for_recover(seq_guest: SeqGuest, monkeypatch: Any) -> None:
+def test_thaw_failure_keeps_the_journal_for_recover(seq_guest: SeqGuest) -> None:
     """When the thaw fails (injected), the overlays are still merged back, but the journal
     is kept — the guest may be frozen — and recover() thaws the guest and clears it."""
     dom = seq_guest.dom
-
-    def broken_thaw() -> int:
-        raise statecapture.GuestAgentError("injected: agent unresponsive", code=86)
-
-    monkeypatch.setattr(adapter(dom), "fs_thaw", broken_thaw)
-    with pytest.raises(statecapture.ThawError) as caught:
+    broken = statecapture.GuestAgentError("injected: agent unresponsive", code=86)
+    with (
+        inject(dom, "fs_thaw", raises=broken),
+        pytest.raises(statecapture.ThawError) as caught,
+    ):
         statecapture.backup_via_temporary_snapshot(dom, lambda images: None, max_frozen=1)
-    monkeypatch.undo()
     assert "recover(dom) thaws" in "\n".join(caught.value.__notes__)
     journal = read_journal(dom)
     assert journal is not None and journal.fact("frozen") == "1"

@@ -249,7 +249,7 @@ def test_cleanup_failure_never_masks_the_tests_error(
 
     monkeypatch.setattr(guest_module, "remove_domain", failing_remove)
     hv = SimpleNamespace(_forget=lambda guest: None)
-    dom = SimpleNamespace(_vir=None, name="g")
+    dom = SimpleNamespace(port=None, name="g")
 
     def make() -> TestGuest:
         return TestGuest(hv, dom, (), tmp_path / "log", tmp_path)  # type: ignore[arg-type]

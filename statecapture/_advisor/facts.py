@@ -23,6 +23,7 @@ from ..xml._base import parse
 
 if TYPE_CHECKING:
     from .._domain import Domain
+    from .._ports import ProbePort
 
 __all__ = ["DomainFacts", "gather_facts"]
 
@@ -144,21 +145,21 @@ def _journal_sequence(dom: Domain) -> str | None:
 
 def gather_facts(dom: Domain) -> DomainFacts:
     """Read everything the advisor needs from ``dom`` (read-only)."""
-    vir = dom.connection._vir
+    port: ProbePort = dom.port
     driver = dom.connection.versions.driver
     definition = dom.definition
     root = parse(definition.raw)
     state = dom.state
     disks = tuple(d for d in definition.disks if d.device == "disk" and not d.readonly)
     notes: list[str] = []
-    snapshots = vir.probe_listing(dom._vir, "snapshot")
-    checkpoints = vir.probe_listing(dom._vir, "checkpoint")
-    backup_supported, job = vir.probe_backup_job(dom._vir)
+    snapshots = port.probe_listing("snapshot")
+    checkpoints = port.probe_listing("checkpoint")
+    backup_supported, job = port.probe_backup_job()
     block_jobs: list[str] = []
     active = state not in (DomainState.SHUTOFF, DomainState.CRASHED, DomainState.NOSTATE)
     if active:
         for disk in disks:
-            if vir.probe_block_job(dom._vir, disk.target):
+            if port.probe_block_job(disk.target):
                 block_jobs.append(disk.target)
     agent = agent_state_of(root, active=active).value
     bitmaps, bitmap_notes = _find_bitmaps(dom, disks, driver)
@@ -177,6 +178,6 @@ def gather_facts(dom: Domain) -> DomainFacts:
         journal=_journal_sequence(dom),
         backup_job=backup_supported and job is not None,
         block_jobs=tuple(block_jobs),
-        managed_save_image=vir.probe_managed_save_image(dom._vir),
+        managed_save_image=port.probe_managed_save_image(),
         notes=tuple(notes),
     )

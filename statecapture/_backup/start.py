@@ -231,7 +231,7 @@ class BackupStart:
     def begin(self) -> None:
         """``virDomainBackupBegin`` with the plan's XML: the capture call, nothing else."""
         try:
-            self.dom._vir.backup_begin(self.plan.backup_xml, self.plan.checkpoint_xml)
+            self.dom.port.backup_begin(self.plan.backup_xml, self.plan.checkpoint_xml)
         except UnsupportedError as exc:
             raise unsupported(self.dom, exc, "backup") from exc
 
@@ -268,7 +268,7 @@ class BackupStart:
         dom = self.dom
         try:
             if job_xml(dom) is not None:
-                dom._vir.backup_abort_job()
+                dom.port.backup_abort_job()
                 undone.append("ended the half-started backup job (abortJob)")
                 with contextlib.suppress(OperationTimeoutError):
                     self._exp.wait(END_TIMEOUT, what="JOB_COMPLETED")

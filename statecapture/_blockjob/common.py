@@ -19,6 +19,7 @@ from ..xml._base import parse
 
 if TYPE_CHECKING:
     from .._domain import Domain
+    from .._ports import BlockJobPort
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -52,7 +53,7 @@ def _expect(dom: Domain, target: str) -> Expectation:
 
 
 def _live_disks(dom: Domain) -> list[etree._Element]:
-    root = parse(dom._vir.xml_desc(), expected_root="domain")
+    root = parse(_port(dom).xml_desc(), expected_root="domain")
     return list(root.iterfind("devices/disk"))
 
 
@@ -100,7 +101,7 @@ def _mirror_ready(dom: Domain, target: str) -> bool:
 
 
 def _require_no_job(dom: Domain, target: str, operation: str) -> None:
-    info = dom._vir.block_job_info(target)
+    info = _port(dom).block_job_info(target)
     if info is not None:
         raise InvalidStateError(
             f"disk {target!r} of {dom.name!r} already has a {info[0]} block job running; "
@@ -108,3 +109,8 @@ def _require_no_job(dom: Domain, target: str, operation: str) -> None:
             operation=operation,
             domain_name=dom.name,
         )
+
+
+def _port(dom: Domain) -> BlockJobPort:
+    """The domain's port as this module uses it: ``BlockJobPort`` (mypy checks it)."""
+    return dom.port

@@ -23,7 +23,7 @@ from ..errors import (
     UnsupportedError,
     UsageError,
 )
-from .common import _check_bandwidth, _deadline, _mirror_ready, _remaining
+from .common import _check_bandwidth, _deadline, _mirror_ready, _port, _remaining
 
 if TYPE_CHECKING:
     from .._domain import Domain
@@ -176,7 +176,7 @@ class BlockJob:
 
     def progress(self) -> BlockJobProgress:
         """The job's counters now (``blockJobInfo``); :class:`NotFoundError` once it ended."""
-        info = self.domain._vir.block_job_info(self.disk)
+        info = _port(self.domain).block_job_info(self.disk)
         if info is None:
             raise NotFoundError(
                 f"no block job runs on disk {self.disk!r} of {self.domain.name!r} any more",
@@ -190,7 +190,7 @@ class BlockJob:
         """Change the job's bandwidth limit (bytes per second; ``0`` removes the limit)."""
         _check_bandwidth(bytes_per_second, allow_none=False)
         self._require_running("set bandwidth")
-        self.domain._vir.block_job_set_speed(self.disk, bytes_per_second)
+        _port(self.domain).block_job_set_speed(self.disk, bytes_per_second)
 
     # ------------------------------------------------------------------ waiting
     def wait_ready(self, timeout: float | None = None) -> None:
@@ -300,7 +300,7 @@ class BlockJob:
                 return
         self._ready_at_end = self._status is BlockJobStatus.READY
         try:
-            self.domain._vir.block_job_abort(self.disk, pivot=pivot, asynchronous=asynchronous)
+            _port(self.domain).block_job_abort(self.disk, pivot=pivot, asynchronous=asynchronous)
         except LibvirtError:
             # Raced with the job's own end (a commit finishing): that is not an error for
             # abort. Anything else is.
@@ -404,7 +404,7 @@ class BlockJob:
 
     def _job_gone(self) -> bool:
         try:
-            return self.domain._vir.block_job_info(self.disk) is None
+            return _port(self.domain).block_job_info(self.disk) is None
         except InvalidStateError:  # the domain stopped
             return True
         except UnsupportedError:  # this driver cannot tell: rely on the events alone

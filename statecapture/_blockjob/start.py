@@ -29,6 +29,7 @@ from .common import (
     _disk_target,
     _expect,
     _live_disks,
+    _port,
     _require_no_job,
     _resolve_disk,
 )
@@ -111,7 +112,7 @@ def start_commit(
         dom,
         target,
         kind,
-        lambda: dom._vir.block_commit(
+        lambda: _port(dom).block_commit(
             target,
             base=base,
             top=top,
@@ -145,7 +146,7 @@ def start_pull(dom: Domain, disk: str, *, bandwidth: int | None = None) -> Block
         dom,
         target,
         BlockJobKind.PULL,
-        lambda: dom._vir.block_pull(target, bandwidth=bandwidth),
+        lambda: _port(dom).block_pull(target, bandwidth=bandwidth),
     )
 
 
@@ -232,7 +233,7 @@ def _start_copy(
         dom,
         plan.target,
         BlockJobKind.COPY,
-        lambda: dom._vir.block_copy(
+        lambda: _port(dom).block_copy(
             plan.target,
             plan.xml(),
             bandwidth=bandwidth,
@@ -294,7 +295,7 @@ def running_jobs(dom: Domain) -> tuple[BlockJob, ...]:
             continue
         exp = _expect(dom, target)  # before the query: a READY/end in between is kept
         try:
-            info = dom._vir.block_job_info(target)
+            info = _port(dom).block_job_info(target)
         except BaseException:
             exp.close()
             raise

@@ -26,6 +26,7 @@ from ..xml._domain import AGENT_CHANNEL
 
 if TYPE_CHECKING:
     from .._domain import Domain
+    from .._ports import FreezePort
 
 # --------------------------------------------------------------------------- values
 
@@ -119,7 +120,7 @@ def fs_info(dom: Domain) -> tuple[Filesystem, ...]:
     """The guest's mounted filesystems, sorted by mount point (``Domain.fs_info``)."""
     dom._require_active("get filesystem info")
     try:
-        rows = dom._vir.fs_info()
+        rows = _port(dom).fs_info()
     except LibvirtError as exc:
         if _refused_while_frozen(exc):
             raise _already_frozen(dom, exc, "get filesystem info") from exc
@@ -134,9 +135,14 @@ def fs_thaw(dom: Domain) -> int:
     """Thaw every frozen filesystem of the guest; how many thawed (``Domain.fs_thaw``)."""
     dom._require_active("filesystem thaw")
     try:
-        return dom._vir.fs_thaw()
+        return _port(dom).fs_thaw()
     except LibvirtError as exc:
         raise ThawError(
             f"thawing the filesystems of {dom.name!r} failed; they may still be frozen: {exc}",
             domain_name=dom.name,
         ) from exc
+
+
+def _port(dom: Domain) -> FreezePort:
+    """The domain's port as this module uses it: ``FreezePort`` (mypy checks it)."""
+    return dom.port

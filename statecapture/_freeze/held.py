@@ -17,7 +17,7 @@ from ..errors import (
     StateCaptureError,
     ThawError,
 )
-from .agent import Filesystem
+from .agent import Filesystem, _port
 
 if TYPE_CHECKING:
     from .._domain import Domain
@@ -166,10 +166,10 @@ class _Freeze:
         """``fs_thaw``, bounded by ``agent_timeout`` when set; a thaw still pending from an
         earlier attempt is waited for rather than queued again."""
         if self.agent_timeout is None:
-            return self.dom._vir.fs_thaw()
+            return _port(self.dom).fs_thaw()
         call = self.pending_thaw
         if call is None:
-            call = _AgentCall(self.dom._vir.fs_thaw, f"statecapture-thaw-{self.dom.name}")
+            call = _AgentCall(_port(self.dom).fs_thaw, f"statecapture-thaw-{self.dom.name}")
             self.pending_thaw = call
         try:
             return call.result(self.agent_timeout, "filesystem thaw", self.dom)

@@ -29,6 +29,7 @@ from .agent import (
     Filesystem,
     _already_frozen,
     _check_seconds,
+    _port,
     _refused_while_frozen,
     fs_info,
 )
@@ -332,10 +333,10 @@ class FreezeScope:
             started = freeze.freeze_called_at = time.monotonic()
             try:
                 if self.agent_timeout is None:
-                    freeze.frozen_count = dom._vir.fs_freeze(targets)
+                    freeze.frozen_count = _port(dom).fs_freeze(targets)
                 else:
                     call = _AgentCall(
-                        lambda: dom._vir.fs_freeze(targets), f"statecapture-freeze-{dom.name}"
+                        lambda: _port(dom).fs_freeze(targets), f"statecapture-freeze-{dom.name}"
                     )
                     freeze.pending_freeze = call
                     freeze.frozen_count = call.result(self.agent_timeout, "filesystem freeze", dom)

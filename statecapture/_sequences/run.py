@@ -382,7 +382,7 @@ def _refuse_jobs(dom: Domain, operation: str, *, backup: bool = True) -> None:
 
 
 def _require_api(dom: Domain, feature: str, api: str, operation: str) -> None:
-    supported, evidence = dom.connection._vir.probe_api(feature, dom._vir)
+    supported, evidence = dom.port.probe_api(feature)
     if supported is False:
         raise UnsupportedError(
             f"{operation} on domain {dom.name!r}: the {dom.connection.driver} driver lacks "

@@ -85,7 +85,7 @@ def _commit_job(dom: Domain, disk: str, job: BlockJob | None) -> BlockJob:
     """The active commit that merges ``disk``'s overlay: ours, one left running, or new."""
     if job is not None and not job.ended:
         return job
-    if dom._vir.block_job_info(disk) is not None:
+    if dom.port.block_job_info(disk) is not None:
         for running in dom.block_jobs():
             if running.disk != disk:
                 continue
@@ -98,7 +98,7 @@ def _commit_job(dom: Domain, disk: str, job: BlockJob | None) -> BlockJob:
 
 def _redefine_disk(dom: Domain, target: str, source: str, fmt: str | None) -> None:
     """Point the persistent definition's ``target`` at ``source`` (dropping its chain)."""
-    root = parse(dom._vir.xml_desc(inactive=True, secure=True), expected_root="domain")
+    root = parse(dom.port.xml_desc(inactive=True, secure=True), expected_root="domain")
     for el in root.iterfind("devices/disk"):
         tgt = el.find("target")
         if tgt is None or tgt.get("dev") != target:
@@ -121,7 +121,7 @@ def _redefine_disk(dom: Domain, target: str, source: str, fmt: str | None) -> No
                 el.insert(0, driver)
             driver.set("type", fmt)
         break
-    dom.connection._vir.define(serialize(root))
+    dom.connection.port.define(serialize(root))
 
 
 def _offline_merge(dom: Domain, disk: str, original: str, overlay: str, fmt: str | None) -> str:
@@ -373,7 +373,7 @@ def backup_via_temporary_snapshot(
         run.on_undo("merge the temporary overlays back", merge_back)
 
         def take_snapshot() -> None:
-            dom._vir.snapshot_create(snapshot_xml, disk_only=True, atomic=True, no_metadata=True)
+            dom.port.snapshot_create(snapshot_xml, disk_only=True, atomic=True, no_metadata=True)
 
         if freeze:
             run.stage("frozen", "1")

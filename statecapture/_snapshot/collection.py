@@ -42,6 +42,7 @@ from .plan import (
     _dirty_bitmap_problems,
     _owner_only,
     _Plan,
+    _port,
     _refuse_bitmaps,
 )
 
@@ -76,44 +77,44 @@ class SnapshotCollection:
         True/False keeps only external/internal ones; ``disk_only`` True/False keeps only
         disk-only snapshots of running domains / the others.
         """
-        vir = self.domain._vir.snapshot_list(
+        vir = _port(self.domain).snapshot_list(
             leaves=leaves, external=external, disk_only=disk_only, topological=True
         )
-        return tuple(Snapshot._from_vir(self.domain, v) for v in vir)
+        return tuple(Snapshot._from_port(self.domain, v) for v in vir)
 
     def roots(self) -> tuple[Snapshot, ...]:
         """The snapshots without a parent."""
-        vir = self.domain._vir.snapshot_list(roots=True)
-        return tuple(Snapshot._from_vir(self.domain, v) for v in vir)
+        vir = _port(self.domain).snapshot_list(roots=True)
+        return tuple(Snapshot._from_port(self.domain, v) for v in vir)
 
     @property
     def current(self) -> Snapshot | None:
         """The current snapshot (parent of the next one), or ``None``."""
-        vir = self.domain._vir.snapshot_current()
-        return None if vir is None else Snapshot._from_vir(self.domain, vir)
+        vir = _port(self.domain).snapshot_current()
+        return None if vir is None else Snapshot._from_port(self.domain, vir)
 
     def __getitem__(self, name: str) -> Snapshot:
         if not isinstance(name, str):
             raise UsageError(f"snapshots are looked up by name, got {name!r}")
-        vir = self.domain._vir
+        vir = _port(self.domain)
         try:
             found = vir.snapshot_lookup(name)
         except NotFoundError as exc:
             add_names_hint(exc, name, lambda: (s.name for s in vir.snapshot_list()), "snapshot")
             raise
-        return Snapshot._from_vir(self.domain, found)
+        return Snapshot._from_port(self.domain, found)
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
         try:
-            self.domain._vir.snapshot_lookup(name)
+            _port(self.domain).snapshot_lookup(name)
         except NotFoundError:
             return False
         return True
 
     def __len__(self) -> int:
-        return self.domain._vir.snapshot_count()
+        return _port(self.domain).snapshot_count()
 
     def __iter__(self) -> Iterator[Snapshot]:
         return iter(self.list())
@@ -134,8 +135,8 @@ class SnapshotCollection:
         parsed = SnapshotXML.from_xml(text)
         if not parsed.name:
             raise UsageError("a redefined snapshot needs a <name>")
-        vir = self.domain._vir.snapshot_create(text, redefine=True, current=current)
-        return Snapshot._from_vir(self.domain, vir)
+        vir = _port(self.domain).snapshot_create(text, redefine=True, current=current)
+        return Snapshot._from_port(self.domain, vir)
 
     def create(
         self,
@@ -231,7 +232,7 @@ class SnapshotCollection:
                 # statecapture can slip in between (hazard 21).
                 guard.enter_context(_locks.domain_lock(dom.uuid, "snapshot create"))
                 self._refuse_internal()
-            vir = dom._vir.snapshot_create(
+            vir = _port(dom).snapshot_create(
                 plan.xml_text or plan.xml.to_xml(),
                 disk_only=plan.disk_only,
                 quiesce=plan.quiesce,
@@ -243,7 +244,7 @@ class SnapshotCollection:
                 # built by SnapshotXML, and the test suite checks it against that schema.
                 validate=False,
             )
-        snapshot = Snapshot._from_vir(dom, vir, None if plan.metadata else plan.xml)
+        snapshot = Snapshot._from_port(dom, vir, None if plan.metadata else plan.xml)
         if plan.host_files:
             _owner_only(plan.new_files)
         return snapshot

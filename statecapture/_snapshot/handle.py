@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from .. import _adapter, _locks
+from .. import _locks
+from .._ports import SnapshotObjectPort
 from ..errors import (
     NotFoundError,
     UnsupportedError,
@@ -44,14 +45,14 @@ class Snapshot:
 
     domain: Domain
     """The domain the snapshot belongs to."""
-    _vir: _adapter.VirSnapshot = attrs.field(repr=False)
+    _port: SnapshotObjectPort = attrs.field(repr=False)
     name: str
     """The snapshot's name (unique within its domain)."""
     _requested: SnapshotXML | None = attrs.field(default=None, repr=False)
 
     @classmethod
-    def _from_vir(
-        cls, domain: Domain, vir: _adapter.VirSnapshot, requested: SnapshotXML | None = None
+    def _from_port(
+        cls, domain: Domain, vir: SnapshotObjectPort, requested: SnapshotXML | None = None
     ) -> Snapshot:
         return cls(domain, vir, vir.name, requested)
 
@@ -64,7 +65,7 @@ class Snapshot:
         definition that was requested.
         """
         try:
-            return SnapshotXML.from_xml(self._vir.xml_desc())
+            return SnapshotXML.from_xml(self._port.xml_desc())
         except NotFoundError:
             if self._requested is not None:
                 return self._requested
@@ -84,24 +85,24 @@ class Snapshot:
     @property
     def children(self) -> tuple[Snapshot, ...]:
         """The direct children."""
-        return tuple(Snapshot._from_vir(self.domain, v) for v in self._vir.children())
+        return tuple(Snapshot._from_port(self.domain, v) for v in self._port.children())
 
     def descendants(self) -> tuple[Snapshot, ...]:
         """Every snapshot below this one, each parent before its children."""
         return tuple(
-            Snapshot._from_vir(self.domain, v) for v in self._vir.children(descendants=True)
+            Snapshot._from_port(self.domain, v) for v in self._port.children(descendants=True)
         )
 
     @property
     def is_current(self) -> bool:
         """Whether this is the domain's current snapshot (the parent of the next one)."""
-        return self._vir.is_current()
+        return self._port.is_current()
 
     @property
     def has_metadata(self) -> bool:
         """Whether libvirt tracks this snapshot (``False`` for ``metadata=False``)."""
         try:
-            return self._vir.has_metadata()
+            return self._port.has_metadata()
         except NotFoundError:
             return False
 
@@ -147,7 +148,7 @@ class Snapshot:
                     operation="snapshot revert",
                     domain_name=dom.name,
                 )
-            self._vir.revert(running=running, paused=paused, force=force)
+            self._port.revert(running=running, paused=paused, force=force)
             return
         # Held from the bitmap check through the revert: no checkpoint made by statecapture
         # can slip in between (hazard 21).
@@ -161,7 +162,7 @@ class Snapshot:
                 f"revert to internal snapshot {self.name!r}",
                 "snapshot revert",
             )
-            self._vir.revert(running=running, paused=paused, force=force)
+            self._port.revert(running=running, paused=paused, force=force)
 
     def delete(
         self,
@@ -205,7 +206,7 @@ class Snapshot:
                         domain_name=dom.name,
                     )
         try:
-            self._vir.delete(
+            self._port.delete(
                 children=children, children_only=children_only, metadata_only=metadata_only
             )
         except UnsupportedError as exc:

@@ -29,6 +29,7 @@ from ..xml._snapshot import (
 
 if TYPE_CHECKING:
     from .._domain import Domain
+    from .._ports import SnapshotPort
 
 EXTERNAL_REVERT_SINCE: Final = (9, 9, 0)
 """First libvirt (daemon) version that reverts to external snapshots."""
@@ -83,7 +84,7 @@ def _dirty_bitmap_problems(dom: Domain, disks: Iterable[Disk]) -> builtins.list[
     live = _bitmaps.query_or_none(dom)
     if live:
         problems.extend(_bitmaps.describe(live))
-    checkpoints = dom._vir.snapshot_preflight_checkpoint_names()
+    checkpoints = _port(dom).checkpoint_names()
     if checkpoints:
         problems.append(
             f"the domain has checkpoints ({', '.join(sorted(checkpoints))}), each backed by "
@@ -267,3 +268,8 @@ class SnapshotPlan:
         from html import escape
 
         return f"<pre>{escape(str(self))}</pre>"
+
+
+def _port(dom: Domain) -> SnapshotPort:
+    """The domain's port as this module uses it: ``SnapshotPort`` (mypy checks it)."""
+    return dom.port

@@ -64,7 +64,7 @@ def _connection(uri: str, *, fresh: bool = False) -> Connection:
 
 def _alive(conn: Connection) -> bool:
     try:
-        return conn._vir.is_alive()
+        return conn.port.is_alive()
     except Exception:
         return False
 

@@ -16,6 +16,9 @@
   ``requires_qemu``.
 * ``python -m statecapture.testing up|down|list`` keeps a demo guest running for a shell
   or a notebook.
+* :mod:`statecapture.testing.faults` (import it explicitly) makes named libvirt calls of a
+  handle fail, wait or be interrupted, and records every call, without monkeypatching:
+  ``inject(dom, "fs_thaw", raises=...)``, ``record(dom)``.
 
 Needs Linux on x86_64 with the Debian packages ``qemu-system-x86``, ``qemu-utils``,
 ``e2fsprogs`` and ``libvirt-daemon-driver-qemu`` (and, to build the kit once, ``apt`` with

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from lxml import etree
 
-from .._adapter import VirDomain
 from .._domain import Domain
+from .._ports import GuestPort
 from ..errors import (
     CleanupError,
     GuestAgentError,
@@ -64,11 +64,11 @@ _names = itertools.count(1)
 
 
 # --------------------------------------------------------------------------- agent helpers
-# They take the adapter's VirDomain; TestGuest and the Domain helpers below are the public
-# face.
+# They take the domain's port (GuestPort); TestGuest and the Domain helpers below are the
+# public face.
 
 
-def agent_channel_state(vir: VirDomain) -> str | None:
+def agent_channel_state(vir: GuestPort) -> str | None:
     """State of the agent channel in the live XML: ``"connected"``, ``"disconnected"``,
     or ``None`` when libvirt does not report it."""
     try:
@@ -81,7 +81,7 @@ def agent_channel_state(vir: VirDomain) -> str | None:
     return "disconnected"
 
 
-def wait_for_agent(vir: VirDomain, timeout: float) -> float:
+def wait_for_agent(vir: GuestPort, timeout: float) -> float:
     """Poll ``guest-ping`` until the agent answers; return the seconds waited.
 
     Pings only once the live XML shows the channel connected. Raises
@@ -117,7 +117,7 @@ def wait_for_agent(vir: VirDomain, timeout: float) -> float:
 
 
 def run_in_guest(
-    vir: VirDomain, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 60
+    vir: GuestPort, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 60
 ) -> tuple[int, bytes, bytes]:
     """Run *argv* in the guest through ``guest-exec``; ``(exit code, stdout, stderr)``.
 
@@ -161,7 +161,7 @@ def run_in_guest(
         delay = min(delay * 2, 0.2)
 
 
-def read_guest(vir: VirDomain, path: str, *, timeout: int = 10) -> bytes:
+def read_guest(vir: GuestPort, path: str, *, timeout: int = 10) -> bytes:
     """A whole guest file via ``guest-file-open/read/close`` (~2 MB/s under TCG)."""
     handle = vir.agent_command(
         {"execute": "guest-file-open", "arguments": {"path": path, "mode": "r"}}, timeout=timeout
@@ -186,7 +186,7 @@ def read_guest(vir: VirDomain, path: str, *, timeout: int = 10) -> bytes:
     return b"".join(chunks)
 
 
-def write_guest(vir: VirDomain, path: str, data: bytes, *, timeout: int = 10) -> None:
+def write_guest(vir: GuestPort, path: str, data: bytes, *, timeout: int = 10) -> None:
     """Create or truncate a guest file with *data* via ``guest-file-open/write/close``.
 
     Sent in 48 KiB chunks (~300 KB/s under TCG): put bulk data on a data disk with
@@ -211,7 +211,7 @@ def write_guest(vir: VirDomain, path: str, data: bytes, *, timeout: int = 10) ->
         )
 
 
-def remove_domain(vir: VirDomain) -> None:
+def remove_domain(dom: Domain) -> None:
     """Stop everything a test may have left on the domain, then undefine it.
 
     Aborts a backup job and block jobs, thaws (with a short agent timeout: a dead agent
@@ -220,6 +220,7 @@ def remove_domain(vir: VirDomain) -> None:
     the next; raises :class:`~statecapture.CleanupError` naming the failed steps only when
     the domain is still defined at the end.
     """
+    vir = dom.port
     failures: list[str] = []
 
     def step(what: str, fn: Callable[[], object]) -> None:
@@ -248,7 +249,7 @@ def remove_domain(vir: VirDomain) -> None:
         lambda: vir.undefine(managed_save=True, snapshots_metadata=True, checkpoints_metadata=True),
     )
     try:
-        still = vir.name in {d.name for d in vir.conn.list_domains()}
+        still = vir.name in {d.name for d in dom.connection.port.list_domains()}
     except Exception as exc:
         still, failures = True, [*failures, f"list domains: {exc}"]
     if still:
@@ -280,7 +281,7 @@ def agent_command(domain: Domain, command: Mapping[str, Any], *, timeout: int = 
     ``custom-ga-command``). Raises :class:`~statecapture.GuestAgentError` when the agent is
     missing, does not answer within *timeout* seconds, or answers with an error.
     """
-    return domain._vir.agent_command(dict(command), timeout=timeout)
+    return domain.port.agent_command(dict(command), timeout=timeout)
 
 
 def guest_exec(
@@ -291,7 +292,7 @@ def guest_exec(
     What :meth:`TestGuest.exec` does, for any running :class:`~statecapture.Domain` with a
     connected guest agent.
     """
-    return run_in_guest(domain._vir, argv, input=input, timeout=timeout)
+    return run_in_guest(domain.port, argv, input=input, timeout=timeout)
 
 
 def wait_agent(domain: Domain, *, timeout: float = 300) -> float:
@@ -303,17 +304,17 @@ def wait_agent(domain: Domain, *, timeout: float = 300) -> float:
     agent first. Raises :class:`~statecapture.GuestBootError` (``timed_out`` True) after
     *timeout* seconds, and (``timed_out`` False) when the domain stops meanwhile.
     """
-    return wait_for_agent(domain._vir, timeout)
+    return wait_for_agent(domain.port, timeout)
 
 
 def read_guest_file(domain: Domain, path: str, *, timeout: int = 30) -> bytes:
     """A whole file of *domain*'s guest, read through its agent."""
-    return read_guest(domain._vir, path, timeout=timeout)
+    return read_guest(domain.port, path, timeout=timeout)
 
 
 def write_guest_file(domain: Domain, path: str, data: bytes, *, timeout: int = 30) -> None:
     """Create or replace a file in *domain*'s guest with *data*, through its agent."""
-    write_guest(domain._vir, path, bytes(data), timeout=timeout)
+    write_guest(domain.port, path, bytes(data), timeout=timeout)
 
 
 # --------------------------------------------------------------------------- TestGuest
@@ -522,7 +523,7 @@ class TestGuest:
         destroys the domain when it does not answer in time."""
         self._check_open()
         try:
-            return wait_for_agent(self.domain._vir, timeout)
+            return wait_for_agent(self.domain.port, timeout)
         except GuestBootError as exc:
             with contextlib.suppress(Exception):
                 if self.domain.is_active:
@@ -561,7 +562,7 @@ class TestGuest:
 
     def _remove(self) -> None:
         try:
-            remove_domain(self.domain._vir)
+            remove_domain(self.domain)
         finally:
             if self._owns_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
@@ -601,7 +602,7 @@ class TestGuest:
         the guest is frozen).
         """
         self._check_open()
-        return run_in_guest(self.domain._vir, argv, input=input, timeout=timeout)
+        return run_in_guest(self.domain.port, argv, input=input, timeout=timeout)
 
     def write(self, path: str, data: bytes) -> None:
         """Create or replace the guest file *path* with *data* (through the agent).
@@ -610,12 +611,12 @@ class TestGuest:
         ``dd`` for more than a few MiB. Call :meth:`sync` before capturing.
         """
         self._check_open()
-        write_guest(self.domain._vir, path, bytes(data), timeout=30)
+        write_guest(self.domain.port, path, bytes(data), timeout=30)
 
     def read(self, path: str) -> bytes:
         """The content of the guest file *path* (through the agent)."""
         self._check_open()
-        return read_guest(self.domain._vir, path, timeout=30)
+        return read_guest(self.domain.port, path, timeout=30)
 
     def sha256(self, path: str) -> str:
         """Hex SHA-256 of the guest file *path*, computed in the guest."""
@@ -649,7 +650,7 @@ class TestGuest:
         stops on its own. A shut-off guest has nothing cached; nothing is done.
         """
         self._check_open()
-        vir = self.domain._vir
+        vir = self.domain.port
         if not vir.is_active():
             return
         root = etree.fromstring(vir.xml_desc().encode())

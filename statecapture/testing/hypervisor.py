@@ -263,7 +263,7 @@ class EmbeddedHypervisor:
                     leftovers.append(str(exc))
             for dom in _domains(conn):
                 try:
-                    remove_domain(dom._vir)
+                    remove_domain(dom)
                 except CleanupError as exc:
                     leftovers.append(str(exc))
         finally:
