@@ -290,10 +290,14 @@ def parse_mode(mode: BackupMode | str) -> BackupMode:
 
 def refuse_running_job(dom: Domain) -> None:
     """:class:`InvalidStateError` when ``dom`` already runs a backup job (one per domain)."""
-    from ._backup import active_backup
+    from ._backup import job_xml
 
-    running = active_backup(dom)  # also the support probe: the test driver lacks backups
-    if running is not None:
+    try:  # also the support probe: the test driver lacks backups
+        text = job_xml(dom)
+    except UnsupportedError as exc:
+        raise unsupported(dom, exc, "backup") from exc
+    if text is not None:
+        running = BackupXML.from_xml(text)
         raise InvalidStateError(
             f"domain {dom.name!r} already runs a {running.mode.value} backup job (one per "
             "domain); end it with dom.active_backup().end(). Nothing was changed.",

@@ -134,8 +134,9 @@ class Domain:
         """The custom metadata element stored under ``namespace_uri``, or ``None``.
 
         libvirt keeps one element per namespace in ``<metadata>``; statecapture itself uses
-        ``urn:x-statecapture:journal:1`` (the journal of a multi-step operation) and
-        ``urn:x-statecapture:backup:1`` (the record of a running backup).
+        ``urn:x-statecapture:journal:2`` (the crash record of a run: a sequence or a backup
+        job). ``recover()`` also reads what an older statecapture left in
+        ``urn:x-statecapture:journal:1`` and ``urn:x-statecapture:backup:1``.
         """
         return self._port.get_metadata(namespace_uri)
 
@@ -143,8 +144,8 @@ class Domain:
         """Store ``xml`` (one element) under ``namespace_uri`` with prefix ``key``, in the live
         and the persistent definition; ``None`` removes the element.
 
-        Writing statecapture's own namespaces (see :meth:`metadata`) replaces its journal or
-        backup record; recovery then acts on what was written. Raises :class:`UsageError`
+        Writing statecapture's own namespaces (see :meth:`metadata`) replaces its crash
+        record; recovery then acts on what was written. Raises :class:`UsageError`
         when ``key`` is not an XML name or ``xml`` is not one well-formed element, before
         anything is written.
         """

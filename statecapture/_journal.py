@@ -1,19 +1,31 @@
-"""A durable journal of multi-step sequences, kept with the domain itself.
+"""THE crash record of a run, kept with the domain itself (one record type for all runs).
 
-Each documented sequence (:func:`~statecapture.backup_via_temporary_snapshot`,
-:func:`~statecapture.direct_backup`) writes its progress into the domain's libvirt metadata
-under our own namespace (:data:`JOURNAL_NS`) — before each step starts and after it ends —
-so any other process, even one on another machine connected to the same daemon, can see an
-unfinished sequence and :func:`~statecapture.recover` can undo it after a crash.
+Every run that changes a domain in several steps — each documented sequence
+(:func:`~statecapture.backup_via_temporary_snapshot`, :func:`~statecapture.direct_backup`)
+and every plain backup job (:meth:`Domain.backup <statecapture.Domain.backup>`) — keeps one
+:class:`Journal` in the domain's libvirt metadata under our own namespace
+(:data:`JOURNAL_NS`), written before each step starts and after it ends, so any other
+process, even one on another machine connected to the same daemon, can see an unfinished
+run, :meth:`Domain.active_backup` can adopt its job, and :func:`~statecapture.recover` can
+undo it after a crash. A direct backup's job writes into its sequence's record (its
+:class:`JobRecord` section), so one record describes one run.
 
-The journal records *facts needed to undo* (original disk sources, planned overlay paths,
-the checkpoint a backup creates, files it writes, whether a freeze may be in effect), never
-secrets. Facts are written *before* the step that makes them true starts (a planned overlay
-path is journalled before the snapshot that creates it), so a process killed at any instant
-leaves enough behind for :func:`~statecapture.recover`.
+The record holds *facts needed to undo* (original disk sources, planned overlay paths,
+the checkpoint a backup creates, files it writes, private directories, whether a freeze may
+be in effect, the writer's host and pid), never secrets. Facts are written *before* the
+step that makes them true starts (a planned overlay path is recorded before the snapshot
+that creates it), so a process killed at any instant leaves enough behind for
+:func:`~statecapture.recover`.
 
 Each write is one ``virDomainSetMetadata`` call (libvirt saves the domain XML: about 5-10 ms
-on a local disk), so sequences never write the journal while the guest is frozen.
+on a local disk), so the record is written before the freeze and after the thaw, never
+while the guest is frozen.
+
+Records written by statecapture before the one record type (the sequences' journal in
+``urn:x-statecapture:journal:1`` and the backup job's record in
+``urn:x-statecapture:backup:1``) are read by :mod:`statecapture._journal_legacy`:
+:func:`read_journal` returns them as one :class:`Journal` (``legacy=True``), and the first
+write of a writer that adopts one stores it in the current format and removes the old ones.
 
 Fault injection: :data:`_fault_hook` (private, ``None`` in production) is called with the
 name of every step boundary (``start:copy``, ``done:copy``, ``in:snapshot:frozen`` ...).
@@ -28,7 +40,7 @@ import socket
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Final, Self
 
 import attrs
 from lxml import etree
@@ -42,6 +54,8 @@ if TYPE_CHECKING:
 __all__ = [
     "JOURNAL_NS",
     "JOURNAL_KEY",
+    "OP_BACKUP",
+    "JobRecord",
     "Journal",
     "JournalStep",
     "JournalWriter",
@@ -49,10 +63,12 @@ __all__ = [
     "read_journal",
 ]
 
-JOURNAL_NS = "urn:x-statecapture:journal:1"
-"""The metadata namespace URI of the journal element in the domain XML."""
-JOURNAL_KEY = "statecapture"
-"""The XML namespace prefix libvirt uses for the journal element."""
+JOURNAL_NS: Final = "urn:x-statecapture:journal:2"
+"""The metadata namespace URI of the record element in the domain XML."""
+JOURNAL_KEY: Final = "statecapture"
+"""The XML namespace prefix libvirt uses for the record element."""
+OP_BACKUP: Final = "backup"
+"""The :attr:`Journal.sequence` of a plain backup job (:meth:`Domain.backup`)."""
 
 _fault_hook: Callable[[str], None] | None = None
 """Tests only: called with each boundary name (``start:STEP``, ``done:STEP``, ``in:…``)."""
@@ -67,7 +83,7 @@ def boundary(name: str) -> None:
 
 @attrs.frozen
 class JournalStep:
-    """One step of a sequence as journalled."""
+    """One step of a run as recorded."""
 
     name: str
     status: str
@@ -79,29 +95,99 @@ class JournalStep:
 
 
 @attrs.frozen
+class JobRecord:
+    """What a backup job's cleanup needs: the job's section of its run's record."""
+
+    mode: str
+    """``push`` or ``pull``."""
+    label: str
+    """The label in the job's file names."""
+    started: float
+    """Wall-clock time the job was started."""
+    checkpoint: str | None = None
+    """The checkpoint made with the job (``None``: none)."""
+    created_checkpoint: bool = False
+    """Whether the job created :attr:`checkpoint` (so its cleanup deletes it)."""
+    incremental_from: str | None = None
+    files: tuple[str, ...] = ()
+    """Files the job writes or wrote (push targets, downloads and their partial names)."""
+    dirs: tuple[str, ...] = ()
+    """The job's private directories (staging, scratch, NBD socket)."""
+    delivered: bool = False
+    """A pull job downloaded every disk (its files and checkpoint are kept)."""
+
+    def to_element(self) -> etree._Element:
+        """The ``<backup>`` element as stored (also the legacy record's form)."""
+        el = etree.Element("backup")
+        el.set("mode", self.mode)
+        if self.delivered:
+            el.set("delivered", "yes")
+        el.set("label", self.label)
+        el.set("started", repr(self.started))
+        if self.checkpoint is not None:
+            el.set("checkpoint", self.checkpoint)
+            el.set("created", "yes" if self.created_checkpoint else "no")
+        if self.incremental_from is not None:
+            el.set("incremental", self.incremental_from)
+        for f in self.files:
+            etree.SubElement(el, "file").set("path", f)
+        for d in self.dirs:
+            etree.SubElement(el, "dir").set("path", d)
+        return el
+
+    @classmethod
+    def from_element(cls, root: etree._Element) -> Self:
+        """Parse a ``<backup>`` element; :class:`XMLError` when it is damaged."""
+        try:
+            return cls(
+                mode=root.get("mode", "push"),
+                checkpoint=root.get("checkpoint"),
+                created_checkpoint=root.get("created") == "yes",
+                incremental_from=root.get("incremental"),
+                label=root.get("label", "backup"),
+                started=float(root.get("started", "0")),
+                files=tuple(e.get("path", "") for e in root.iterfind("file") if e.get("path")),
+                dirs=tuple(e.get("path", "") for e in root.iterfind("dir") if e.get("path")),
+                delivered=root.get("delivered") == "yes",
+            )
+        except ValueError as exc:
+            raise XMLError(f"damaged backup job record: {exc}") from exc
+
+
+@attrs.frozen
 class Journal:
-    """The journal of one sequence run, as stored in the domain's metadata."""
+    """The record of one run, as stored in the domain's metadata."""
 
     sequence: str
-    """Which sequence: ``backup_via_temporary_snapshot`` or ``direct_backup``."""
+    """Which run: ``backup_via_temporary_snapshot``, ``direct_backup``, or ``backup``
+    (:data:`OP_BACKUP`: a plain backup job)."""
     run_id: str
     host: str
-    """The host name of the process that ran the sequence."""
+    """The host name of the process that ran it (empty: unknown, a legacy job record)."""
     pid: int
-    """Its process id."""
+    """Its process id (0: unknown)."""
     started_at: float
     steps: tuple[JournalStep, ...] = ()
     facts: Mapping[str, str] = attrs.field(factory=dict)
     """Undo facts: ``original:vda`` → original source, ``overlay:vda`` → overlay path,
     ``checkpoint`` → checkpoint name, ``file:vda`` → a file written, ``frozen`` → ``1``."""
+    job: JobRecord | None = None
+    """The run's backup job, while one runs (a plain job's record always has one)."""
+    legacy: bool = attrs.field(default=False, eq=False)
+    """Read from an older statecapture's metadata (see :mod:`statecapture._journal_legacy`)."""
 
     @property
     def current_step(self) -> JournalStep | None:
         """The last step recorded."""
         return self.steps[-1] if self.steps else None
 
+    @property
+    def is_backup_job(self) -> bool:
+        """Whether this is a plain backup job's record (not a sequence's)."""
+        return self.sequence == OP_BACKUP
+
     def step(self, name: str) -> JournalStep | None:
-        """The journalled step ``name``, or ``None`` when it never started."""
+        """The recorded step ``name``, or ``None`` when it never started."""
         for step in self.steps:
             if step.name == name:
                 return step
@@ -118,19 +204,28 @@ class Journal:
         }
 
     def describe(self) -> str:
-        """One line for reports: which sequence, where it stopped, who ran it."""
+        """One line for reports: which run, where it stopped, who ran it."""
         step = self.current_step
         where = f"step {step.name!r} {step.status}" if step is not None else "before its first step"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
+        who = f"pid {self.pid} on {self.host}" if self.pid else "an unknown process"
+        what = self.sequence
+        if self.job is not None and self.is_backup_job:
+            what = f"{self.job.mode} backup {self.job.label!r}"
+        old = ", recorded by an older statecapture" if self.legacy else ""
         return (
-            f"unfinished {self.sequence} (run {self.run_id[:12]}, started {when} by pid "
-            f"{self.pid} on {self.host}), stopped at {where}"
+            f"unfinished {what} (run {self.run_id[:12]}, started {when} by {who}{old}), "
+            f"stopped at {where}"
         )
 
     @classmethod
     def from_xml(cls, text: XMLInput) -> Self:
         """Parse the stored ``<journal>`` element; :class:`XMLError` when it is damaged."""
-        root = parse(text)
+        return cls.from_element(parse(text))
+
+    @classmethod
+    def from_element(cls, root: etree._Element) -> Self:
+        """Parse a ``<journal>`` element (also the legacy journal's form)."""
         if etree.QName(root).localname != "journal":
             raise XMLError(f"expected a <journal> element, got <{root.tag}>")
 
@@ -139,6 +234,7 @@ class Journal:
 
         steps = []
         facts: dict[str, str] = {}
+        job: JobRecord | None = None
         try:
             for child in root:
                 if not isinstance(child.tag, str):
@@ -157,6 +253,8 @@ class Journal:
                     )
                 elif local == "fact":
                     facts[attr(child, "key")] = attr(child, "value")
+                elif local == "backup":
+                    job = JobRecord.from_element(child)
             return cls(
                 sequence=attr(root, "sequence"),
                 run_id=attr(root, "run"),
@@ -165,6 +263,7 @@ class Journal:
                 started_at=float(root.get("started") or 0),
                 steps=tuple(steps),
                 facts=facts,
+                job=job,
             )
         except ValueError as exc:
             raise XMLError(f"damaged journal: {exc}") from exc
@@ -189,18 +288,31 @@ class Journal:
                 el.set("ended", f"{step.ended_at:.6f}")
             if step.error is not None:
                 el.set("error", step.error[:500])
+        if self.job is not None:
+            root.append(self.job.to_element())
         return serialize(root)
 
 
-def read_journal(dom: Domain) -> Journal | None:
-    """The unfinished sequence journalled on ``dom``, or ``None``.
-
-    Raises :class:`XMLError` when the stored journal is damaged.
-    """
+def _read_current(dom: Domain) -> Journal | None:
+    """The record in the current format only (raises :class:`XMLError` when damaged)."""
     text = dom.port.get_metadata(JOURNAL_NS)
     if text is None:
         return None
     return Journal.from_xml(text)
+
+
+def read_journal(dom: Domain) -> Journal | None:
+    """The unfinished run recorded on ``dom`` (a sequence or a plain backup job), or ``None``.
+
+    A record left by an older statecapture is returned too (``legacy=True``). Raises
+    :class:`XMLError` when the stored record is damaged.
+    """
+    journal = _read_current(dom)
+    if journal is not None:
+        return journal
+    from ._journal_legacy import read_legacy
+
+    return read_legacy(dom)
 
 
 def _now() -> float:
@@ -215,7 +327,7 @@ def new_run_id() -> str:
 
 @attrs.define(eq=False)
 class JournalWriter:
-    """Writes a sequence's journal into the domain metadata, step by step."""
+    """Writes a run's record into the domain metadata, step by step."""
 
     dom: Domain
     journal: Journal
@@ -231,10 +343,11 @@ class JournalWriter:
         *,
         run_id: str | None = None,
         facts: Mapping[str, str] | None = None,
+        job: JobRecord | None = None,
     ) -> JournalWriter:
-        """Write a new journal (with its first ``facts``) in one metadata write.
+        """Write a new record (with its first ``facts`` and ``job``) in one metadata write.
 
-        Raises :class:`InvalidStateError` when another run wrote its journal at the same
+        Raises :class:`InvalidStateError` when another run wrote its record at the same
         time (read back after the write: the last writer wins, the other one backs off).
         """
         journal = Journal(
@@ -244,27 +357,41 @@ class JournalWriter:
             pid=os.getpid(),
             started_at=_now(),
             facts=dict(facts or {}),
+            job=job,
         )
         writer = cls(dom, journal)
         writer._flush(check=False)
         writer._check_owner()
         return writer
 
+    @classmethod
+    def adopt(cls, dom: Domain, journal: Journal) -> JournalWriter:
+        """Continue writing ``journal`` as read from ``dom`` (a leftover job's run). Nothing
+        is written now; the first write of a legacy record stores it in the current format."""
+        return cls(dom, journal)
+
     def _check_owner(self) -> None:
-        text = self.dom.port.get_metadata(JOURNAL_NS)
         try:
-            stored = Journal.from_xml(text) if text is not None else None
+            stored = _read_current(self.dom)
         except XMLError:
             stored = None
         if stored is None or stored.run_id != self.journal.run_id:
             raise InvalidStateError(
-                f"another statecapture sequence on domain {self.dom.name!r} replaced this "
-                "run's journal; two sequences cannot run on one domain at the same time",
-                operation="write the sequence journal",
+                f"another statecapture run on domain {self.dom.name!r} replaced this "
+                "run's journal; two runs cannot change one domain at the same time",
+                operation="write the run's record",
                 domain_name=self.dom.name,
             )
 
     def _flush(self, *, check: bool = True) -> None:
+        if self.journal.legacy:
+            # An older statecapture's record, adopted: store it as ours, then drop the old.
+            from ._journal_legacy import clear_legacy
+
+            self.journal = attrs.evolve(self.journal, legacy=False)
+            self.dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
+            clear_legacy(self.dom)
+            return
         if check:
             self._check_owner()
         self.dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
@@ -296,6 +423,12 @@ class JournalWriter:
         """Set (``None``: drop) one fact whose key may contain ``:``, written through."""
         self.stage(key, value)
         self._merge_staged()
+        self._flush()
+
+    def set_job(self, job: JobRecord | None) -> None:
+        """Store (``None``: drop) the run's backup job section, written through."""
+        self._merge_staged()
+        self.journal = attrs.evolve(self.journal, job=job)
         self._flush()
 
     def _set_step(self, step: JournalStep) -> None:
@@ -330,11 +463,31 @@ class JournalWriter:
         boundary(f"done:{name}")
 
     def finish(self) -> None:
-        """The sequence ended cleanly (or was fully undone): remove the journal."""
+        """The run ended cleanly (or was fully undone): remove its record.
+
+        A record another run has written since is left alone.
+        """
+        if self.journal.legacy:
+            from ._journal_legacy import clear_legacy
+
+            clear_legacy(self.dom)
+            return
+        try:
+            stored = _read_current(self.dom)
+        except XMLError:
+            stored = None
+        if stored is None or stored.run_id != self.journal.run_id:
+            return
         self.dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
 
 
-def clear_journal(dom: Domain) -> None:
-    """Remove the journal element from ``dom`` (idempotent)."""
+def clear_journal(dom: Domain) -> bool:
+    """Remove the record element from ``dom``, an older statecapture's too (idempotent);
+    whether there was one."""
+    from ._journal_legacy import clear_legacy
+
+    found = False
     if dom.port.get_metadata(JOURNAL_NS) is not None:
         dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
+        found = True
+    return clear_legacy(dom) or found

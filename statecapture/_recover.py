@@ -1,24 +1,30 @@
-"""``recover()``: finish or undo what an interrupted sequence left behind.
+"""``recover()``: finish or undo what an interrupted run left behind.
 
 A sequence (:func:`~statecapture.backup_via_temporary_snapshot`,
-:func:`~statecapture.direct_backup`) undoes itself when it fails in process. When the process
-dies instead (``SIGKILL``, power cut, lost connection, a crashed notebook kernel), its
-journal stays in the domain's metadata and :func:`recover` — from any process, on any host
-connected to the same daemon — reads it and undoes the run, in this order:
+:func:`~statecapture.direct_backup`) or a plain backup job undoes itself when it fails in
+process. When the process dies instead (``SIGKILL``, power cut, lost connection, a crashed
+notebook kernel), its crash record (:mod:`statecapture._journal`: the one record type of
+every run) stays in the domain's metadata and :func:`recover` — from any process, on any
+host connected to the same daemon — reads it and undoes the run, in this order:
 
-1. thaw the guest's filesystems when the journal says a freeze may be in effect, or the guest
+1. thaw the guest's filesystems when the record says a freeze may be in effect, or the guest
    agent reports them frozen (a thaw of a thawed guest is harmless);
-2. end a leftover backup job (``abortJob`` + ``JOB_COMPLETED``), removing its scratch files;
+2. end a leftover backup job (``abortJob`` + ``JOB_COMPLETED``), removing its scratch files
+   and — from the record — the checkpoint and files of a job that never delivered;
 3. merge every temporary overlay back into its original image (active commit, READY event,
    pivot; ``qemu-img commit`` when the domain is shut off) and remove it — overlays are also
-   recognised by name (``*.sc-<run>.overlay.qcow2``) when no journal names them;
-4. delete the checkpoint and the (partial) image files of an unfinished direct backup;
+   recognised by name (``*.sc-<run>.overlay.qcow2``) when no record names them;
+4. delete the checkpoint, the (partial) image files and the private directories of an
+   unfinished direct backup;
 5. clean up after a plain backup job whose run died and whose job has ended since (a daemon
-   restart ends a running job): its record in the domain's metadata names its checkpoint and
-   files; unless the run delivered every disk, both are removed, then the record;
-6. clear the journal — only when every step above succeeded, so a failed recovery can be
+   restart ends a running job): its record names its checkpoint and files; unless the run
+   delivered every disk, both are removed, then the record;
+6. clear the record — only when every step above succeeded, so a failed recovery can be
    retried: ``recover()`` is idempotent.
-"""
+
+A record written by an older statecapture (two records then: the sequences' journal and the
+backup job's record) is read by :mod:`statecapture._journal_legacy` as one record and
+repaired the same way."""
 
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 
+from ._backup import active_backup, recover_stale
 from ._journal import Journal, clear_journal, read_journal
 from ._sequences import OVERLAY_RE, SEQ_DIRECT, SEQ_SNAPSHOT, discard_backup, merge_overlay
 from .errors import (
@@ -242,53 +249,57 @@ class _Recovery:
     def backup_leftovers(self, journal: Journal | None) -> None:
         if journal is None or journal.sequence != SEQ_DIRECT:
             return
-        from . import _backup_record
-
         dom = self.dom
         checkpoint = journal.fact("checkpoint")
         files = {k: v for k, v in journal.facts.items() if k.split(":")[0] in ("file", "partial")}
-        # A job killed between its start and the journal's next write: its own record
-        # (kept by the backup module) still names the label's files and the checkpoint.
-        record = _backup_record.read_record(dom)
-        if record is not None and not journal.facts_with_prefix("file"):
-            files.update({f"file:{i}": f for i, f in enumerate(record.files)})
-            if checkpoint is None and record.created_checkpoint:
-                checkpoint = record.checkpoint
+        # A job killed between its start and the record's next write: its section of the
+        # record names what it made too (the label's files, its private directories).
+        job = journal.job
+        dirs: tuple[str, ...] = ()
+        if job is not None:
+            files.update({f"job file {i}": f for i, f in enumerate(job.files)})
+            dirs = job.dirs
+            if checkpoint is None and job.created_checkpoint:
+                checkpoint = job.checkpoint
         existing = {k: v for k, v in files.items() if os.path.lexists(v)}
         has_cp = False
         if checkpoint is not None:
             with contextlib.suppress(UnsupportedError):
                 has_cp = checkpoint in dom.checkpoints
-        if existing or has_cp or record is not None:
+        if existing or has_cp:
             self.found.append(
                 "what the unfinished backup made: "
                 + ", ".join(
                     [*([f"checkpoint {checkpoint!r}"] if has_cp else []), *existing.values()]
-                    or ["a stale backup record"]
                 )
             )
         self.actions += discard_backup(
-            dom, job=None, checkpoint=checkpoint, files=files, adopt_checkpoint=checkpoint
+            dom,
+            job=None,
+            checkpoint=checkpoint,
+            files=files,
+            dirs=dirs,
+            adopt_checkpoint=checkpoint,
         )
 
-    # ---- 5. a stale record of a plain backup job
+    # ---- 5. the record of a plain backup job whose run died
     def stale_backup_record(self) -> None:
-        from . import _backup_record
-
         dom = self.dom
-        if dom.port.get_metadata(_backup_record.RECORD_NS) is None:
+        try:
+            journal = read_journal(dom)  # (stage 2 may have ended the job and its record)
+        except XMLError:
+            return  # reported as damaged; cleared at the end
+        if journal is None or not journal.is_backup_job:
             return
         if dom.is_active:
-            try:
-                if dom.active_backup() is not None:
+            with contextlib.suppress(UnsupportedError):  # a driver without jobs runs none
+                if active_backup(dom) is not None:
                     return  # a job still runs: stage 2 reported why it could not end it
-            except UnsupportedError:
-                return
         self.found.append(
             "the record of a backup job that ended without its run (a crash, a lost "
             "connection or a daemon restart)"
         )
-        self.actions += _backup_record.recover_stale(dom)
+        self.actions += recover_stale(dom, journal)
 
 
 def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) -> RecoveryReport:
@@ -332,7 +343,7 @@ def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) ->
     except XMLError as exc:
         damaged = True
         run.found.append(f"a damaged sequence journal ({exc})")
-    if journal is not None:
+    if journal is not None and not journal.is_backup_job:  # (stage 5 describes a job's)
         run.found.append(journal.describe())
         if (
             not force
@@ -354,8 +365,8 @@ def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) ->
     run.attempt("stale backup record", run.stale_backup_record)
     if not run.errors and (journal is not None or damaged):
         try:
-            clear_journal(dom)
-            run.actions.append("cleared the journal")
+            if clear_journal(dom):
+                run.actions.append("cleared the journal")
         except StateCaptureError as exc:
             run.errors.append(f"clear the journal: {exc}")
     return RecoveryReport(

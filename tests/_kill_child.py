@@ -158,8 +158,6 @@ def run(conn: statecapture.Connection, args: dict[str, Any]) -> None:
 
 def check(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     """recover() from this fresh process, then verify the domain is whole and clean."""
-    from statecapture._backup import RECORD_NS
-
     dom = conn.domain(NAME)
     problems: list[str] = []
     t0 = time.monotonic()
@@ -182,10 +180,8 @@ def check(conn: statecapture.Connection, args: dict[str, Any]) -> None:
         problems.append(f"block jobs left: {dom.block_jobs()}")
     if dom.active_backup() is not None:
         problems.append("a backup job is left")
-    if statecapture._journal.read_journal(dom) is not None:
-        problems.append("the journal is left")
-    if dom.metadata(RECORD_NS) is not None:
-        problems.append("the backup record is left")
+    if statecapture._journal.read_journal(dom) is not None:  # (an older format's too)
+        problems.append("the crash record is left")
     status = dom.fs_freeze_status()
     if status != "thawed":
         problems.append(f"guest freeze status {status}")
@@ -255,8 +251,6 @@ def reset(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     """After a kill-matrix case: bring the shared guest back to the clean state the next
     case starts from, and report everything that had to be repaired (a case that left any
     of it behind fails in its teardown, so no state leaks into the next case)."""
-    from statecapture._backup import RECORD_NS
-
     dom = conn.domain(NAME)
     repaired: list[str] = []
     report = statecapture.recover(dom)
@@ -277,8 +271,8 @@ def reset(conn: statecapture.Connection, args: dict[str, Any]) -> None:
             repaired.append(f"{label} disk sources {sources} != originals {originals}")
     if dom.block_jobs() or dom.active_backup() is not None:
         repaired.append("a block or backup job was running")
-    if _journal.read_journal(dom) is not None or dom.metadata(RECORD_NS) is not None:
-        repaired.append("a journal or backup record was left")
+    if _journal.read_journal(dom) is not None:
+        repaired.append("a crash record was left")
     for cp in reversed(dom.checkpoints.list()):
         repaired.append(f"checkpoint {cp.name} was left")
         cp.delete(metadata_only=True)

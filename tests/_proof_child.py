@@ -172,12 +172,12 @@ def sequence_then_wait(conn: statecapture.Connection, args: dict[str, Any]) -> N
 def push_then_die(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     """Start a push job with a new checkpoint; once QEMU finished it (libvirt reports no
     job) but before this process called wait() or end(), SIGKILL this process."""
-    from statecapture._backup import _job_xml
+    from statecapture._backup import job_xml
 
     dom = conn.domain(NAME)
     job = dom.backup(mode="push", target_dir=args["target_dir"], checkpoint=args["checkpoint"])
     deadline = time.monotonic() + 120
-    while _job_xml(dom) is not None:
+    while job_xml(dom) is not None:
         assert time.monotonic() < deadline, "the push job never ended"
         time.sleep(0.05)
     # files: the final names; staged: where QEMU wrote them (moved by the next clean-up)
@@ -190,11 +190,11 @@ def push_then_die(conn: statecapture.Connection, args: dict[str, Any]) -> None:
 
 def next_backup(conn: statecapture.Connection, args: dict[str, Any]) -> None:
     """Wait for the dead run's job to end, then start (and end) the next backup job."""
-    from statecapture._backup import _job_xml
+    from statecapture._backup import job_xml
 
     dom = conn.domain(NAME)
     deadline = time.monotonic() + 120
-    while _job_xml(dom) is not None:
+    while job_xml(dom) is not None:
         assert time.monotonic() < deadline, "the dead run's push job never ended"
         time.sleep(0.1)
     before = [c.name for c in dom.checkpoints]

@@ -655,11 +655,11 @@ def test_planted_symlinks_never_redirect_backup_files(
     job = guest.backup(mode="push", target_dir=out, checkpoint="s0")
     job.adopted = True  # dropped on purpose: no "never ended" warning
     deadline = time.monotonic() + 120
-    while _backup._job_xml(guest) is not None:
+    while _backup.job_xml(guest) is not None:
         assert time.monotonic() < deadline, "the push job did not finish"
         time.sleep(0.2)
     time.sleep(1)  # HAZARDS 14: QEMU releases the file just after the job ends
-    _backup._recover_stale(guest)
+    _backup.settle_stale_record(guest, "backup")
     done = out / f"{guest.name}.vda.s0.qcow2"
     assert list(out.iterdir()) == [done] and done.is_file() and not done.is_symlink()
     assert "s0" in guest.checkpoints

@@ -19,7 +19,7 @@ import attrs
 import pytest
 
 import statecapture
-from statecapture._journal import JOURNAL_NS, JournalWriter, read_journal
+from statecapture._journal import JOURNAL_NS, JobRecord, JournalWriter, read_journal
 from statecapture.testing import wait_agent
 from tests._proof import guest_frozen, qemu_img, raw, sh, write_known
 
@@ -72,9 +72,16 @@ def g(rguest: G) -> Iterator[G]:
     assert len(dom.checkpoints) == 0 and len(dom.snapshots) == 0
 
 
-def _journal_of(dom: statecapture.Domain, sequence: str, facts: dict[str, str], pid: int) -> None:
-    """Put a journal written by process ``pid`` into the domain's metadata."""
-    writer = JournalWriter.begin(dom, sequence, facts=facts)
+def _journal_of(
+    dom: statecapture.Domain,
+    sequence: str,
+    facts: dict[str, str],
+    pid: int,
+    job: JobRecord | None = None,
+) -> None:
+    """Put a journal written by process ``pid`` into the domain's metadata (with the
+    section of its backup job, as a direct backup's journal carries it)."""
+    writer = JournalWriter.begin(dom, sequence, facts=facts, job=job)
     dom.set_metadata(JOURNAL_NS, "statecapture", attrs.evolve(writer.journal, pid=pid).to_xml())
 
 
@@ -97,7 +104,9 @@ def test_refuses_while_the_writing_process_lives_unless_forced(g: G, tmp_path: P
         partial = tmp_path / f".{dom.name}.vda.sc-live.qcow2.partial"
         partial.write_bytes(b"half")
         facts = {"mode": "pull", "checkpoint": "sc-live", "partial:vda": str(partial)}
-        _journal_of(dom, "direct_backup", facts, sleeper.pid)
+        record = read_journal(dom)  # the job's own record: it becomes the run's section
+        assert record is not None and record.job is not None
+        _journal_of(dom, "direct_backup", facts, sleeper.pid, record.job)
         stored = dom.metadata(JOURNAL_NS)
         with pytest.raises(statecapture.InvalidStateError, match="still running"):
             statecapture.recover(dom)

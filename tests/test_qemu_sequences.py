@@ -136,7 +136,8 @@ def _both(dom: statecapture.Domain, target: Path, **kw: Any) -> list[Any]:
 def test_refused_while_a_backup_or_block_job_runs(g: G, tmp_path: Path, freezes: Fault) -> None:
     """While a backup job or a block job (a block copy) runs, both sequences refuse with
     InvalidStateError and change nothing: the job (and its checkpoint) stays, no overlay,
-    no file, no checkpoint, no journal, and the guest is never frozen."""
+    no file, no checkpoint, no sequence journal (only the job's own record), and the guest
+    is never frozen."""
     dom = g.dom
     with dom.backup(mode="pull", checkpoint="foreign") as job:
         for outcome in _both(dom, tmp_path):
@@ -145,9 +146,12 @@ def test_refused_while_a_backup_or_block_job_runs(g: G, tmp_path: Path, freezes:
         running = dom.active_backup()
         assert running is not None and running.checkpoint == "foreign"
         assert [c.name for c in dom.checkpoints] == ["foreign"]
-        assert list(tmp_path.iterdir()) == [] and read_journal(dom) is None
+        assert list(tmp_path.iterdir()) == []
+        record = read_journal(dom)  # the job's own record only: no sequence's was written
+        assert record is not None and record.is_backup_job, record
         assert sorted(p.name for p in g.image_dir.iterdir()) == ["disk0.qcow2"]
     assert job.state == "failed" and len(dom.checkpoints) == 0
+    assert read_journal(dom) is None
 
     copy = dom.block_copy("vda", tmp_path / "mirror.qcow2")
     try:

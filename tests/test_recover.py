@@ -480,9 +480,7 @@ def _abandon(job: Any) -> None:
 
 
 def _record_text(dom: statecapture.Domain) -> str | None:
-    from statecapture._backup import RECORD_NS
-
-    return dom.metadata(RECORD_NS)
+    return dom.metadata(JOURNAL_NS)
 
 
 @pytest.mark.qemu
@@ -493,14 +491,12 @@ def test_recover_after_a_failed_record_update_leaves_no_orphan_image(
     (the backup record can no longer be written): recover() in a later run never reports
     clean while leaving an image tied to a checkpoint it deleted — the image and the
     checkpoint go together."""
-    from statecapture._backup import RECORD_NS
-
     dom = guest
     dest = tmp_path / "pull"
     dest.mkdir()
 
     def once_the_image_exists(namespace_uri: str, *_args: object) -> bool:
-        return namespace_uri == RECORD_NS and any(p.suffix == ".qcow2" for p in dest.iterdir())
+        return namespace_uri == JOURNAL_NS and any(p.suffix == ".qcow2" for p in dest.iterdir())
 
     lost = statecapture.ConnectionLostError(
         "set metadata failed: internal error: client socket is closed",
@@ -576,7 +572,7 @@ def test_recover_keeps_a_completed_push_whose_run_died_while_moving_it(
     still staged) or after the move (the staged name gone), the job had delivered: recover()
     keeps the checkpoint, the image ends up at its final name and no staging directory
     stays behind."""
-    from statecapture._backup import _final_path, _publish
+    from statecapture._backup import final_path, publish
 
     dom = guest
     out = tmp_path / "push"
@@ -589,11 +585,11 @@ def test_recover_keeps_a_completed_push_whose_run_died_while_moving_it(
             done.wait(120, what="JOB_COMPLETED")
         _wait_no_job(dom)
         staged = Path(job.xml.backed_up[0].store or "")
-        final = _final_path(staged)
+        final = final_path(staged)
         assert final == out / f"{dom.name}.vda.{cp}.qcow2" != staged
         job._add_files(final)  # the run recorded the final name, then died ...
         if moved:
-            _publish(staged, final)  # ... or died right after moving the target
+            publish(staged, final)  # ... or died right after moving the target
         report = statecapture.recover(dom)
         assert report.clean, str(report)
         assert cp in dom.checkpoints, str(report)
@@ -611,3 +607,145 @@ def _wait_no_job(dom: statecapture.Domain) -> None:
     while dom.active_backup() is not None:
         assert time.monotonic() < deadline, "the backup job did not end"
         time.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------- older records
+# Records as statecapture wrote them before the one record type, written by hand: a user who
+# upgrades while one is left must still be able to recover.
+
+OLD_JOURNAL_NS = "urn:x-statecapture:journal:1"
+OLD_BACKUP_NS = "urn:x-statecapture:backup:1"
+
+
+def _old_journal(sequence: str, facts: dict[str, str], steps: str = "") -> str:
+    from xml.sax.saxutils import quoteattr
+
+    body = "".join(f"<fact key={quoteattr(k)} value={quoteattr(v)}/>" for k, v in facts.items())
+    return (
+        f"<journal sequence='{sequence}' run='{'ab' * 16}' host='{os.uname().nodename}' "
+        f"pid='{_dead_pid()}' started='{time.time():.6f}'>{body}{steps}</journal>"
+    )
+
+
+def _old_record(
+    mode: str,
+    label: str,
+    *,
+    files: tuple[Path, ...] = (),
+    dirs: tuple[Path, ...] = (),
+    checkpoint: str | None = None,
+    delivered: bool = False,
+) -> str:
+    attrs_ = f"mode='{mode}' label='{label}' started='{time.time()!r}'"
+    if checkpoint is not None:
+        attrs_ += f" checkpoint='{checkpoint}' created='yes'"
+    if delivered:
+        attrs_ += " delivered='yes'"
+    children = "".join(f"<file path='{f}'/>" for f in files)
+    children += "".join(f"<dir path='{d}'/>" for d in dirs)
+    return f"<backup {attrs_}>{children}</backup>"
+
+
+def test_recover_repairs_an_older_direct_backup_journal_and_job_record(
+    test_domain: statecapture.Domain, tmp_path: Path
+) -> None:
+    """A direct backup killed under an older statecapture left two records (its journal and
+    its job's record): recover() reads both as one run, removes the checkpoint, the files
+    and the private directory they name, and clears both old elements; a sequence is
+    refused until then."""
+    dom = test_domain
+    dom.checkpoints.create("sc-old")
+    made = tmp_path / "alpha.vda.sc-old.qcow2"
+    partial = tmp_path / ".alpha.vda.sc-old.qcow2.partial"
+    private = tmp_path / "sc-scratch-0123"
+    private.mkdir()
+    (private / "scratch").write_bytes(b"s")
+    mine = tmp_path / "unrelated.qcow2"
+    for f in (made, partial, mine):
+        f.write_bytes(b"x")
+    steps = f"<step name='begin' status='done' started='{time.time():.6f}'/>"
+    dom.set_metadata(
+        OLD_JOURNAL_NS,
+        "statecapture",
+        _old_journal("direct_backup", {"checkpoint": "sc-old", "file:vda": str(made)}, steps),
+    )
+    dom.set_metadata(
+        OLD_BACKUP_NS,
+        "scbackup",
+        _old_record("pull", "sc-old", files=(partial,), dirs=(private,), checkpoint="sc-old"),
+    )
+    journal = read_journal(dom)
+    assert journal is not None and journal.legacy and journal.sequence == "direct_backup"
+    assert journal.job is not None and journal.job.files == (str(partial),)
+    with pytest.raises(statecapture.InvalidStateError, match="recover"):
+        statecapture.direct_backup(dom, tmp_path, quiesce=False)
+    report = statecapture.recover(dom)
+    assert report.clean, str(report)
+    assert any("older statecapture" in f for f in report.found), str(report)
+    assert "sc-old" not in dom.checkpoints
+    assert not made.exists() and not partial.exists() and not private.exists()
+    assert mine.exists()
+    assert dom.metadata(OLD_JOURNAL_NS) is None and dom.metadata(OLD_BACKUP_NS) is None
+    assert read_journal(dom) is None
+    again = statecapture.recover(dom)
+    assert again.nothing_found and again.actions == ()
+
+
+@pytest.mark.parametrize("delivered", [False, True], ids=["undelivered", "delivered"])
+def test_recover_repairs_an_older_plain_backup_record(
+    test_domain: statecapture.Domain, tmp_path: Path, delivered: bool
+) -> None:
+    """A plain backup job's record left by an older statecapture, its job ended since: a job
+    that never delivered loses its checkpoint and files; a pull job that downloaded every
+    disk keeps them. Either way its private directory and the old element go."""
+    dom = test_domain
+    dom.checkpoints.create("old-cp")
+    image = tmp_path / "alpha.vda.old-cp.qcow2"
+    image.write_bytes(b"x")
+    private = tmp_path / "sc-nbd-0123"
+    private.mkdir()
+    dom.set_metadata(
+        OLD_BACKUP_NS,
+        "scbackup",
+        _old_record(
+            "pull",
+            "old-cp",
+            files=(image,),
+            dirs=(private,),
+            checkpoint="old-cp",
+            delivered=delivered,
+        ),
+    )
+    journal = read_journal(dom)
+    assert journal is not None and journal.legacy and journal.is_backup_job
+    report = statecapture.recover(dom)
+    assert report.clean, str(report)
+    assert any("record of a backup job" in f for f in report.found), str(report)
+    assert ("old-cp" in dom.checkpoints) is delivered
+    assert image.exists() is delivered
+    assert not private.exists()
+    assert dom.metadata(OLD_BACKUP_NS) is None and read_journal(dom) is None
+    assert statecapture.recover(dom).nothing_found
+
+
+def test_an_older_journal_adopted_by_a_writer_is_stored_in_the_current_format(
+    test_domain: statecapture.Domain,
+) -> None:
+    """The first write of a writer that continues an older record stores it under the
+    current namespace and removes the old elements (one record again)."""
+    from statecapture._journal import JournalWriter
+
+    dom = test_domain
+    dom.set_metadata(OLD_JOURNAL_NS, "statecapture", _old_journal("direct_backup", {"a": "1"}))
+    dom.set_metadata(OLD_BACKUP_NS, "scbackup", _old_record("push", "l1"))
+    old = read_journal(dom)
+    assert old is not None and old.legacy
+    writer = JournalWriter.adopt(dom, old)
+    writer.set_fact("b", "2")
+    assert dom.metadata(OLD_JOURNAL_NS) is None and dom.metadata(OLD_BACKUP_NS) is None
+    now = read_journal(dom)
+    assert now is not None and not now.legacy
+    assert now.run_id == old.run_id and dict(now.facts) == {"a": "1", "b": "2"}
+    assert now.job is not None and now.job.label == "l1"
+    writer.finish()
+    assert read_journal(dom) is None

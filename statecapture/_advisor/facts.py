@@ -16,7 +16,7 @@ from lxml import etree
 from .._agent import agent_state_of
 from .._enums import DomainState
 from .._host import is_local_uri
-from .._journal import JOURNAL_NS
+from .._journal import read_journal
 from ..errors import StateCaptureError, XMLError
 from ..xml import Disk
 from ..xml._base import parse
@@ -132,14 +132,15 @@ def _find_bitmaps(
 
 
 def _journal_sequence(dom: Domain) -> str | None:
-    text = dom.port.get_metadata(JOURNAL_NS)
-    if text is None:
-        return None
+    """The unfinished sequence's name from the domain's crash record (an older
+    statecapture's too); ``None`` without one, or when it is a plain backup job's."""
     try:
-        root = parse(text)
+        journal = read_journal(dom)
     except XMLError:
         return "unknown sequence"
-    return root.get("sequence") or "unknown sequence"
+    if journal is None or journal.is_backup_job:
+        return None
+    return journal.sequence or "unknown sequence"
 
 
 def gather_facts(dom: Domain) -> DomainFacts:

@@ -268,7 +268,7 @@ def discard_run(
     files: Mapping[str, Path],
 ) -> None:
     """Undo a run whose point was not listed: its checkpoint and every file it made."""
-    from .._backup_record import delete_checkpoint as _delete_checkpoint
+    from .._backup import delete_checkpoint as _delete_checkpoint
 
     errors: list[str] = []
     if cp_name is not None:

@@ -380,7 +380,8 @@ class Repository:
             from .._recover import recover
 
             with contextlib.suppress(StateCaptureError):
-                if read_journal(dom) is not None:
+                journal = read_journal(dom)
+                if journal is not None and not journal.is_backup_job:
                     recover(dom)
                     removed.append(f"recovered an interrupted run on {dom.name}")
         points = self._load(ddir)
@@ -411,7 +412,7 @@ class Repository:
 
     def _delete_checkpoints(self, dom: Domain, *, keep: set[str]) -> list[str]:
         """Delete this repository's checkpoints on ``dom`` other than ``keep``."""
-        from .._backup_record import delete_checkpoint as _delete_checkpoint
+        from .._backup import delete_checkpoint as _delete_checkpoint
 
         deleted: list[str] = []
         errors: list[str] = []

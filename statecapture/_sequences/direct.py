@@ -18,7 +18,19 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+import attrs
+
 from .. import _files, _journal
+from .._backup import BackupJob, BackupProgress, BackupStart, require_local_nbd
+from .._backup.record import remove_dirs
+from .._backup_plan import (
+    BackupPlan,
+    backup_file_name,
+    check_writable,
+    parse_mode,
+    partial_name,
+    plan_backup,
+)
 from .._journal import boundary
 from ..errors import (
     CleanupError,
@@ -27,6 +39,7 @@ from ..errors import (
     UnsupportedError,
     UsageError,
 )
+from ..xml import BackupMode
 from .run import (
     SEQ_DIRECT,
     QuiesceMode,
@@ -42,8 +55,6 @@ from .run import (
 )
 
 if TYPE_CHECKING:
-    from .._backup import BackupJob, BackupProgress
-    from .._backup_plan import BackupPlan
     from .._domain import Domain
 
 __all__ = ["direct_backup", "discard_backup"]
@@ -58,26 +69,21 @@ def discard_backup(
     job: BackupJob | None,
     checkpoint: str | None,
     files: Mapping[str, str] | None = None,
+    dirs: Sequence[str] = (),
     adopt_checkpoint: str | None = None,
 ) -> list[str]:
-    """Undo a backup run: end its job, delete its checkpoint, remove its files.
+    """Undo a backup run: end its job, delete its checkpoint, remove its files and private
+    directories.
 
     State-driven and idempotent. ``job`` is the run's handle (``None``: adopt the running
     job when its checkpoint is ``adopt_checkpoint``, or any running job when that is
-    ``None``). ``checkpoint`` and ``files`` must be the run's own (made by it).
+    ``None``). ``checkpoint``, ``files`` and ``dirs`` must be the run's own (made by it).
     """
-    from .._backup_record import RECORD_NS
-
     actions: list[str] = []
     if job is None and dom.is_active:
         running = _running_backup(dom)
         if running is not None and (
-            adopt_checkpoint is None
-            or running.checkpoint
-            in (
-                None,
-                adopt_checkpoint,
-            )
+            adopt_checkpoint is None or running.checkpoint in (None, adopt_checkpoint)
         ):
             job = running
     if job is not None and job.running:
@@ -102,14 +108,7 @@ def discard_backup(
                 actions.append(f"removed {path} ({what})")
             except OSError as exc:
                 problems.append(f"remove {path}: {exc}")
-    if dom.port.get_metadata(RECORD_NS) is not None:
-        still = _running_backup(dom) if dom.is_active else None
-        if still is None:
-            from .._backup_record import discard_stale_record
-
-            for problem in discard_stale_record(dom):
-                problems.append(problem)
-            actions.append("cleared the stale backup record (and removed its private directories)")
+    actions += [f"removed {d} (private directory)" for d in remove_dirs(dirs, problems)]
     if problems:
         raise CleanupError(f"backup clean-up on {dom.name!r} failed: {'; '.join(problems)}")
     return actions
@@ -129,8 +128,6 @@ def _checkpoint_name(checkpoint: object, run_id: str) -> str | None:
 
 def _plan_files(plan: BackupPlan, target_dir: Path, *, pull: bool) -> dict[str, str]:
     """``file:vda`` / ``partial:vda`` → the paths this run will write (from the plan)."""
-    from .._backup_plan import partial_name
-
     planned: dict[str, str] = {}
     for disk in plan.disks:
         planned[f"file:{disk.disk}"] = str(target_dir / disk.file_name)
@@ -143,8 +140,6 @@ def _plan_files(plan: BackupPlan, target_dir: Path, *, pull: bool) -> dict[str, 
 
 def _check_previous(dom: Domain, plan: BackupPlan, target_dir: Path) -> None:
     """Pull + incremental: the previous images must be in ``target_dir`` already."""
-    from .._backup_plan import backup_file_name
-
     for disk in plan.disks:
         if disk.incremental_from is None:
             continue
@@ -207,17 +202,71 @@ def direct_backup(
         disks: the disk targets to copy (default: every writable disk with an image).
         progress: called with :class:`BackupProgress` while the disks are copied.
     """
-    from .._backup_plan import check_writable, parse_mode
-    from ..xml import BackupMode
+    plan = _plan_direct(
+        _check_domain(dom, SEQ_DIRECT),
+        target_dir,
+        mode=mode,
+        incremental_from=incremental_from,
+        checkpoint=checkpoint,
+        quiesce=_check_quiesce(quiesce),
+        max_frozen=_check_max_frozen(max_frozen),
+        disks=disks,
+    )
+    return _execute(plan, progress)
 
-    dom = _check_domain(dom, SEQ_DIRECT)
-    qmode = _check_quiesce(quiesce)
-    budget = _check_max_frozen(max_frozen)
+
+@attrs.frozen
+class _DirectPlan:
+    """What a direct backup will do: checked and planned before anything changes."""
+
+    dom: Domain
+    backup: BackupPlan
+    """The backup job's plan (one read of the domain)."""
+    target_dir: Path
+    run_id: str
+    freeze: bool
+    quiesce: QuiesceMode
+    max_frozen: float
+    files: Mapping[str, str]
+    """``file:vda`` / ``partial:vda`` → the paths the run will write (recorded facts)."""
+    notes: tuple[str, ...]
+
+    @property
+    def pull(self) -> bool:
+        return self.backup.mode is BackupMode.PULL
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.backup.checkpoint
+
+    def facts(self) -> dict[str, str]:
+        """The run record's first facts."""
+        facts = {
+            "mode": self.backup.mode.value,
+            "target_dir": str(self.target_dir),
+            "label": self.backup.label,
+            **self.files,
+        }
+        if self.checkpoint is not None:
+            facts["checkpoint"] = self.checkpoint
+        return facts
+
+
+def _plan_direct(
+    dom: Domain,
+    target_dir: str | os.PathLike[str],
+    *,
+    mode: str,
+    incremental_from: str | None,
+    checkpoint: bool | str,
+    quiesce: QuiesceMode,
+    max_frozen: float,
+    disks: Sequence[str] | None,
+) -> _DirectPlan:
+    """Every check :func:`direct_backup` makes, then its plan; nothing changes."""
     bmode = parse_mode(mode)
     pull = bmode is BackupMode.PULL
     if pull:  # the NBD export is a UNIX socket on the domain's host
-        from .._backup import require_local_nbd
-
         require_local_nbd(dom, SEQ_DIRECT)
     tdir = Path(target_dir).absolute()
     if not tdir.is_dir():
@@ -227,20 +276,16 @@ def direct_backup(
     _checkpoint_name(checkpoint, "0" * 32)  # validates the argument
     if incremental_from is not None and not isinstance(incremental_from, str):
         raise UsageError(f"incremental_from must be a checkpoint name, got {incremental_from!r}")
-    freeze, notes = _preflight(dom, qmode, SEQ_DIRECT)
+    freeze, notes = _preflight(dom, quiesce, SEQ_DIRECT)
     run_id = _journal.new_run_id()
-    cp_name = _checkpoint_name(checkpoint, run_id)
     # One plan from one read of the domain: disks, file names, checkpoint and backup XML.
-    from .._backup import BackupStart
-    from .._backup_plan import plan_backup
-
     try:
         plan = plan_backup(
             dom,
             mode=bmode,
             disks=disks,
             incremental_from=incremental_from,
-            checkpoint=cp_name,
+            checkpoint=_checkpoint_name(checkpoint, run_id),
             target_dir=None if pull else tdir,
         )
     except UnsupportedError as exc:
@@ -249,42 +294,60 @@ def direct_backup(
     _refuse_jobs(dom, SEQ_DIRECT, backup=False)
     if pull and incremental_from is not None:
         _check_previous(dom, plan, tdir)
-    planned = _plan_files(plan, tdir, pull=pull)
-    facts = {"mode": bmode.value, "target_dir": str(tdir), "label": plan.label, **planned}
-    if cp_name is not None:
-        facts["checkpoint"] = cp_name
+    return _DirectPlan(
+        dom=dom,
+        backup=plan,
+        target_dir=tdir,
+        run_id=run_id,
+        freeze=freeze,
+        quiesce=quiesce,
+        max_frozen=max_frozen,
+        files=_plan_files(plan, tdir, pull=pull),
+        notes=tuple(notes),
+    )
 
+
+def _execute(
+    plan: _DirectPlan, progress: Callable[[BackupProgress], None] | None
+) -> SequenceResult:
+    """Carry out a direct backup's plan: record → freeze → backup begin → thaw → transfer
+    → end, every step recorded before and after, any failure undone."""
+    dom, cp_name, notes = plan.dom, plan.checkpoint, list(plan.notes)
     holder: list[BackupJob] = []
-    # Its rollback (a failed or interrupted start) is reported by the run's undo below.
-    start = BackupStart(dom, plan, note=False)
-    with Run(dom, SEQ_DIRECT, run_id=run_id, facts=facts) as run:
+    with Run(dom, SEQ_DIRECT, run_id=plan.run_id, facts=plan.facts()) as run:
+        # The job records itself in the run's record; the plan was made just now (no
+        # re-check). Its rollback (a failed or interrupted start) is reported by the
+        # run's undo below.
+        start = BackupStart(dom, plan.backup, note=False, writer=run.writer, recheck=False)
 
         def discard() -> list[str]:
             return start.undone + discard_backup(
                 dom,
                 job=holder[0] if holder else None,
                 checkpoint=cp_name,
-                files=planned,
+                files=plan.files,
                 adopt_checkpoint=cp_name,
             )
 
         # Registered before the start (state-driven): a job that started just before an
-        # interrupt is found and ended too.
+        # interrupt is found and ended too. (The job's private directories are its own
+        # to remove: BackupStart's rollback or the job's discard.)
         run.on_undo("end the backup job and remove its checkpoint and files", discard)
 
-        if freeze:
+        if plan.freeze:
             run.stage("frozen", "1")
         with run.step("begin"):
-            # Entering writes the job's record and takes the lock; only the capture call
-            # (virDomainBackupBegin) runs inside the freeze; leaving reads the job back.
+            # Entering writes the job's section of the record and takes the lock; only the
+            # capture call (virDomainBackupBegin) runs inside the freeze; leaving reads the
+            # job back.
             with start:
                 frozen_for, quiesced = _capture(
                     dom,
                     "begin",
                     start.begin,
-                    freeze=freeze,
-                    quiesce=qmode,
-                    max_frozen=budget,
+                    freeze=plan.freeze,
+                    quiesce=plan.quiesce,
+                    max_frozen=plan.max_frozen,
                     notes=notes,
                 )
             job = start.job
@@ -301,8 +364,8 @@ def direct_backup(
                 progress(p)
 
         with run.step("transfer"):
-            if pull:
-                job.download(tdir, progress=report)
+            if plan.pull:  # (target_dir and the NBD socket's locality were checked)
+                job._download(plan.target_dir, report, {})
             else:
                 job.wait(progress=report)
 

@@ -156,6 +156,8 @@ def _check_domain(dom: object, what: str) -> Domain:
 
 
 def _refuse_unfinished(dom: Domain, operation: str) -> None:
+    """Refuse a domain whose record names an unfinished sequence (or is damaged). A plain
+    backup job's record is settled when the run starts (see :meth:`Run.__enter__`)."""
     try:
         journal = read_journal(dom)
     except XMLError as exc:
@@ -165,7 +167,7 @@ def _refuse_unfinished(dom: Domain, operation: str) -> None:
             operation=operation,
             domain_name=dom.name,
         ) from exc
-    if journal is not None:
+    if journal is not None and not journal.is_backup_job:
         raise InvalidStateError(
             f"domain {dom.name!r} has an {journal.describe()}; run statecapture.recover(dom) "
             "to undo it first. Nothing was changed.",
@@ -347,8 +349,10 @@ def _capture(
 
 def _running_backup(dom: Domain) -> BackupJob | None:
     """The domain's running backup job; ``None`` also where the driver has no backups."""
+    from .._backup import active_backup
+
     try:
-        return dom.active_backup()
+        return active_backup(dom)
     except UnsupportedError:
         return None
 
@@ -438,6 +442,8 @@ class Run:
         return self._writer
 
     def __enter__(self) -> Run:
+        from .._backup import settle_stale_record
+
         dom = self.dom
         self._events.enter_context(
             dom.connection.events.subscribe(
@@ -445,6 +451,8 @@ class Run:
             )
         )
         try:
+            # A dead plain backup job's record is cleaned up first (there is one record).
+            settle_stale_record(dom, self.sequence)
             self._writer = JournalWriter.begin(
                 dom, self.sequence, run_id=self.run_id, facts=self.facts
             )

@@ -126,7 +126,7 @@ def _redefine_disk(dom: Domain, target: str, source: str, fmt: str | None) -> No
 
 def _offline_merge(dom: Domain, disk: str, original: str, overlay: str, fmt: str | None) -> str:
     """Commit ``overlay`` into ``original`` with qemu-img while the domain is shut off."""
-    from .. import _nbd, _qemuimg
+    from .. import _qemuimg
 
     info = _qemuimg.image_info(overlay)
     backing = info.get("full-backing-filename") or info.get("backing-filename")
@@ -135,7 +135,7 @@ def _offline_merge(dom: Domain, disk: str, original: str, overlay: str, fmt: str
             f"the overlay {overlay} of disk {disk} is backed by {backing}, not {original}; "
             "not merging it"
         )
-    _nbd.qemu_img("commit", "-q", "-f", "qcow2", overlay)
+    _qemuimg.qemu_img("commit", "-q", "-f", "qcow2", overlay)
     _redefine_disk(dom, disk, original, fmt)
     return (
         f"{disk}: the domain is shut off: merged {overlay} into {original} with qemu-img "

@@ -163,7 +163,8 @@ def _recover_first(dom: Domain, recovered: list[str]) -> None:
     from .._journal import read_journal
     from .._recover import recover
 
-    if read_journal(dom) is None:
+    journal = read_journal(dom)
+    if journal is None or journal.is_backup_job:  # a plain job's: the backup settles it
         return
     report = recover(dom)
     recovered.extend(report.found)

@@ -1,0 +1,310 @@
+"""Starting a backup job, and finding one that runs: the execution of a :class:`BackupPlan`.
+
+:func:`begin_backup` (what :meth:`Domain.backup` calls) plans the job unless it is given a
+plan, then executes it with :class:`BackupStart`: everything that must come before the
+capture — the job's record, the private directories, the event subscription, the domain's
+lock — on entering, only ``virDomainBackupBegin`` in :meth:`BackupStart.begin` (inside a
+freeze, only that runs), and the read-back on leaving. :func:`active_backup` adopts the
+running job of any process from the domain's record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from .. import _bitmaps, _files, _locks
+from .._backup_plan import BackupPlan, plan_backup, refuse_running_job, unsupported
+from .._events import EventKind, Expectation
+from .._journal import Journal, JournalWriter, read_journal
+from ..errors import (
+    InvalidStateError,
+    LibvirtError,
+    OperationTimeoutError,
+    UnsupportedError,
+    UsageError,
+    XMLError,
+)
+from ..xml import BackupMode, BackupXML, CheckpointXML
+from .job import END_TIMEOUT, BackupJob, job_xml, rolled_back_note
+from .record import JobLog, delete_checkpoint, recover_stale, remove_file
+
+if TYPE_CHECKING:
+    from .._domain import Domain
+
+__all__ = ["BackupStart", "active_backup", "begin_backup", "settle_stale_record"]
+
+
+def active_backup(dom: Domain) -> BackupJob | None:
+    """The domain's running backup job, or ``None``; works after a reconnect or a crash.
+
+    The job's checkpoint, label, files and private directories come from the domain's
+    record (a plain job's own, or its direct backup's), so ending the handle cleans up as
+    the run that started it would have.
+    """
+    try:
+        text = job_xml(dom)
+    except UnsupportedError as exc:
+        raise unsupported(dom, exc, "backup") from exc
+    if text is None:
+        return None
+    xml = BackupXML.from_xml(text)
+    journal: Journal | None
+    try:
+        journal = read_journal(dom)
+    except XMLError:  # a damaged record must not hide the running job
+        journal = None
+    log = JobLog.adopt(dom, journal, xml)
+    job = BackupJob(
+        domain=dom,
+        mode=xml.mode,
+        checkpoint=log.job.checkpoint,
+        incremental_from=log.job.incremental_from,
+        xml=xml,
+        log=log,
+        adopted=True,
+    )
+    job._expectation()
+    return job
+
+
+def settle_stale_record(dom: Domain, operation: str) -> list[str]:
+    """Before a new run writes its record (no backup job runs now): clean up after a plain
+    job whose run died (:func:`~.record.recover_stale`); what it did.
+
+    Refuses (:class:`InvalidStateError`, nothing changed) a sequence's unfinished record or
+    a damaged one: :func:`statecapture.recover` must undo that first.
+    """
+    try:
+        journal = read_journal(dom)
+    except XMLError as exc:
+        raise InvalidStateError(
+            f"domain {dom.name!r} carries a damaged statecapture record ({exc}); run "
+            "statecapture.recover(dom) first. Nothing was changed.",
+            operation=operation,
+            domain_name=dom.name,
+        ) from exc
+    if journal is None:
+        return []
+    if journal.is_backup_job:
+        if job_xml(dom) is not None:  # its job runs: not stale (a run started meanwhile)
+            refuse_running_job(dom)
+        return recover_stale(dom, journal)
+    raise InvalidStateError(
+        f"domain {dom.name!r} has an {journal.describe()}; run statecapture.recover(dom) "
+        "to undo it first. Nothing was changed.",
+        operation=operation,
+        domain_name=dom.name,
+    )
+
+
+def begin_backup(
+    dom: Domain,
+    *,
+    plan: BackupPlan | None = None,
+    mode: BackupMode | str = BackupMode.PUSH,
+    disks: Iterable[str] | None = None,
+    incremental_from: str | None = None,
+    checkpoint: str | CheckpointXML | None = None,
+    target_dir: str | os.PathLike[str] | None = None,
+    scratch_dir: str | os.PathLike[str] | None = None,
+    socket: str | os.PathLike[str] | None = None,
+) -> BackupJob:
+    """Start a backup job; see :meth:`Domain.backup`: plan it (unless ``plan`` is given),
+    then execute the plan."""
+    fresh = plan is None
+    if plan is None:
+        plan = plan_backup(
+            dom,
+            mode=mode,
+            disks=disks,
+            incremental_from=incremental_from,
+            checkpoint=checkpoint,
+            target_dir=target_dir,
+            scratch_dir=scratch_dir,
+            socket=socket,
+        )
+    elif not isinstance(plan, BackupPlan):
+        raise UsageError(f"plan= takes a BackupPlan (dom.backup_plan(...)), not {plan!r}")
+    elif mode not in (BackupMode.PUSH, "push") or any(
+        a is not None
+        for a in (disks, incremental_from, checkpoint, target_dir, scratch_dir, socket)
+    ):
+        raise UsageError("pass either plan= or the backup's arguments, not both")
+    with BackupStart(dom, plan, recheck=not fresh) as start:
+        start.begin()
+    return start.job
+
+
+class BackupStart:
+    """The start of a planned backup job, as a context manager around the capture call.
+
+    Entering does everything that must come *before* the capture — re-checks a plan made
+    earlier (no job runs, the checkpoint is new), settles a dead run's record, makes the
+    private directories, subscribes to ``JOB_COMPLETED``, takes the domain's lock, notes
+    QEMU's bitmaps and writes the job's record — so that :meth:`begin` is
+    ``virDomainBackupBegin`` and nothing else (inside a freeze, only that runs). Leaving
+    reads the job back and releases the lock; leaving by an exception undoes everything
+    (:attr:`job` stays unset).
+
+    ``writer`` is the record of the sequence the job belongs to (the job writes its section
+    there; the sequence settled any stale record); without one the job keeps its own record.
+    ``recheck=False`` skips the re-checks for a plan made moments ago by the same call.
+    """
+
+    def __init__(
+        self,
+        dom: Domain,
+        plan: BackupPlan,
+        *,
+        note: bool = True,
+        writer: JournalWriter | None = None,
+        recheck: bool = True,
+    ) -> None:
+        self.dom = dom
+        self.plan = plan
+        self.note = note
+        self.writer = writer
+        self.recheck = recheck
+        self.undone: list[str] = []
+        """What a rollback undid (noted on the error unless ``note=False``)."""
+        self._job: BackupJob | None = None
+        self._stack = contextlib.ExitStack()
+        self._made: list[Path] = []
+        self._exp: Expectation | None = None
+        self._before: dict[str, Any] | None = None
+        self._log: JobLog | None = None
+
+    @property
+    def job(self) -> BackupJob:
+        """The started job (after a successful exit)."""
+        if self._job is None:
+            raise InvalidStateError("the backup job has not started", operation="backup")
+        return self._job
+
+    def _check(self) -> None:
+        """The plan still fits the domain; a dead plain job's record is settled."""
+        dom, plan = self.dom, self.plan
+        if plan.domain_uuid != dom.uuid:
+            raise UsageError(f"this plan is for domain {plan.domain!r}, not {dom.name!r}")
+        if self.recheck:
+            refuse_running_job(dom)
+            if plan.checkpoint is not None and plan.checkpoint in dom.checkpoints:
+                raise InvalidStateError(
+                    f"domain {dom.name!r} already has a checkpoint {plan.checkpoint!r}",
+                    operation="backup",
+                    domain_name=dom.name,
+                )
+        if self.writer is None:
+            settle_stale_record(dom, "backup")
+
+    def __enter__(self) -> BackupStart:
+        dom, plan = self.dom, self.plan
+        self._check()
+        try:
+            for d in plan.private_dirs:
+                with _files.Directory.open(d.parent, what="directory") as parent:
+                    parent.private(d.name).close()
+                self._made.append(d)
+            self._exp = dom.connection.events.expect(
+                kind=EventKind.JOB_COMPLETED, domain_uuid=dom.uuid
+            )
+            # The start window holds the domain's lock: checkpoint operations and block-node
+            # queries must not overlap it (HAZARDS 21).
+            self._stack.enter_context(_locks.domain_lock(dom.uuid, "backup begin"))
+            # A checkpoint made with the job must leave no bitmap if the start fails
+            # (HAZARDS 19): note QEMU's bitmaps first (one QMP query, a few ms).
+            if plan.checkpoint_xml is not None:
+                self._before = _bitmaps.query_or_none(dom)
+            # Record first, so a crash right after the start can be cleaned up.
+            self._log = JobLog.start(dom, plan, self.writer)
+        except BaseException as exc:
+            self._rollback(exc)
+            raise
+        return self
+
+    def begin(self) -> None:
+        """``virDomainBackupBegin`` with the plan's XML: the capture call, nothing else."""
+        try:
+            self.dom.port.backup_begin(self.plan.backup_xml, self.plan.checkpoint_xml)
+        except UnsupportedError as exc:
+            raise unsupported(self.dom, exc, "backup") from exc
+
+    def __exit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:
+            self._rollback(exc)
+            return
+        dom, plan = self.dom, self.plan
+        try:
+            text = job_xml(dom)
+            if plan.target_dir is not None:
+                _files.owner_only([d.store for d in plan.disks], what="backup target")
+        except BaseException as error:
+            self._rollback(error)
+            raise
+        self._stack.close()
+        assert self._log is not None
+        self._job = BackupJob(
+            domain=dom,
+            mode=plan.mode,
+            checkpoint=plan.checkpoint,
+            incremental_from=plan.incremental_from,
+            # A push job of tiny disks can end before we ask; the event is queued.
+            xml=BackupXML.from_xml(text if text is not None else plan.backup_xml),
+            log=self._log,
+            expect=self._exp,
+        )
+
+    def _end_half_started(self, undone: list[str], errors: list[str]) -> None:
+        """End a job the failed start may have left running."""
+        assert self._exp is not None
+        dom = self.dom
+        try:
+            if job_xml(dom) is not None:
+                dom.port.backup_abort_job()
+                undone.append("ended the half-started backup job (abortJob)")
+                with contextlib.suppress(OperationTimeoutError):
+                    self._exp.wait(END_TIMEOUT, what="JOB_COMPLETED")
+        except LibvirtError as e:
+            errors.append(f"end the half-started job: {e}")
+        self._exp.close()
+
+    def _rollback(self, exc: BaseException) -> None:
+        """Undo a failed start: any job, the checkpoint if it was made, files, the record,
+        the private directories. What was undone is noted on ``exc`` (Ctrl-C too)."""
+        dom, plan = self.dom, self.plan
+        errors: list[str] = []
+        undone: list[str] = []
+        try:
+            if self._exp is not None:
+                self._end_half_started(undone, errors)
+            if self._log is not None:
+                cp = plan.checkpoint
+                if cp is not None and delete_checkpoint(dom, cp, errors):
+                    undone.append(f"deleted the checkpoint {cp!r} made with it")
+                removed = [str(d.store) for d in plan.disks if remove_file(d.store, errors)]
+                if removed:
+                    undone.append(f"removed {', '.join(removed)}")
+                self._log.close(errors)
+                if self._before is not None:
+                    from .._checkpoint import remove_orphan_bitmaps
+
+                    remove_orphan_bitmaps(dom, self._before, exc)
+            for d in self._made:
+                shutil.rmtree(d, ignore_errors=True)
+        finally:
+            self._stack.close()
+        self.undone = undone
+        if self.note:
+            rolled_back_note(dom, exc, undone)
+        if errors:
+            exc.add_note(
+                f"cleanup after the failed start left something behind: {'; '.join(errors)}"
+            )
