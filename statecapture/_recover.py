@@ -283,8 +283,10 @@ class _Recovery:
         )
 
     # ---- 5. the record of a plain backup job whose run died
-    def stale_backup_record(self) -> None:
+    def stale_backup_record(self, found: Journal | None) -> None:
         dom = self.dom
+        if found is None or not found.is_backup_job:
+            return  # no plain job's record was there to begin with
         try:
             journal = read_journal(dom)  # (stage 2 may have ended the job and its record)
         except XMLError:
@@ -362,7 +364,7 @@ def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) ->
     run.attempt("end the backup job", lambda: run.end_backup_job(journal))
     run.attempt("overlays", lambda: run.overlays(journal))
     run.attempt("backup leftovers", lambda: run.backup_leftovers(journal))
-    run.attempt("stale backup record", run.stale_backup_record)
+    run.attempt("stale backup record", lambda: run.stale_backup_record(journal))
     if not run.errors and (journal is not None or damaged):
         try:
             if clear_journal(dom):

@@ -15,7 +15,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
+from types import EllipsisType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .. import _bitmaps, _files, _locks
@@ -37,7 +37,13 @@ from .record import JobLog, delete_checkpoint, recover_stale, remove_file
 if TYPE_CHECKING:
     from .._domain import Domain
 
-__all__ = ["BackupStart", "active_backup", "begin_backup", "settle_stale_record"]
+__all__ = [
+    "BackupStart",
+    "active_backup",
+    "begin_backup",
+    "settle_stale_record",
+    "unfinished_record",
+]
 
 
 def active_backup(dom: Domain) -> BackupJob | None:
@@ -73,9 +79,9 @@ def active_backup(dom: Domain) -> BackupJob | None:
     return job
 
 
-def settle_stale_record(dom: Domain, operation: str) -> list[str]:
-    """Before a new run writes its record (no backup job runs now): clean up after a plain
-    job whose run died (:func:`~.record.recover_stale`); what it did.
+def unfinished_record(dom: Domain, operation: str) -> Journal | None:
+    """The domain's record as a new run finds it (one read): ``None``, or a plain backup
+    job's record, which :func:`settle_stale_record` settles before the run writes its own.
 
     Refuses (:class:`InvalidStateError`, nothing changed) a sequence's unfinished record or
     a damaged one: :func:`statecapture.recover` must undo that first.
@@ -89,18 +95,32 @@ def settle_stale_record(dom: Domain, operation: str) -> list[str]:
             operation=operation,
             domain_name=dom.name,
         ) from exc
+    if journal is not None and not journal.is_backup_job:
+        raise InvalidStateError(
+            f"domain {dom.name!r} has an {journal.describe()}; run statecapture.recover(dom) "
+            "to undo it first. Nothing was changed.",
+            operation=operation,
+            domain_name=dom.name,
+        )
+    return journal
+
+
+def settle_stale_record(
+    dom: Domain, operation: str, journal: Journal | EllipsisType | None = ...
+) -> list[str]:
+    """Before a new run writes its record (no backup job runs now): clean up after a plain
+    job whose run died (:func:`~.record.recover_stale`); what it did.
+
+    ``journal`` is what :func:`unfinished_record` returned moments ago (the run's planning
+    read it); by default it is read now, with the same refusals.
+    """
+    if journal is ...:
+        journal = unfinished_record(dom, operation)
     if journal is None:
         return []
-    if journal.is_backup_job:
-        if job_xml(dom) is not None:  # its job runs: not stale (a run started meanwhile)
-            refuse_running_job(dom)
-        return recover_stale(dom, journal)
-    raise InvalidStateError(
-        f"domain {dom.name!r} has an {journal.describe()}; run statecapture.recover(dom) "
-        "to undo it first. Nothing was changed.",
-        operation=operation,
-        domain_name=dom.name,
-    )
+    if job_xml(dom) is not None:  # its job runs: not stale (a run started meanwhile)
+        refuse_running_job(dom)
+    return recover_stale(dom, journal)
 
 
 def begin_backup(

@@ -318,7 +318,7 @@ def backup_via_temporary_snapshot(
         odir = Path(overlay_dir).absolute()
         if not odir.is_dir():
             raise UsageError(f"overlay_dir {odir} is not a directory")
-    freeze, notes = _preflight(dom, mode, SEQ_SNAPSHOT)
+    freeze, notes, record = _preflight(dom, mode, SEQ_SNAPSHOT)
     _require_api(dom, "block_commit", "virDomainBlockCommit", SEQ_SNAPSHOT)
     _refuse_jobs(dom, SEQ_SNAPSHOT)
     run_id = _journal.new_run_id()
@@ -342,7 +342,7 @@ def backup_via_temporary_snapshot(
             facts[f"format:{p.disk}"] = p.format
 
     jobs: dict[str, BlockJob] = {}
-    with Run(dom, SEQ_SNAPSHOT, run_id=run_id, facts=facts) as run:
+    with Run(dom, SEQ_SNAPSHOT, run_id=run_id, facts=facts, record=record) as run:
 
         def merge_back() -> list[str]:
             # State-driven (see merge_overlay), so it is registered before the snapshot:
