@@ -29,6 +29,7 @@ from ._journal import OP_BACKUP, JobRecord, Journal
 
 if TYPE_CHECKING:
     from ._domain import Domain
+    from ._ports import MetadataPort
 
 __all__ = [
     "LEGACY_BACKUP_NS",
@@ -86,6 +87,11 @@ def clear_legacy(dom: Domain, namespaces: Iterable[str]) -> bool:
     found there) from ``dom``; whether there was one."""
     found = False
     for namespace in namespaces:
-        dom.port.set_metadata(namespace, "statecapture", None)
+        _port(dom).set_metadata(namespace, "statecapture", None)
         found = True
     return found
+
+
+def _port(dom: Domain) -> MetadataPort:
+    """The domain's port as this module uses it: ``MetadataPort`` (mypy checks it)."""
+    return dom.port

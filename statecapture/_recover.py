@@ -56,6 +56,7 @@ from .errors import (
 if TYPE_CHECKING:
     from ._blockjob import BlockJob
     from ._domain import Domain
+    from ._ports import FreezePort
 
 __all__ = ["RecoveryReport", "recover"]
 
@@ -156,7 +157,7 @@ class _Recovery:
                 ) from exc
         status: str | None
         try:
-            status = self.agent(dom.port.fs_freeze_status)
+            status = self.agent(_port(dom).fs_freeze_status)
         except UnsupportedError:  # a driver without raw agent commands (the test driver)
             status = None
         except LibvirtError as exc:
@@ -167,7 +168,7 @@ class _Recovery:
             self.found.append("the guest's filesystems are frozen")
         if status == "frozen" or (journalled and status != "thawed"):
             try:
-                count = self.agent(dom.port.fs_thaw)
+                count = self.agent(_port(dom).fs_thaw)
             except LibvirtError as exc:
                 raise ThawError(
                     f"thawing the filesystems of {dom.name!r} failed; they may still be "
@@ -378,3 +379,8 @@ def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) ->
         errors=tuple(run.errors),
         clean=not run.errors,
     )
+
+
+def _port(dom: Domain) -> FreezePort:
+    """The domain's port as this module uses it: ``FreezePort`` (mypy checks it)."""
+    return dom.port

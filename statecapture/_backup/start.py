@@ -36,6 +36,7 @@ from .record import JobLog, delete_checkpoint, recover_stale, remove_file
 
 if TYPE_CHECKING:
     from .._domain import Domain
+    from .._ports import BackupPort
 
 __all__ = [
     "BackupStart",
@@ -118,8 +119,7 @@ def settle_stale_record(
         journal = unfinished_record(dom, operation)
     if journal is None:
         return []
-    if job_xml(dom) is not None:  # its job runs: not stale (a run started meanwhile)
-        refuse_running_job(dom)
+    refuse_running_job(dom, job_xml(dom))  # its job runs: not stale (started meanwhile)
     return recover_stale(dom, journal)
 
 
@@ -251,7 +251,7 @@ class BackupStart:
     def begin(self) -> None:
         """``virDomainBackupBegin`` with the plan's XML: the capture call, nothing else."""
         try:
-            self.dom.port.backup_begin(self.plan.backup_xml, self.plan.checkpoint_xml)
+            _port(self.dom).backup_begin(self.plan.backup_xml, self.plan.checkpoint_xml)
         except UnsupportedError as exc:
             raise unsupported(self.dom, exc, "backup") from exc
 
@@ -288,7 +288,7 @@ class BackupStart:
         dom = self.dom
         try:
             if job_xml(dom) is not None:
-                dom.port.backup_abort_job()
+                _port(dom).backup_abort_job()
                 undone.append("ended the half-started backup job (abortJob)")
                 with contextlib.suppress(OperationTimeoutError):
                     self._exp.wait(END_TIMEOUT, what="JOB_COMPLETED")
@@ -328,3 +328,8 @@ class BackupStart:
             exc.add_note(
                 f"cleanup after the failed start left something behind: {'; '.join(errors)}"
             )
+
+
+def _port(dom: Domain) -> BackupPort:
+    """The domain's port as this module uses it: ``BackupPort`` (mypy checks it)."""
+    return dom.port

@@ -289,6 +289,7 @@ def _plan_direct(
             incremental_from=incremental_from,
             checkpoint=_checkpoint_name(checkpoint, run_id),
             target_dir=None if pull else tdir,
+            active_checked=True,  # (the preflight refused a domain that is not running)
         )
     except UnsupportedError as exc:
         raise UnsupportedError(f"{exc}. Nothing was changed.", operation=SEQ_DIRECT) from exc

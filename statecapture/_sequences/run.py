@@ -41,6 +41,7 @@ from ..errors import (
 if TYPE_CHECKING:
     from .._backup import BackupJob
     from .._domain import Domain
+    from .._ports import ProbePort
 
 __all__ = [
     "SEQ_DIRECT",
@@ -167,12 +168,7 @@ def _preflight(dom: Domain, quiesce: QuiesceMode, operation: str) -> Preflight:
     """Checks common to both sequences, the domain's record read once among them."""
     from .._backup import unfinished_record
 
-    if not dom.is_active:
-        raise InvalidStateError(
-            f"{operation} needs a running domain; {dom.name!r} is {dom.state.value}",
-            operation=operation,
-            domain_name=dom.name,
-        )
+    dom._require_active(operation)
     record = unfinished_record(dom, operation)
     notes: list[str] = []
     if quiesce is False:
@@ -371,7 +367,7 @@ def _refuse_jobs(dom: Domain, operation: str, *, backup: bool = True) -> None:
 
 
 def _require_api(dom: Domain, feature: str, api: str, operation: str) -> None:
-    supported, evidence = dom.port.probe_api(feature)
+    supported, evidence = _port(dom).probe_api(feature)
     if supported is False:
         raise UnsupportedError(
             f"{operation} on domain {dom.name!r}: the {dom.connection.driver} driver lacks "
@@ -514,3 +510,8 @@ class Run:
             checkpoint=checkpoint,
             notes=tuple(notes),
         )
+
+
+def _port(dom: Domain) -> ProbePort:
+    """The domain's port as this module uses it: ``ProbePort`` (mypy checks it)."""
+    return dom.port
