@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import EllipsisType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypedDict
 
 import attrs
 
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ._domain import Domain
 
 __all__ = [
+    "BackupOptions",
     "BackupPlan",
     "BackupPlanDisk",
     "backup_file_name",
@@ -310,6 +311,18 @@ def refuse_running_job(dom: Domain, text: str | EllipsisType | None = ...) -> No
             operation="backup",
             domain_name=dom.name,
         )
+
+
+class BackupOptions(TypedDict, total=False):
+    """The arguments of :func:`plan_backup` (and :meth:`Domain.backup`) after ``dom``."""
+
+    mode: BackupMode | str
+    disks: Iterable[str] | None
+    incremental_from: str | None
+    checkpoint: str | CheckpointXML | None
+    target_dir: str | os.PathLike[str] | None
+    scratch_dir: str | os.PathLike[str] | None
+    socket: str | os.PathLike[str] | None
 
 
 def plan_backup(

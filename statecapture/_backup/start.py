@@ -11,15 +11,21 @@ running job of any process from the domain's record.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 from types import EllipsisType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from typing_extensions import Unpack
+
 from .. import _bitmaps, _files, _locks
-from .._backup_plan import BackupPlan, plan_backup, refuse_running_job, unsupported
+from .._backup_plan import (
+    BackupOptions,
+    BackupPlan,
+    plan_backup,
+    refuse_running_job,
+    unsupported,
+)
 from .._events import EventKind, Expectation
 from .._journal import Journal, JournalWriter, read_journal
 from ..errors import (
@@ -30,7 +36,7 @@ from ..errors import (
     UsageError,
     XMLError,
 )
-from ..xml import BackupMode, BackupXML, CheckpointXML
+from ..xml import BackupMode, BackupXML
 from .job import END_TIMEOUT, BackupJob, job_xml, rolled_back_note
 from .record import JobLog, delete_checkpoint, recover_stale, remove_file
 
@@ -124,36 +130,18 @@ def settle_stale_record(
 
 
 def begin_backup(
-    dom: Domain,
-    *,
-    plan: BackupPlan | None = None,
-    mode: BackupMode | str = BackupMode.PUSH,
-    disks: Iterable[str] | None = None,
-    incremental_from: str | None = None,
-    checkpoint: str | CheckpointXML | None = None,
-    target_dir: str | os.PathLike[str] | None = None,
-    scratch_dir: str | os.PathLike[str] | None = None,
-    socket: str | os.PathLike[str] | None = None,
+    dom: Domain, *, plan: BackupPlan | None = None, **options: Unpack[BackupOptions]
 ) -> BackupJob:
-    """Start a backup job; see :meth:`Domain.backup`: plan it (unless ``plan`` is given),
-    then execute the plan."""
+    """Start a backup job; see :meth:`Domain.backup`: plan it from ``options`` (the
+    arguments of :func:`plan_backup`) unless ``plan`` is given, then execute the plan."""
     fresh = plan is None
     if plan is None:
-        plan = plan_backup(
-            dom,
-            mode=mode,
-            disks=disks,
-            incremental_from=incremental_from,
-            checkpoint=checkpoint,
-            target_dir=target_dir,
-            scratch_dir=scratch_dir,
-            socket=socket,
-        )
+        plan = plan_backup(dom, **options)
     elif not isinstance(plan, BackupPlan):
         raise UsageError(f"plan= takes a BackupPlan (dom.backup_plan(...)), not {plan!r}")
-    elif mode not in (BackupMode.PUSH, "push") or any(
-        a is not None
-        for a in (disks, incremental_from, checkpoint, target_dir, scratch_dir, socket)
+    elif any(
+        value is not None and not (key == "mode" and value in (BackupMode.PUSH, "push"))
+        for key, value in options.items()
     ):
         raise UsageError("pass either plan= or the backup's arguments, not both")
     with BackupStart(dom, plan, recheck=not fresh) as start:

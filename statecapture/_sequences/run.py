@@ -12,11 +12,9 @@ make before anything changes, and the capture inside the freeze, live here too.
 from __future__ import annotations
 
 import enum
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack
-from numbers import Real
 from pathlib import Path
 from types import EllipsisType, TracebackType
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple
@@ -26,6 +24,7 @@ import attrs
 from .._advisor import Consistency
 from .._events import Event, EventKind
 from .._freeze import FreezeStatus, fs_frozen
+from .._freeze.agent import check_seconds
 from .._journal import Journal, JournalWriter, boundary
 from ..errors import (
     FreezeExpiredError,
@@ -139,11 +138,8 @@ def _check_quiesce(quiesce: object) -> QuiesceMode:
 
 
 def _check_max_frozen(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise UsageError(f"max_frozen must be a number of seconds, got {value!r}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise UsageError(f"max_frozen must be a positive number of seconds, got {value!r}")
+    seconds = check_seconds("max_frozen", value)
+    assert seconds is not None  # (None is refused unless allowed)
     return seconds
 
 
