@@ -19,7 +19,8 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from types import EllipsisType
+from typing import TYPE_CHECKING, Final, TypedDict
 
 import attrs
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from ._domain import Domain
 
 __all__ = [
+    "BackupOptions",
     "BackupPlan",
     "BackupPlanDisk",
     "backup_file_name",
@@ -288,14 +290,19 @@ def parse_mode(mode: BackupMode | str) -> BackupMode:
         raise UsageError(f"mode must be 'push' or 'pull', not {mode!r}") from None
 
 
-def refuse_running_job(dom: Domain) -> None:
-    """:class:`InvalidStateError` when ``dom`` already runs a backup job (one per domain)."""
+def refuse_running_job(dom: Domain, text: str | EllipsisType | None = ...) -> None:
+    """:class:`InvalidStateError` when ``dom`` already runs a backup job (one per domain).
+
+    ``text`` is the running job's XML (``None``: none) when the caller has just read it;
+    by default it is read now (also the support probe: the test driver lacks backups).
+    """
     from ._backup import job_xml
 
-    try:  # also the support probe: the test driver lacks backups
-        text = job_xml(dom)
-    except UnsupportedError as exc:
-        raise unsupported(dom, exc, "backup") from exc
+    if text is ...:
+        try:
+            text = job_xml(dom)
+        except UnsupportedError as exc:
+            raise unsupported(dom, exc, "backup") from exc
     if text is not None:
         running = BackupXML.from_xml(text)
         raise InvalidStateError(
@@ -304,6 +311,18 @@ def refuse_running_job(dom: Domain) -> None:
             operation="backup",
             domain_name=dom.name,
         )
+
+
+class BackupOptions(TypedDict, total=False):
+    """The arguments of :func:`plan_backup` (and :meth:`Domain.backup`) after ``dom``."""
+
+    mode: BackupMode | str
+    disks: Iterable[str] | None
+    incremental_from: str | None
+    checkpoint: str | CheckpointXML | None
+    target_dir: str | os.PathLike[str] | None
+    scratch_dir: str | os.PathLike[str] | None
+    socket: str | os.PathLike[str] | None
 
 
 def plan_backup(
@@ -316,11 +335,14 @@ def plan_backup(
     target_dir: str | os.PathLike[str] | None = None,
     scratch_dir: str | os.PathLike[str] | None = None,
     socket: str | os.PathLike[str] | None = None,
+    active_checked: bool = False,
 ) -> BackupPlan:
     """Check a backup's arguments against the domain and plan it; see :meth:`Domain.backup`.
 
-    Reads the live definition once, the checkpoint list once and the ``incremental_from``
-    checkpoint's definition once; changes nothing.
+    Reads the running job once (none may run), the live definition once, the checkpoint
+    list once and the ``incremental_from`` checkpoint's definition once; changes nothing.
+    ``active_checked``: the caller refused a domain that is not running just now (a
+    sequence's preflight), so that is not asked again.
     """
     bmode = parse_mode(mode)
     push = bmode is BackupMode.PUSH
@@ -329,7 +351,8 @@ def plan_backup(
     if not push and target_dir is not None:
         raise UsageError("a pull backup writes nowhere by itself: use download(dest_dir)")
     refuse_running_job(dom)
-    dom._require_active("backup")
+    if not active_checked:
+        dom._require_active("backup")
     definition = dom.definition
     chosen = _choose_disks(dom, definition, disks)
     listed = {c.name: c for c in dom.checkpoints.list()}

@@ -35,11 +35,12 @@ The kill-matrix tests set it in a child process to ``SIGKILL`` themselves at one
 from __future__ import annotations
 
 import contextlib
+import copy as copy_module
 import os
 import socket
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final, Self
 
 import attrs
@@ -50,6 +51,7 @@ from .xml._base import XMLInput, parse, serialize
 
 if TYPE_CHECKING:
     from ._domain import Domain
+    from ._ports import MetadataPort
 
 __all__ = [
     "JOURNAL_NS",
@@ -293,9 +295,36 @@ class Journal:
         return serialize(root)
 
 
+def record_elements(dom: Domain, namespaces: Iterable[str]) -> dict[str, etree._Element]:
+    """Our elements under ``namespaces`` in ``dom``'s metadata, by namespace, as
+    ``virDomainGetMetadata`` returns them: ONE read (the domain's XML, live when it runs).
+
+    Raises :class:`XMLError` when the domain's XML cannot be parsed."""
+    wanted = set(namespaces)
+    found: dict[str, etree._Element] = {}
+    metadata = parse(_port(dom).xml_desc()).find("metadata")
+    for el in metadata if metadata is not None else ():
+        if isinstance(el.tag, str):
+            namespace = etree.QName(el).namespace
+            if namespace in wanted and namespace not in found:
+                found[namespace] = _unqualified(el)
+    return found
+
+
+def _unqualified(el: etree._Element) -> etree._Element:
+    """``el`` as ``virDomainGetMetadata`` returns it: the domain's XML puts our namespace on
+    every descendant; the stored element has it on none."""
+    copy = copy_module.deepcopy(el)
+    for node in copy.iter():
+        if isinstance(node.tag, str):
+            node.tag = etree.QName(node).localname
+    etree.cleanup_namespaces(copy)
+    return copy
+
+
 def _read_current(dom: Domain) -> Journal | None:
     """The record in the current format only (raises :class:`XMLError` when damaged)."""
-    text = dom.port.get_metadata(JOURNAL_NS)
+    text = _port(dom).get_metadata(JOURNAL_NS)
     if text is None:
         return None
     return Journal.from_xml(text)
@@ -304,15 +333,17 @@ def _read_current(dom: Domain) -> Journal | None:
 def read_journal(dom: Domain) -> Journal | None:
     """The unfinished run recorded on ``dom`` (a sequence or a plain backup job), or ``None``.
 
-    A record left by an older statecapture is returned too (``legacy=True``). Raises
-    :class:`XMLError` when the stored record is damaged.
+    A record left by an older statecapture is returned too (``legacy=True``). One libvirt
+    call reads all three namespaces. Raises :class:`XMLError` when the stored record is
+    damaged.
     """
-    journal = _read_current(dom)
-    if journal is not None:
-        return journal
-    from ._journal_legacy import read_legacy
+    from ._journal_legacy import LEGACY_NAMESPACES, legacy_journal
 
-    return read_legacy(dom)
+    stored = record_elements(dom, (JOURNAL_NS, *LEGACY_NAMESPACES))
+    current = stored.get(JOURNAL_NS)
+    if current is not None:
+        return Journal.from_element(current)
+    return legacy_journal(stored)
 
 
 def _now() -> float:
@@ -327,7 +358,13 @@ def new_run_id() -> str:
 
 @attrs.define(eq=False)
 class JournalWriter:
-    """Writes a run's record into the domain metadata, step by step."""
+    """Writes a run's record into the domain metadata, step by step.
+
+    Ownership is checked by the run id, one read of the current namespace each time: after
+    the first write (read back), before every later write — except a running backup job's
+    own updates (:meth:`set_job` with ``check=False``) — and before the record is removed,
+    so a writer never removes, and does not overwrite, another run's record.
+    """
 
     dom: Domain
     journal: Journal
@@ -370,12 +407,16 @@ class JournalWriter:
         is written now; the first write of a legacy record stores it in the current format."""
         return cls(dom, journal)
 
-    def _check_owner(self) -> None:
+    def _owns_record(self) -> bool:
+        """Whether the stored record is this run's (one read)."""
         try:
             stored = _read_current(self.dom)
         except XMLError:
-            stored = None
-        if stored is None or stored.run_id != self.journal.run_id:
+            return False
+        return stored is not None and stored.run_id == self.journal.run_id
+
+    def _check_owner(self) -> None:
+        if not self._owns_record():
             raise InvalidStateError(
                 f"another statecapture run on domain {self.dom.name!r} replaced this "
                 "run's journal; two runs cannot change one domain at the same time",
@@ -385,16 +426,18 @@ class JournalWriter:
 
     def _flush(self, *, check: bool = True) -> None:
         if self.journal.legacy:
-            # An older statecapture's record, adopted: store it as ours, then drop the old.
-            from ._journal_legacy import clear_legacy
+            # An older statecapture's record, adopted: store it as ours, then drop the old
+            # elements it was read from (known from the read: no re-read).
+            from ._journal_legacy import clear_legacy, legacy_namespaces
 
+            old = legacy_namespaces(self.journal)
             self.journal = attrs.evolve(self.journal, legacy=False)
-            self.dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
-            clear_legacy(self.dom)
+            _port(self.dom).set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
+            clear_legacy(self.dom, old)
             return
         if check:
             self._check_owner()
-        self.dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
+        _port(self.dom).set_metadata(JOURNAL_NS, JOURNAL_KEY, self.journal.to_xml())
 
     def _merge_staged(self) -> None:
         if not self._staged:
@@ -425,11 +468,16 @@ class JournalWriter:
         self._merge_staged()
         self._flush()
 
-    def set_job(self, job: JobRecord | None) -> None:
-        """Store (``None``: drop) the run's backup job section, written through."""
+    def set_job(self, job: JobRecord | None, *, check: bool = True) -> None:
+        """Store (``None``: drop) the run's backup job section, written through.
+
+        ``check=False`` skips the owner check: for the updates of a job that runs (its
+        files, its delivery), between the checked writes that start and end its section —
+        libvirt runs one backup job per domain, so no other backup run can have begun a
+        record meanwhile."""
         self._merge_staged()
         self.journal = attrs.evolve(self.journal, job=job)
-        self._flush()
+        self._flush(check=check)
 
     def _set_step(self, step: JournalStep) -> None:
         self._merge_staged()
@@ -468,26 +516,26 @@ class JournalWriter:
         A record another run has written since is left alone.
         """
         if self.journal.legacy:
-            from ._journal_legacy import clear_legacy
+            from ._journal_legacy import clear_legacy, legacy_namespaces
 
-            clear_legacy(self.dom)
+            clear_legacy(self.dom, legacy_namespaces(self.journal))
             return
-        try:
-            stored = _read_current(self.dom)
-        except XMLError:
-            stored = None
-        if stored is None or stored.run_id != self.journal.run_id:
-            return
-        self.dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
+        if self._owns_record():
+            _port(self.dom).set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
 
 
 def clear_journal(dom: Domain) -> bool:
     """Remove the record element from ``dom``, an older statecapture's too (idempotent);
-    whether there was one."""
-    from ._journal_legacy import clear_legacy
+    whether there was one. One read finds the elements there are."""
+    from ._journal_legacy import LEGACY_NAMESPACES, clear_legacy
 
-    found = False
-    if dom.port.get_metadata(JOURNAL_NS) is not None:
-        dom.port.set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
-        found = True
-    return clear_legacy(dom) or found
+    stored = record_elements(dom, (JOURNAL_NS, *LEGACY_NAMESPACES))
+    if JOURNAL_NS in stored:
+        _port(dom).set_metadata(JOURNAL_NS, JOURNAL_KEY, None)
+    clear_legacy(dom, [ns for ns in LEGACY_NAMESPACES if ns in stored])
+    return bool(stored)
+
+
+def _port(dom: Domain) -> MetadataPort:
+    """The domain's port as this module uses it: ``MetadataPort`` (mypy checks it)."""
+    return dom.port

@@ -56,6 +56,7 @@ from .errors import (
 if TYPE_CHECKING:
     from ._blockjob import BlockJob
     from ._domain import Domain
+    from ._ports import FreezePort
 
 __all__ = ["RecoveryReport", "recover"]
 
@@ -156,7 +157,7 @@ class _Recovery:
                 ) from exc
         status: str | None
         try:
-            status = self.agent(dom.port.fs_freeze_status)
+            status = self.agent(_port(dom).fs_freeze_status)
         except UnsupportedError:  # a driver without raw agent commands (the test driver)
             status = None
         except LibvirtError as exc:
@@ -167,7 +168,7 @@ class _Recovery:
             self.found.append("the guest's filesystems are frozen")
         if status == "frozen" or (journalled and status != "thawed"):
             try:
-                count = self.agent(dom.port.fs_thaw)
+                count = self.agent(_port(dom).fs_thaw)
             except LibvirtError as exc:
                 raise ThawError(
                     f"thawing the filesystems of {dom.name!r} failed; they may still be "
@@ -283,8 +284,10 @@ class _Recovery:
         )
 
     # ---- 5. the record of a plain backup job whose run died
-    def stale_backup_record(self) -> None:
+    def stale_backup_record(self, found: Journal | None) -> None:
         dom = self.dom
+        if found is None or not found.is_backup_job:
+            return  # no plain job's record was there to begin with
         try:
             journal = read_journal(dom)  # (stage 2 may have ended the job and its record)
         except XMLError:
@@ -362,7 +365,7 @@ def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) ->
     run.attempt("end the backup job", lambda: run.end_backup_job(journal))
     run.attempt("overlays", lambda: run.overlays(journal))
     run.attempt("backup leftovers", lambda: run.backup_leftovers(journal))
-    run.attempt("stale backup record", run.stale_backup_record)
+    run.attempt("stale backup record", lambda: run.stale_backup_record(journal))
     if not run.errors and (journal is not None or damaged):
         try:
             if clear_journal(dom):
@@ -376,3 +379,8 @@ def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) ->
         errors=tuple(run.errors),
         clean=not run.errors,
     )
+
+
+def _port(dom: Domain) -> FreezePort:
+    """The domain's port as this module uses it: ``FreezePort`` (mypy checks it)."""
+    return dom.port

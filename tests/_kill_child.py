@@ -15,7 +15,6 @@ file in the guest, then run a sequence and SIGKILL this process at one boundary)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from typing import Any
 import statecapture
 from statecapture import _journal
 from statecapture.testing import guest_exec, wait_agent
+from tests._proof import remove_domains
 from tests._raw import raw_domain
 
 NAME = "sckill"
@@ -85,21 +85,7 @@ def destroy(conn: statecapture.Connection, args: dict[str, Any]) -> None:
 
 
 def teardown(conn: statecapture.Connection, args: dict[str, Any]) -> None:
-    for dom in conn.domains():
-        raw = raw_domain(dom)
-        with contextlib.suppress(Exception):
-            raw.abortJob()
-        with contextlib.suppress(Exception):
-            raw.fsThaw(None, 0)
-        for _ in range(20):
-            try:
-                if dom.is_active:
-                    dom.destroy()
-                break
-            except statecapture.StateCaptureError:
-                time.sleep(0.5)
-        with contextlib.suppress(statecapture.StateCaptureError):
-            dom.undefine(snapshots_metadata=True, checkpoints_metadata=True)
+    remove_domains(conn)
     emit(torn_down=True)
 
 

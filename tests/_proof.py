@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,59 @@ from tests._raw import raw_domain
 def raw(dom: statecapture.Domain) -> Any:
     """The domain's :class:`libvirt.virDomain`."""
     return raw_domain(dom)
+
+
+@contextlib.contextmanager
+def module_guest(
+    conn: statecapture.Connection, kit: Any, tmp: Path, tag: str
+) -> Iterator[tuple[statecapture.Domain, Path]]:
+    """One running guest with one 32 MiB qcow2 data disk (``tmp/images/disk0.qcow2``) and a
+    connected agent, shared by a module's tests; yields it and its image. Afterwards it is
+    destroyed and undefined whatever a test left (a job, a freeze, a long agent timeout,
+    snapshot and checkpoint metadata)."""
+    from statecapture.testing import wait_agent
+    from statecapture.testing.kit import domain_xml, make_data_disk
+
+    image_dir = tmp / "images"
+    image_dir.mkdir()
+    image = make_data_disk(image_dir / "disk0.qcow2", size_mib=32)
+    dom = conn.define(
+        domain_xml(f"sc-{os.getpid()}-{tag}", kit, [image], log_path=tmp / "console.log")
+    )
+    try:
+        dom.start()
+        wait_agent(dom, timeout=180)
+        yield dom, image
+    finally:
+        for undo in (
+            lambda: raw(dom).agentSetResponseTimeout(5, 0),
+            lambda: raw(dom).abortJob(),
+            lambda: raw(dom).fsThaw(None, 0),
+            dom.destroy,
+            lambda: dom.undefine(snapshots_metadata=True, checkpoints_metadata=True),
+        ):
+            with contextlib.suppress(Exception):
+                undo()
+
+
+def remove_domains(conn: statecapture.Connection) -> None:
+    """Destroy and undefine every domain of ``conn``, whatever a run left (a job, a freeze,
+    snapshot and checkpoint metadata); a child process's teardown."""
+    for dom in conn.domains():
+        raw_dom = raw(dom)
+        with contextlib.suppress(Exception):
+            raw_dom.abortJob()
+        with contextlib.suppress(Exception):
+            raw_dom.fsThaw(None, 0)
+        for _ in range(20):
+            try:
+                if dom.is_active:
+                    dom.destroy()
+                break
+            except statecapture.StateCaptureError:
+                time.sleep(0.5)
+        with contextlib.suppress(statecapture.StateCaptureError):
+            dom.undefine(snapshots_metadata=True, checkpoints_metadata=True)
 
 
 def agent(dom: statecapture.Domain, command: str, timeout: int = 10, **arguments: Any) -> Any:

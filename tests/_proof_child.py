@@ -26,7 +26,7 @@ import statecapture
 from statecapture import _journal
 from statecapture.testing import agent_command, wait_agent
 from statecapture.testing.faults import inject
-from tests._raw import raw_domain
+from tests._proof import remove_domains
 
 NAME = "scproof"
 
@@ -58,21 +58,7 @@ def setup(conn: statecapture.Connection, args: dict[str, Any]) -> None:
 
 
 def teardown(conn: statecapture.Connection, args: dict[str, Any]) -> None:
-    for dom in conn.domains():
-        raw = raw_domain(dom)
-        with contextlib.suppress(Exception):
-            raw.abortJob()
-        with contextlib.suppress(Exception):
-            raw.fsThaw(None, 0)
-        for _ in range(20):
-            try:
-                if dom.is_active:
-                    dom.destroy()
-                break
-            except statecapture.StateCaptureError:
-                time.sleep(0.5)
-        with contextlib.suppress(statecapture.StateCaptureError):
-            dom.undefine(snapshots_metadata=True, checkpoints_metadata=True)
+    remove_domains(conn)
     emit(torn_down=True)
 
 

@@ -8,7 +8,6 @@ runs anyway) serves most tests; each leaves no job, checkpoint or file behind.
 
 from __future__ import annotations
 
-import contextlib
 import filecmp
 import json
 import os
@@ -22,8 +21,7 @@ import pytest
 
 import statecapture
 from statecapture import BackupProgress, CleanupError, NotFoundError, TargetExistsError
-from statecapture.testing import wait_agent
-from tests._proof import flush_disk, qemu_img, raw, tmpfs, write_known
+from tests._proof import flush_disk, module_guest, qemu_img, tmpfs, write_known
 
 pytestmark = pytest.mark.qemu
 
@@ -33,24 +31,9 @@ def bguest(
     qemu_conn: statecapture.Connection, kit: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[statecapture.Domain]:
     """One running guest with one qcow2 data disk and an agent, shared by the module."""
-    from statecapture.testing.kit import domain_xml, make_data_disk
-
     tmp = tmp_path_factory.mktemp("qbackup")
-    image = make_data_disk(tmp / "disk0.qcow2", size_mib=32)
-    dom = qemu_conn.define(
-        domain_xml(f"sc-{os.getpid()}-qbackup", kit, [image], log_path=tmp / "console.log")
-    )
-    try:
-        dom.start()
-        wait_agent(dom, timeout=180)
+    with module_guest(qemu_conn, kit, tmp, "qbackup") as (dom, _image):
         yield dom
-    finally:
-        with contextlib.suppress(Exception):
-            raw(dom).abortJob()
-        with contextlib.suppress(Exception):
-            dom.destroy()
-        with contextlib.suppress(Exception):
-            dom.undefine(checkpoints_metadata=True)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ thawed (the ``fg`` fixture checks qemu-ga's own view after each test).
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 import time
@@ -22,7 +21,7 @@ from statecapture import FreezeExpiredError, FreezeScope, FreezeStatus, UsageErr
 from statecapture._freeze.held import _Freeze, _held_freezes
 from statecapture.testing import wait_agent
 from statecapture.testing.faults import inject
-from tests._proof import agent, guest_frozen, raw, sh, spawn
+from tests._proof import agent, guest_frozen, module_guest, raw, sh, spawn
 
 pytestmark = pytest.mark.qemu
 
@@ -32,26 +31,9 @@ def fguest1(
     qemu_conn: statecapture.Connection, kit: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[statecapture.Domain]:
     """One running guest (data disk ``/data``) with a connected agent, for the module."""
-    from statecapture.testing.kit import domain_xml, make_data_disk
-
     tmp = tmp_path_factory.mktemp("qfreeze")
-    image = make_data_disk(tmp / "disk0.qcow2", size_mib=32)
-    dom = qemu_conn.define(
-        domain_xml(f"sc-{os.getpid()}-qfreeze", kit, [image], log_path=tmp / "console.log")
-    )
-    try:
-        dom.start()
-        wait_agent(dom, timeout=180)
+    with module_guest(qemu_conn, kit, tmp, "qfreeze") as (dom, _image):
         yield dom
-    finally:
-        with contextlib.suppress(Exception):
-            raw(dom).agentSetResponseTimeout(5, 0)
-        with contextlib.suppress(Exception):
-            raw(dom).fsThaw(None, 0)
-        with contextlib.suppress(Exception):
-            dom.destroy()
-        with contextlib.suppress(Exception):
-            dom.undefine()
 
 
 @pytest.fixture

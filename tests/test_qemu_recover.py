@@ -7,7 +7,6 @@ original image with no job, snapshot, checkpoint or journal.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -20,8 +19,7 @@ import pytest
 
 import statecapture
 from statecapture._journal import JOURNAL_NS, JobRecord, JournalWriter, read_journal
-from statecapture.testing import wait_agent
-from tests._proof import guest_frozen, qemu_img, raw, sh, write_known
+from tests._proof import guest_frozen, module_guest, qemu_img, sh, write_known
 
 pytestmark = pytest.mark.qemu
 
@@ -38,26 +36,8 @@ def rguest(
     qemu_conn: statecapture.Connection, kit: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[G]:
     """One running guest with one qcow2 data disk and an agent, shared by the module."""
-    from statecapture.testing.kit import domain_xml, make_data_disk
-
-    tmp = tmp_path_factory.mktemp("qrec")
-    image_dir = tmp / "images"
-    image_dir.mkdir()
-    image = make_data_disk(image_dir / "disk0.qcow2", size_mib=32)
-    dom = qemu_conn.define(
-        domain_xml(f"sc-{os.getpid()}-qrec", kit, [image], log_path=tmp / "console.log")
-    )
-    try:
-        dom.start()
-        wait_agent(dom, timeout=180)
-        yield G(dom, str(image), image_dir)
-    finally:
-        with contextlib.suppress(Exception):
-            raw(dom).abortJob()
-        with contextlib.suppress(Exception):
-            dom.destroy()
-        with contextlib.suppress(Exception):
-            dom.undefine(snapshots_metadata=True, checkpoints_metadata=True)
+    with module_guest(qemu_conn, kit, tmp_path_factory.mktemp("qrec"), "qrec") as (dom, image):
+        yield G(dom, str(image), image.parent)
 
 
 @pytest.fixture

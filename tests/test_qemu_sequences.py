@@ -9,7 +9,6 @@ their own guest.
 
 from __future__ import annotations
 
-import contextlib
 import filecmp
 import os
 import subprocess
@@ -37,8 +36,8 @@ from tests._proof import (
     file_md5_in_image,
     flush_disk,
     guest_frozen,
+    module_guest,
     qemu_img,
-    raw,
     spawn,
     write_known,
 )
@@ -59,28 +58,8 @@ def sguest(
     qemu_conn: statecapture.Connection, kit: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[G]:
     """One running guest with one qcow2 data disk and an agent, shared by the module."""
-    from statecapture.testing.kit import domain_xml, make_data_disk
-
-    tmp = tmp_path_factory.mktemp("qseq")
-    image_dir = tmp / "images"
-    image_dir.mkdir()
-    image = make_data_disk(image_dir / "disk0.qcow2", size_mib=32)
-    dom = qemu_conn.define(
-        domain_xml(f"sc-{os.getpid()}-qseq", kit, [image], log_path=tmp / "console.log")
-    )
-    try:
-        dom.start()
-        wait_agent(dom, timeout=180)
-        yield G(dom, str(image), image_dir)
-    finally:
-        with contextlib.suppress(Exception):
-            raw(dom).abortJob()
-        with contextlib.suppress(Exception):
-            raw(dom).fsThaw(None, 0)
-        with contextlib.suppress(Exception):
-            dom.destroy()
-        with contextlib.suppress(Exception):
-            dom.undefine(snapshots_metadata=True, checkpoints_metadata=True)
+    with module_guest(qemu_conn, kit, tmp_path_factory.mktemp("qseq"), "qseq") as (dom, image):
+        yield G(dom, str(image), image.parent)
 
 
 @pytest.fixture

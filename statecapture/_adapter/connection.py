@@ -13,8 +13,8 @@ from .. import errors
 from .._events import Event
 from .._ports import DomainPort, ProbeAnswer
 from . import events, probe
-from .domain import VirDomain, save_flags
-from .translate import _const, call, lacks_api, translate_error, translated
+from .domain import VirDomain, params_call, save_flags
+from .translate import _const, call, translate_error, translated
 
 __all__ = ["VirConnection"]
 
@@ -149,16 +149,10 @@ class VirConnection:
         back to ``virDomainRestoreFlags`` when the driver lacks it (nothing happened then).
         """
         flags = save_flags(running=running, bypass_cache=bypass_cache)
-        if use_params:
-            params: dict[str, str] = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: path}
-            if dxml is not None:
-                params[libvirt.VIR_DOMAIN_SAVE_PARAM_DXML] = dxml
-            try:
-                self._call("restore", self._raw.restoreParams, params, flags)
-                return "virDomainRestoreParams"
-            except errors.UnsupportedError as exc:
-                if not lacks_api(exc):
-                    raise
+        if use_params and params_call(
+            self._call, "restore", self._raw.restoreParams, path, dxml, flags
+        ):
+            return "virDomainRestoreParams"
         self._call("restore", self._raw.restoreFlags, path, dxml, flags)
         return "virDomainRestoreFlags"
 

@@ -25,7 +25,7 @@ from .translate import _const, _flags, call, lacks_api, listing, translate_error
 if TYPE_CHECKING:
     from .connection import VirConnection
 
-__all__ = ["VirDomain", "block_job_kind_name", "save_flags"]
+__all__ = ["VirDomain", "block_job_kind_name", "params_call", "save_flags"]
 
 T = TypeVar("T")
 
@@ -40,6 +40,29 @@ def save_flags(*, running: bool | None, bypass_cache: bool = False) -> int:
     if bypass_cache:
         flags |= libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE
     return flags
+
+
+def params_call(
+    invoke: Callable[..., object],
+    operation: str,
+    api: Callable[..., object],
+    path: str,
+    dxml: str | None,
+    flags: int,
+) -> bool:
+    """Save or restore through the typed-parameter ``api`` (``virDomainSaveParams``,
+    ``virDomainRestoreParams``: libvirt >= 8.4) with ``invoke`` (a ``_call``); ``False``
+    when the driver lacks it (nothing happened: use the ``…Flags`` API)."""
+    params: dict[str, str] = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: path}
+    if dxml is not None:
+        params[libvirt.VIR_DOMAIN_SAVE_PARAM_DXML] = dxml
+    try:
+        invoke(operation, api, params, flags)
+    except errors.UnsupportedError as exc:
+        if not lacks_api(exc):
+            raise
+        return False
+    return True
 
 
 # libvirt's virDomainBlockJobType, named; the integer never leaves this package.
@@ -157,18 +180,6 @@ class VirDomain:
         self._call("undefine", self._raw.undefineFlags, flags)
 
     # ---- memory state (managed save, save/restore)
-    @staticmethod
-    def _save_flags(*, running: bool | None, bypass_cache: bool = False) -> int:
-        """``VIR_DOMAIN_SAVE_*`` flags: ``running`` None keeps the saved state."""
-        flags = 0
-        if running is True:
-            flags |= libvirt.VIR_DOMAIN_SAVE_RUNNING
-        elif running is False:
-            flags |= libvirt.VIR_DOMAIN_SAVE_PAUSED
-        if bypass_cache:
-            flags |= libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE
-        return flags
-
     def save(
         self,
         path: str,
@@ -184,16 +195,8 @@ class VirDomain:
         to ``virDomainSaveFlags`` when the driver lacks it (nothing happened then).
         """
         flags = save_flags(running=running, bypass_cache=bypass_cache)
-        if use_params:
-            params: dict[str, str] = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: path}
-            if dxml is not None:
-                params[libvirt.VIR_DOMAIN_SAVE_PARAM_DXML] = dxml
-            try:
-                self._call("save", self._raw.saveParams, params, flags)
-                return "virDomainSaveParams"
-            except errors.UnsupportedError as exc:
-                if not lacks_api(exc):
-                    raise
+        if use_params and params_call(self._call, "save", self._raw.saveParams, path, dxml, flags):
+            return "virDomainSaveParams"
         self._call("save", self._raw.saveFlags, path, dxml, flags)
         return "virDomainSaveFlags"
 

@@ -15,9 +15,8 @@ if TYPE_CHECKING:
 __all__ = ["VirCheckpoint", "VirSnapshot"]
 
 
-class VirSnapshot:
-    """Typed wrapper around ``virDomainSnapshot`` (a
-    :class:`~statecapture._ports.SnapshotObjectPort`); raises statecapture errors only."""
+class _VirObject:
+    """A libvirt object of a domain (snapshot or checkpoint): its name, read once."""
 
     def __init__(self, raw: Any, domain: VirDomain) -> None:
         self._raw = raw
@@ -27,6 +26,11 @@ class VirSnapshot:
     @property
     def name(self) -> str:
         return self._name
+
+
+class VirSnapshot(_VirObject):
+    """Typed wrapper around ``virDomainSnapshot`` (a
+    :class:`~statecapture._ports.SnapshotObjectPort`); raises statecapture errors only."""
 
     def xml_desc(self, *, secure: bool = False) -> str:
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE if secure else 0
@@ -70,18 +74,9 @@ class VirSnapshot:
         self.domain._call("snapshot delete", self._raw.delete, flags)
 
 
-class VirCheckpoint:
+class VirCheckpoint(_VirObject):
     """Typed wrapper around ``virDomainCheckpoint`` (a
     :class:`~statecapture._ports.CheckpointObjectPort`); raises statecapture errors only."""
-
-    def __init__(self, raw: Any, domain: VirDomain) -> None:
-        self._raw = raw
-        self.domain = domain
-        self._name: str = str(raw.getName())
-
-    @property
-    def name(self) -> str:
-        return self._name
 
     def xml_desc(self, *, size: bool = False, no_domain: bool = False) -> str:
         """The checkpoint's XML; ``size`` adds dirty byte counts (running domains only)."""

@@ -38,7 +38,13 @@ job), ``values.py`` (the result values).
 from .._backup_plan import backup_file_name
 from .job import BackupJob, job_xml, require_local_nbd
 from .record import delete_checkpoint, final_path, publish, recover_stale
-from .start import BackupStart, active_backup, begin_backup, settle_stale_record
+from .start import (
+    BackupStart,
+    active_backup,
+    begin_backup,
+    settle_stale_record,
+    unfinished_record,
+)
 from .values import BackupExport, BackupProgress, BackupResult, DiskBackup, ProgressCallback
 
 __all__ = [
@@ -59,4 +65,5 @@ __all__ = [
     "recover_stale",
     "require_local_nbd",
     "settle_stale_record",
+    "unfinished_record",
 ]

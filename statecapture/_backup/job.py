@@ -37,6 +37,7 @@ from .values import BackupExport, BackupProgress, BackupResult, ProgressCallback
 
 if TYPE_CHECKING:
     from .._domain import Domain
+    from .._ports import BackupPort
 
 __all__ = ["END_TIMEOUT", "BackupJob", "job_xml", "require_local_nbd", "rolled_back_note"]
 
@@ -70,7 +71,7 @@ def rolled_back_note(dom: Domain, exc: BaseException, undone: list[str]) -> None
 def job_xml(dom: Domain) -> str | None:
     """The running job's XML; ``None`` when there is none (also: the domain stopped)."""
     try:
-        return dom.port.backup_xml_desc()
+        return _port(dom).backup_xml_desc()
     except InvalidStateError:
         if not dom.is_active:  # a shutdown ended the job (HAZARDS 7)
             return None
@@ -156,7 +157,7 @@ class BackupJob:
         if not self.running:
             done = self._result.bytes_written if self._result is not None else 0
             return BackupProgress(done, done, elapsed)
-        stats = self.domain.port.backup_job_stats()
+        stats = _port(self.domain).backup_job_stats()
         if self.mode is BackupMode.PUSH:
             return BackupProgress(
                 int(stats.get("disk_processed", 0)), int(stats.get("disk_total", 0)), elapsed
@@ -212,7 +213,7 @@ class BackupJob:
                 if event_now is not None:
                     return dict(event_now.detail.get("stats", {}))
                 try:
-                    return self.domain.port.backup_job_stats(completed=True)
+                    return _port(self.domain).backup_job_stats(completed=True)
                 except LibvirtError:
                     return {}
             if progress is not None:
@@ -385,7 +386,7 @@ class BackupJob:
             self._abort_and_wait_locked(timeout)
 
     def _abort_and_wait_locked(self, timeout: float) -> None:
-        vir = self.domain.port
+        vir = _port(self.domain)
         exp = self._expectation()
         if job_xml(self.domain) is None:
             return
@@ -489,3 +490,8 @@ class BackupJob:
                 ResourceWarning,
                 stacklevel=2,
             )
+
+
+def _port(dom: Domain) -> BackupPort:
+    """The domain's port as this module uses it: ``BackupPort`` (mypy checks it)."""
+    return dom.port

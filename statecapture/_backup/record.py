@@ -181,8 +181,9 @@ class JobLog:
         return cls(None, job, owns=False)
 
     def _write(self, job: JobRecord) -> None:
+        """An update of the running job's section (checked writes start and end it)."""
         if self.writer is not None:
-            self.writer.set_job(job)
+            self.writer.set_job(job, check=False)
         self.job = job
 
     def add_files(self, *paths: Path) -> None:

@@ -11,15 +11,21 @@ running job of any process from the domain's record.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
+from types import EllipsisType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from typing_extensions import Unpack
+
 from .. import _bitmaps, _files, _locks
-from .._backup_plan import BackupPlan, plan_backup, refuse_running_job, unsupported
+from .._backup_plan import (
+    BackupOptions,
+    BackupPlan,
+    plan_backup,
+    refuse_running_job,
+    unsupported,
+)
 from .._events import EventKind, Expectation
 from .._journal import Journal, JournalWriter, read_journal
 from ..errors import (
@@ -30,14 +36,21 @@ from ..errors import (
     UsageError,
     XMLError,
 )
-from ..xml import BackupMode, BackupXML, CheckpointXML
+from ..xml import BackupMode, BackupXML
 from .job import END_TIMEOUT, BackupJob, job_xml, rolled_back_note
 from .record import JobLog, delete_checkpoint, recover_stale, remove_file
 
 if TYPE_CHECKING:
     from .._domain import Domain
+    from .._ports import BackupPort
 
-__all__ = ["BackupStart", "active_backup", "begin_backup", "settle_stale_record"]
+__all__ = [
+    "BackupStart",
+    "active_backup",
+    "begin_backup",
+    "settle_stale_record",
+    "unfinished_record",
+]
 
 
 def active_backup(dom: Domain) -> BackupJob | None:
@@ -73,9 +86,9 @@ def active_backup(dom: Domain) -> BackupJob | None:
     return job
 
 
-def settle_stale_record(dom: Domain, operation: str) -> list[str]:
-    """Before a new run writes its record (no backup job runs now): clean up after a plain
-    job whose run died (:func:`~.record.recover_stale`); what it did.
+def unfinished_record(dom: Domain, operation: str) -> Journal | None:
+    """The domain's record as a new run finds it (one read): ``None``, or a plain backup
+    job's record, which :func:`settle_stale_record` settles before the run writes its own.
 
     Refuses (:class:`InvalidStateError`, nothing changed) a sequence's unfinished record or
     a damaged one: :func:`statecapture.recover` must undo that first.
@@ -89,51 +102,46 @@ def settle_stale_record(dom: Domain, operation: str) -> list[str]:
             operation=operation,
             domain_name=dom.name,
         ) from exc
+    if journal is not None and not journal.is_backup_job:
+        raise InvalidStateError(
+            f"domain {dom.name!r} has an {journal.describe()}; run statecapture.recover(dom) "
+            "to undo it first. Nothing was changed.",
+            operation=operation,
+            domain_name=dom.name,
+        )
+    return journal
+
+
+def settle_stale_record(
+    dom: Domain, operation: str, journal: Journal | EllipsisType | None = ...
+) -> list[str]:
+    """Before a new run writes its record (no backup job runs now): clean up after a plain
+    job whose run died (:func:`~.record.recover_stale`); what it did.
+
+    ``journal`` is what :func:`unfinished_record` returned moments ago (the run's planning
+    read it); by default it is read now, with the same refusals.
+    """
+    if journal is ...:
+        journal = unfinished_record(dom, operation)
     if journal is None:
         return []
-    if journal.is_backup_job:
-        if job_xml(dom) is not None:  # its job runs: not stale (a run started meanwhile)
-            refuse_running_job(dom)
-        return recover_stale(dom, journal)
-    raise InvalidStateError(
-        f"domain {dom.name!r} has an {journal.describe()}; run statecapture.recover(dom) "
-        "to undo it first. Nothing was changed.",
-        operation=operation,
-        domain_name=dom.name,
-    )
+    refuse_running_job(dom, job_xml(dom))  # its job runs: not stale (started meanwhile)
+    return recover_stale(dom, journal)
 
 
 def begin_backup(
-    dom: Domain,
-    *,
-    plan: BackupPlan | None = None,
-    mode: BackupMode | str = BackupMode.PUSH,
-    disks: Iterable[str] | None = None,
-    incremental_from: str | None = None,
-    checkpoint: str | CheckpointXML | None = None,
-    target_dir: str | os.PathLike[str] | None = None,
-    scratch_dir: str | os.PathLike[str] | None = None,
-    socket: str | os.PathLike[str] | None = None,
+    dom: Domain, *, plan: BackupPlan | None = None, **options: Unpack[BackupOptions]
 ) -> BackupJob:
-    """Start a backup job; see :meth:`Domain.backup`: plan it (unless ``plan`` is given),
-    then execute the plan."""
+    """Start a backup job; see :meth:`Domain.backup`: plan it from ``options`` (the
+    arguments of :func:`plan_backup`) unless ``plan`` is given, then execute the plan."""
     fresh = plan is None
     if plan is None:
-        plan = plan_backup(
-            dom,
-            mode=mode,
-            disks=disks,
-            incremental_from=incremental_from,
-            checkpoint=checkpoint,
-            target_dir=target_dir,
-            scratch_dir=scratch_dir,
-            socket=socket,
-        )
+        plan = plan_backup(dom, **options)
     elif not isinstance(plan, BackupPlan):
         raise UsageError(f"plan= takes a BackupPlan (dom.backup_plan(...)), not {plan!r}")
-    elif mode not in (BackupMode.PUSH, "push") or any(
-        a is not None
-        for a in (disks, incremental_from, checkpoint, target_dir, scratch_dir, socket)
+    elif any(
+        value is not None and not (key == "mode" and value in (BackupMode.PUSH, "push"))
+        for key, value in options.items()
     ):
         raise UsageError("pass either plan= or the backup's arguments, not both")
     with BackupStart(dom, plan, recheck=not fresh) as start:
@@ -231,7 +239,7 @@ class BackupStart:
     def begin(self) -> None:
         """``virDomainBackupBegin`` with the plan's XML: the capture call, nothing else."""
         try:
-            self.dom.port.backup_begin(self.plan.backup_xml, self.plan.checkpoint_xml)
+            _port(self.dom).backup_begin(self.plan.backup_xml, self.plan.checkpoint_xml)
         except UnsupportedError as exc:
             raise unsupported(self.dom, exc, "backup") from exc
 
@@ -268,7 +276,7 @@ class BackupStart:
         dom = self.dom
         try:
             if job_xml(dom) is not None:
-                dom.port.backup_abort_job()
+                _port(dom).backup_abort_job()
                 undone.append("ended the half-started backup job (abortJob)")
                 with contextlib.suppress(OperationTimeoutError):
                     self._exp.wait(END_TIMEOUT, what="JOB_COMPLETED")
@@ -308,3 +316,8 @@ class BackupStart:
             exc.add_note(
                 f"cleanup after the failed start left something behind: {'; '.join(errors)}"
             )
+
+
+def _port(dom: Domain) -> BackupPort:
+    """The domain's port as this module uses it: ``BackupPort`` (mypy checks it)."""
+    return dom.port

@@ -60,6 +60,22 @@ def _start(
     return BlockJob(dom, target, kind, destination, exp=exp, owned=True, created=created)
 
 
+def _backed_disk(dom: Domain, disk: str, operation: str, verb: str) -> tuple[etree._Element, str]:
+    """The running domain's live ``<disk>`` element ``disk`` and its target; refuses a disk
+    without a backing image (nothing to ``verb``)."""
+    dom._require_active(operation)
+    el = _resolve_disk(dom, disk)
+    target = _disk_target(el) or disk
+    backing = el.find("backingStore")
+    if backing is None or backing.get("type") is None:
+        raise InvalidStateError(
+            f"disk {target!r} of {dom.name!r} has no backing image: there is nothing to {verb}",
+            operation=operation,
+            domain_name=dom.name,
+        )
+    return el, target
+
+
 # ----------------------------------------------------------------------------- commit
 
 
@@ -82,16 +98,7 @@ def start_commit(
             raise UsageError(f"{name} must be an image path or 'vda[N]', got {value!r}")
     if active is not None and not isinstance(active, bool):
         raise UsageError(f"active must be True, False or None, got {active!r}")
-    dom._require_active(operation)
-    el = _resolve_disk(dom, disk)
-    target = _disk_target(el) or disk
-    backing = el.find("backingStore")
-    if backing is None or backing.get("type") is None:
-        raise InvalidStateError(
-            f"disk {target!r} of {dom.name!r} has no backing image: there is nothing to commit",
-            operation=operation,
-            domain_name=dom.name,
-        )
+    el, target = _backed_disk(dom, disk, operation, "commit")
     src = el.find("source")
     active_index = src.get("index") if src is not None else None
     top_is_active = (
@@ -131,16 +138,7 @@ def start_pull(dom: Domain, disk: str, *, bandwidth: int | None = None) -> Block
     """Implementation of :meth:`Domain.block_pull`."""
     operation = "block pull"
     _check_bandwidth(bandwidth)
-    dom._require_active(operation)
-    el = _resolve_disk(dom, disk)
-    target = _disk_target(el) or disk
-    backing = el.find("backingStore")
-    if backing is None or backing.get("type") is None:
-        raise InvalidStateError(
-            f"disk {target!r} of {dom.name!r} has no backing image: there is nothing to pull",
-            operation=operation,
-            domain_name=dom.name,
-        )
+    _el, target = _backed_disk(dom, disk, operation, "pull")
     _require_no_job(dom, target, operation)
     return _start(
         dom,

@@ -50,7 +50,7 @@ class Filesystem:
 # --------------------------------------------------------------------------- agent helpers
 
 
-def _check_seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
+def check_seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -87,7 +87,7 @@ def _agent_answers(dom: Domain) -> bool:
 
 def wait_for_agent(dom: Domain, timeout: float) -> float:
     """Block until the guest agent is connected; the seconds waited (``Domain.wait_for_agent``)."""
-    limit = _check_seconds("timeout", timeout)
+    limit = check_seconds("timeout", timeout)
     assert limit is not None
     start = time.monotonic()
     deadline = start + limit

@@ -28,9 +28,9 @@ from ..errors import (
 from .agent import (
     Filesystem,
     _already_frozen,
-    _check_seconds,
     _port,
     _refused_while_frozen,
+    check_seconds,
     fs_info,
 )
 from .held import (
@@ -477,21 +477,23 @@ class FreezeScope:
     def _expired_error(self, freeze: _Freeze) -> FreezeExpiredError:
         name = self.domain.name
         if freeze.ended == "external" and not freeze.deadline_passed:
-            return FreezeExpiredError(
+            reason = "external"
+            message = (
                 f"the filesystems of {name!r} were thawed by something else while the block "
                 f"ran (the thaw found {freeze.thawed_count} of {freeze.frozen_count} still "
-                "frozen); what the block captured may be crash-consistent only",
-                domain_name=name,
-                reason="external",
-                max_frozen=self.max_frozen,
-                frozen_for=self.frozen_for,
+                "frozen); what the block captured may be crash-consistent only"
+            )
+        else:
+            reason = "watchdog"
+            message = (
+                f"the block outlived the freeze budget of {self.max_frozen} s on {name!r}; the "
+                f"watchdog thawed the guest after {self.frozen_for:.2f} s, so what the block "
+                "captured after that may be crash-consistent only"
             )
         return FreezeExpiredError(
-            f"the block outlived the freeze budget of {self.max_frozen} s on {name!r}; the "
-            f"watchdog thawed the guest after {self.frozen_for:.2f} s, so what the block "
-            "captured after that may be crash-consistent only",
+            message,
             domain_name=name,
-            reason="watchdog",
+            reason=reason,
             max_frozen=self.max_frozen,
             frozen_for=self.frozen_for,
         )
@@ -607,7 +609,7 @@ def fs_frozen(
 
     if not isinstance(dom, Domain):
         raise UsageError(f"fs_frozen() needs a statecapture Domain, got {type(dom).__name__}")
-    budget = _check_seconds("max_frozen", max_frozen)
+    budget = check_seconds("max_frozen", max_frozen)
     assert budget is not None
-    timeout = _check_seconds("agent_timeout", agent_timeout, allow_none=True)
+    timeout = check_seconds("agent_timeout", agent_timeout, allow_none=True)
     return FreezeScope(dom, _normalise_mountpoints(mountpoints), budget, timeout)

@@ -31,7 +31,7 @@ from .._backup_plan import (
     partial_name,
     plan_backup,
 )
-from .._journal import boundary
+from .._journal import Journal, boundary
 from ..errors import (
     CleanupError,
     LibvirtError,
@@ -230,6 +230,8 @@ class _DirectPlan:
     files: Mapping[str, str]
     """``file:vda`` / ``partial:vda`` → the paths the run will write (recorded facts)."""
     notes: tuple[str, ...]
+    record: Journal | None
+    """A dead plain backup job's record the checks found (settled when the run starts)."""
 
     @property
     def pull(self) -> bool:
@@ -276,7 +278,7 @@ def _plan_direct(
     _checkpoint_name(checkpoint, "0" * 32)  # validates the argument
     if incremental_from is not None and not isinstance(incremental_from, str):
         raise UsageError(f"incremental_from must be a checkpoint name, got {incremental_from!r}")
-    freeze, notes = _preflight(dom, quiesce, SEQ_DIRECT)
+    freeze, notes, record = _preflight(dom, quiesce, SEQ_DIRECT)
     run_id = _journal.new_run_id()
     # One plan from one read of the domain: disks, file names, checkpoint and backup XML.
     try:
@@ -287,6 +289,7 @@ def _plan_direct(
             incremental_from=incremental_from,
             checkpoint=_checkpoint_name(checkpoint, run_id),
             target_dir=None if pull else tdir,
+            active_checked=True,  # (the preflight refused a domain that is not running)
         )
     except UnsupportedError as exc:
         raise UnsupportedError(f"{exc}. Nothing was changed.", operation=SEQ_DIRECT) from exc
@@ -304,6 +307,7 @@ def _plan_direct(
         max_frozen=max_frozen,
         files=_plan_files(plan, tdir, pull=pull),
         notes=tuple(notes),
+        record=record,
     )
 
 
@@ -314,7 +318,7 @@ def _execute(
     → end, every step recorded before and after, any failure undone."""
     dom, cp_name, notes = plan.dom, plan.checkpoint, list(plan.notes)
     holder: list[BackupJob] = []
-    with Run(dom, SEQ_DIRECT, run_id=plan.run_id, facts=plan.facts()) as run:
+    with Run(dom, SEQ_DIRECT, run_id=plan.run_id, facts=plan.facts(), record=plan.record) as run:
         # The job records itself in the run's record; the plan was made just now (no
         # re-check). Its rollback (a failed or interrupted start) is reported by the
         # run's undo below.

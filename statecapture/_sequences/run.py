@@ -12,21 +12,20 @@ make before anything changes, and the capture inside the freeze, live here too.
 from __future__ import annotations
 
 import enum
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack
-from numbers import Real
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Final, Literal
+from types import EllipsisType, TracebackType
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple
 
 import attrs
 
 from .._advisor import Consistency
 from .._events import Event, EventKind
 from .._freeze import FreezeStatus, fs_frozen
-from .._journal import JournalWriter, boundary, read_journal
+from .._freeze.agent import check_seconds
+from .._journal import Journal, JournalWriter, boundary
 from ..errors import (
     FreezeExpiredError,
     GuestAgentError,
@@ -36,12 +35,12 @@ from ..errors import (
     ThawError,
     UnsupportedError,
     UsageError,
-    XMLError,
 )
 
 if TYPE_CHECKING:
     from .._backup import BackupJob
     from .._domain import Domain
+    from .._ports import ProbePort
 
 __all__ = [
     "SEQ_DIRECT",
@@ -139,11 +138,8 @@ def _check_quiesce(quiesce: object) -> QuiesceMode:
 
 
 def _check_max_frozen(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise UsageError(f"max_frozen must be a number of seconds, got {value!r}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise UsageError(f"max_frozen must be a positive number of seconds, got {value!r}")
+    seconds = check_seconds("max_frozen", value)
+    assert seconds is not None  # (None is refused unless allowed)
     return seconds
 
 
@@ -155,41 +151,26 @@ def _check_domain(dom: object, what: str) -> Domain:
     return dom
 
 
-def _refuse_unfinished(dom: Domain, operation: str) -> None:
-    """Refuse a domain whose record names an unfinished sequence (or is damaged). A plain
-    backup job's record is settled when the run starts (see :meth:`Run.__enter__`)."""
-    try:
-        journal = read_journal(dom)
-    except XMLError as exc:
-        raise InvalidStateError(
-            f"domain {dom.name!r} carries a damaged statecapture journal ({exc}); run "
-            "statecapture.recover(dom) first. Nothing was changed.",
-            operation=operation,
-            domain_name=dom.name,
-        ) from exc
-    if journal is not None and not journal.is_backup_job:
-        raise InvalidStateError(
-            f"domain {dom.name!r} has an {journal.describe()}; run statecapture.recover(dom) "
-            "to undo it first. Nothing was changed.",
-            operation=operation,
-            domain_name=dom.name,
-        )
+class Preflight(NamedTuple):
+    """What the checks common to both sequences found."""
+
+    freeze: bool
+    notes: list[str]
+    record: Journal | None
+    """A dead plain backup job's record (the run settles it when it starts), or ``None``."""
 
 
-def _preflight(dom: Domain, quiesce: QuiesceMode, operation: str) -> tuple[bool, list[str]]:
-    """Checks common to both sequences; (freeze or not, notes)."""
-    if not dom.is_active:
-        raise InvalidStateError(
-            f"{operation} needs a running domain; {dom.name!r} is {dom.state.value}",
-            operation=operation,
-            domain_name=dom.name,
-        )
-    _refuse_unfinished(dom, operation)
+def _preflight(dom: Domain, quiesce: QuiesceMode, operation: str) -> Preflight:
+    """Checks common to both sequences, the domain's record read once among them."""
+    from .._backup import unfinished_record
+
+    dom._require_active(operation)
+    record = unfinished_record(dom, operation)
     notes: list[str] = []
     if quiesce is False:
-        return False, notes
+        return Preflight(False, notes, record)
     if dom.agent_connected:
-        return True, notes
+        return Preflight(True, notes, record)
     if quiesce is True:
         raise GuestAgentError(
             f"refusing {operation} of domain {dom.name!r} with quiesce=True: its guest agent "
@@ -203,7 +184,7 @@ def _preflight(dom: Domain, quiesce: QuiesceMode, operation: str) -> tuple[bool,
         "quiesce='best-effort': the guest agent is not connected, so the capture is "
         "crash-consistent (taken without freezing the guest's filesystems)"
     )
-    return False, notes
+    return Preflight(False, notes, record)
 
 
 class _PauseWatch:
@@ -382,7 +363,7 @@ def _refuse_jobs(dom: Domain, operation: str, *, backup: bool = True) -> None:
 
 
 def _require_api(dom: Domain, feature: str, api: str, operation: str) -> None:
-    supported, evidence = dom.port.probe_api(feature)
+    supported, evidence = _port(dom).probe_api(feature)
     if supported is False:
         raise UnsupportedError(
             f"{operation} on domain {dom.name!r}: the {dom.connection.driver} driver lacks "
@@ -422,9 +403,17 @@ class Run:
     """
 
     def __init__(
-        self, dom: Domain, sequence: str, *, run_id: str, facts: Mapping[str, str]
+        self,
+        dom: Domain,
+        sequence: str,
+        *,
+        run_id: str,
+        facts: Mapping[str, str],
+        record: Journal | EllipsisType | None = ...,
     ) -> None:
         self.dom = dom
+        self.record = record
+        """The record the preflight found (``...``: read it when the run starts)."""
         self.sequence = sequence
         self.run_id = run_id
         self.facts = dict(facts)
@@ -452,7 +441,7 @@ class Run:
         )
         try:
             # A dead plain backup job's record is cleaned up first (there is one record).
-            settle_stale_record(dom, self.sequence)
+            settle_stale_record(dom, self.sequence, self.record)
             self._writer = JournalWriter.begin(
                 dom, self.sequence, run_id=self.run_id, facts=self.facts
             )
@@ -517,3 +506,8 @@ class Run:
             checkpoint=checkpoint,
             notes=tuple(notes),
         )
+
+
+def _port(dom: Domain) -> ProbePort:
+    """The domain's port as this module uses it: ``ProbePort`` (mypy checks it)."""
+    return dom.port

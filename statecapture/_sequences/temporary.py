@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 from lxml import etree
@@ -25,6 +25,7 @@ from lxml import etree
 from .. import _files, _journal
 from .._blockjob import BlockJob, BlockJobKind
 from .._journal import boundary
+from .._ports import BlockJobPort, SnapshotPort
 from ..errors import CleanupError, InvalidStateError, UnsupportedError, UsageError
 from ..xml import (
     Disk,
@@ -85,7 +86,7 @@ def _commit_job(dom: Domain, disk: str, job: BlockJob | None) -> BlockJob:
     """The active commit that merges ``disk``'s overlay: ours, one left running, or new."""
     if job is not None and not job.ended:
         return job
-    if dom.port.block_job_info(disk) is not None:
+    if _port(dom).block_job_info(disk) is not None:
         for running in dom.block_jobs():
             if running.disk != disk:
                 continue
@@ -98,7 +99,7 @@ def _commit_job(dom: Domain, disk: str, job: BlockJob | None) -> BlockJob:
 
 def _redefine_disk(dom: Domain, target: str, source: str, fmt: str | None) -> None:
     """Point the persistent definition's ``target`` at ``source`` (dropping its chain)."""
-    root = parse(dom.port.xml_desc(inactive=True, secure=True), expected_root="domain")
+    root = parse(_port(dom).xml_desc(inactive=True, secure=True), expected_root="domain")
     for el in root.iterfind("devices/disk"):
         tgt = el.find("target")
         if tgt is None or tgt.get("dev") != target:
@@ -318,7 +319,7 @@ def backup_via_temporary_snapshot(
         odir = Path(overlay_dir).absolute()
         if not odir.is_dir():
             raise UsageError(f"overlay_dir {odir} is not a directory")
-    freeze, notes = _preflight(dom, mode, SEQ_SNAPSHOT)
+    freeze, notes, record = _preflight(dom, mode, SEQ_SNAPSHOT)
     _require_api(dom, "block_commit", "virDomainBlockCommit", SEQ_SNAPSHOT)
     _refuse_jobs(dom, SEQ_SNAPSHOT)
     run_id = _journal.new_run_id()
@@ -342,7 +343,7 @@ def backup_via_temporary_snapshot(
             facts[f"format:{p.disk}"] = p.format
 
     jobs: dict[str, BlockJob] = {}
-    with Run(dom, SEQ_SNAPSHOT, run_id=run_id, facts=facts) as run:
+    with Run(dom, SEQ_SNAPSHOT, run_id=run_id, facts=facts, record=record) as run:
 
         def merge_back() -> list[str]:
             # State-driven (see merge_overlay), so it is registered before the snapshot:
@@ -373,7 +374,7 @@ def backup_via_temporary_snapshot(
         run.on_undo("merge the temporary overlays back", merge_back)
 
         def take_snapshot() -> None:
-            dom.port.snapshot_create(snapshot_xml, disk_only=True, atomic=True, no_metadata=True)
+            _port(dom).snapshot_create(snapshot_xml, disk_only=True, atomic=True, no_metadata=True)
 
         if freeze:
             run.stage("frozen", "1")
@@ -430,3 +431,12 @@ def _as_files(returned: object, bases: Mapping[str, Path]) -> Mapping[str, Path]
         except TypeError:
             pass
     return bases
+
+
+class _TemporaryPort(SnapshotPort, BlockJobPort, Protocol):
+    """What this module does through a domain's port: the snapshot, and its commit's job."""
+
+
+def _port(dom: Domain) -> _TemporaryPort:
+    """The domain's port as this module uses it: ``_TemporaryPort`` (mypy checks it)."""
+    return dom.port

@@ -50,6 +50,22 @@ if TYPE_CHECKING:
     from .._domain import Domain
 
 
+@attrs.frozen
+class _Request:
+    """A snapshot's arguments as :meth:`SnapshotCollection.create` and
+    :meth:`SnapshotCollection.plan` take them (the defaults: none given)."""
+
+    name: str | None = None
+    disk_only: bool = False
+    memory: SnapshotMemoryMode | PathLike | None = None
+    external: bool | Mapping[str, PathLike | None] = False
+    quiesce: bool = False
+    atomic: bool = True
+    live: bool = False
+    description: str | None = None
+    metadata: bool = True
+
+
 @attrs.define(eq=False)
 class SnapshotCollection:
     """The snapshots of one domain: ``dom.snapshots``.
@@ -196,32 +212,14 @@ class SnapshotCollection:
         argument then): the preflight ran when the plan was made, so this is one libvirt
         call — what should run inside a freeze.
         """
+        request = _Request(
+            name, disk_only, memory, external, quiesce, atomic, live, description, metadata
+        )
         if plan is None:
-            plan = self._prepare(
-                name,
-                disk_only=disk_only,
-                memory=memory,
-                external=external,
-                quiesce=quiesce,
-                atomic=atomic,
-                live=live,
-                description=description,
-                metadata=metadata,
-                check_internal=False,  # below, under the domain's lock
-            )
+            plan = self._prepare(request, check_internal=False)  # below, under the lock
         elif not isinstance(plan, SnapshotPlan):
             raise UsageError(f"plan= takes a SnapshotPlan (dom.snapshots.plan(...)), not {plan!r}")
-        elif (name, disk_only, memory, external, quiesce, atomic, live, description, metadata) != (
-            None,
-            False,
-            None,
-            False,
-            False,
-            True,
-            False,
-            None,
-            True,
-        ):
+        elif request != _Request():
             raise UsageError("pass either plan= or the snapshot's arguments, not both")
         dom = self.domain
         if plan.domain_uuid != dom.uuid:
@@ -267,33 +265,13 @@ class SnapshotCollection:
         Takes :meth:`create`'s arguments and raises its preflight errors. Returns a
         :class:`SnapshotPlan`; ``create(plan=plan)`` takes the snapshot with one libvirt call.
         """
-        return self._prepare(
-            name,
-            disk_only=disk_only,
-            memory=memory,
-            external=external,
-            quiesce=quiesce,
-            atomic=atomic,
-            live=live,
-            description=description,
-            metadata=metadata,
-            check_internal=True,
+        request = _Request(
+            name, disk_only, memory, external, quiesce, atomic, live, description, metadata
         )
+        return self._prepare(request, check_internal=True)
 
-    def _prepare(
-        self,
-        name: str | None = None,
-        *,
-        disk_only: bool = False,
-        memory: SnapshotMemoryMode | PathLike | None = None,
-        external: bool | Mapping[str, PathLike | None] = False,
-        quiesce: bool = False,
-        atomic: bool = True,
-        live: bool = False,
-        description: str | None = None,
-        metadata: bool = True,
-        check_internal: bool,
-    ) -> SnapshotPlan:
+    def _prepare(self, request: _Request, *, check_internal: bool) -> SnapshotPlan:
+        name, description, quiesce = request.name, request.description, request.quiesce
         dom = self.domain
         if description is not None and not isinstance(description, str):
             raise UsageError(f"description must be a string, got {description!r}")
@@ -302,7 +280,11 @@ class SnapshotCollection:
         else:
             _check_name(name)
         plan = self._plan(
-            name, disk_only=disk_only, memory=memory, external=external, description=description
+            name,
+            disk_only=request.disk_only,
+            memory=request.memory,
+            external=request.external,
+            description=description,
         )
         # ---- preflight: nothing here changes anything.
         if name in self:
@@ -337,9 +319,9 @@ class SnapshotCollection:
             new_files=plan.new_files,
             disk_only=plan.disk_only_flag,
             quiesce=quiesce,
-            atomic=atomic,
-            live=live,
-            metadata=metadata,
+            atomic=request.atomic,
+            live=request.live,
+            metadata=request.metadata,
             xml_text=plan.xml.to_xml(),
             host_files=writes_host_files(dom.connection),
         )

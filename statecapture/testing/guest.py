@@ -211,6 +211,17 @@ def write_guest(vir: GuestPort, path: str, data: bytes, *, timeout: int = 10) ->
         )
 
 
+def close_noting(close: Callable[[], object], exc: BaseException | None, what: str) -> None:
+    """Run ``close``: its :class:`CleanupError` propagates, unless ``exc`` already does —
+    then ``exc`` carries it as a note (a cleanup error never masks the original)."""
+    try:
+        close()
+    except CleanupError as cleanup:
+        if exc is None:
+            raise
+        exc.add_note(f"{what} also failed: {cleanup}")
+
+
 def remove_domain(dom: Domain) -> None:
     """Stop everything a test may have left on the domain, then undefine it.
 
@@ -485,12 +496,7 @@ class TestGuest:
                 exc: BaseException | None,
                 tb: TracebackType | None,
             ) -> bool:
-                try:
-                    guest._remove()
-                except CleanupError as cleanup:
-                    if exc is None:
-                        raise
-                    exc.add_note(f"removing test guest {name} also failed: {cleanup}")
+                close_noting(guest._remove, exc, f"removing test guest {name}")
                 return False
 
             undo.push(undo_guest)
@@ -581,12 +587,7 @@ class TestGuest:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            self.close()
-        except CleanupError as cleanup:
-            if exc is None:
-                raise
-            exc.add_note(f"closing test guest {self.name} also failed: {cleanup}")
+        close_noting(self.close, exc, f"closing test guest {self.name}")
 
     # ---- in the guest
     def exec(

@@ -16,7 +16,7 @@ import attrs
 from .._connection import Connection, connect
 from .._domain import Domain
 from ..errors import CleanupError, StateCaptureError, TestEnvironmentError, UsageError
-from .guest import TestGuest, remove_domain
+from .guest import TestGuest, close_noting, remove_domain
 from .kit import MAX_EMBED_ROOT_LEN, GuestKit, environment_problem, prepare_embed_root
 
 __all__ = ["EmbeddedHypervisor"]
@@ -296,9 +296,4 @@ class EmbeddedHypervisor:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            self.close()
-        except CleanupError as cleanup:
-            if exc is None:
-                raise
-            exc.add_note(f"closing the embedded hypervisor also failed: {cleanup}")
+        close_noting(self.close, exc, "closing the embedded hypervisor")
