@@ -677,13 +677,9 @@ class Repository:
         :class:`Domain`, the checkpoints this repository made that no kept point needs
         (every one but the newest point's) are deleted, libvirt merging their bitmaps, so
         bitmaps do not pile up in the guest's images. ``dry_run=True`` changes nothing.
-        In an encrypted repository only ``dry_run=True`` is supported yet
-        (:class:`UnsupportedError`: merging encrypted layers is not implemented).
+        In an encrypted repository the layers are merged with ``qemu-img`` and the key,
+        never decrypted onto the disk.
         """
-        if self.key is not None and not dry_run:
-            raise UnsupportedError(
-                "prune() of an encrypted repository is not supported yet (dry_run=True is)"
-            )
         return _maint.prune(
             self,
             domain,
