@@ -161,6 +161,9 @@ def run(ctx: Context) -> list[Row]:
     common = {"reps": reps, "load": got["load"], "multi_conn": got["multi_conn"]}
     rows: list[Row] = []
     lib_rate = _mibs(nbytes, med[LIB])
+    # The same comparison round by round (each round's best tool against that round's
+    # library run): how much of the ratio is drift of the machine's load.
+    paired = [min(times[t][i] for t in external) / times[LIB][i] for i in range(len(times[LIB]))]
     own = median(got["own"][LIB])
     rows.append(
         Row(
@@ -172,8 +175,16 @@ def run(ctx: Context) -> list[Row]:
             target=TARGET,
             passed=lib_rate / best_rate >= 1.00,
             higher_is_better=True,
-            note=f"export can_multi_conn={got['multi_conn']}; {load}; all flushed and compared",
-            values={**common, "bytes": nbytes, "times_s": times, "own_s": got["own"]},
+            note=f"export can_multi_conn={got['multi_conn']}; {load}; all flushed and "
+            f"compared; per-round ratio to that round's best tool: median {median(paired):.2f}x "
+            f"(range {min(paired):.2f}-{max(paired):.2f})",
+            values={
+                **common,
+                "bytes": nbytes,
+                "times_s": times,
+                "own_s": got["own"],
+                "paired": paired,
+            },
         )
     )
     for name in [*got["tools"], LIB_FALLBACK]:

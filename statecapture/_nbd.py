@@ -555,6 +555,9 @@ def _copy_libnbd(
                 written, zeroed = planned, 0
             else:
                 written, zeroed = _copy_pipeline(src, pieces, dest, planned, progress)
+                # before the digests finish: a server that takes one client at a time
+                # (qemu-nbd's default) serves the digest reader only after this one left
+                src.shutdown()
     finally:
         with contextlib.suppress(Exception):
             src.shutdown()
