@@ -33,7 +33,11 @@ from .errors import StateCaptureError
 __all__ = ["BlockDigests", "Taken", "collecting", "file_key", "touched_blocks", "while_copying"]
 
 _READ_BLOCKS: Final = 4
-"""Digest blocks read per request (fewer round trips; at most this many blocks in memory)."""
+"""Digest blocks read per request (fewer round trips; at most this many blocks in memory
+per reader thread)."""
+
+_THREADS: Final = 2
+"""Reader threads (connections): one reads while the other hashes."""
 
 
 def file_key(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -87,7 +91,12 @@ def touched_blocks(pieces: Iterable[tuple[int, int, bool]], block: int) -> list[
 
 
 class _Reader:
-    """The thread that reads and hashes the wanted blocks of the export."""
+    """The threads that read and hash the wanted blocks of the export.
+
+    :data:`_THREADS` threads, each on its own connection, take the next run of blocks in
+    turn: one reads while another hashes (both release the GIL), so the export is not read
+    one round trip at a time.
+    """
 
     def __init__(
         self, connect: Callable[[], NBDHandle], blocks: list[int], size: int, sink: BlockDigests
@@ -97,21 +106,28 @@ class _Reader:
         self._size = size
         self._sink = sink
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._todo = self._runs()
         self.result: dict[int, str] = {}
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="statecapture-digests")
+        self._threads = [
+            threading.Thread(target=self._run, name=f"statecapture-digests-{i}")
+            for i in range(_THREADS)
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
-        """Stop after the current request (the copy failed: the result is not wanted)."""
+        """Stop after the current requests (the copy failed: the result is not wanted)."""
         self._stop.set()
-        self._thread.join()
+        self.finish()
 
     def finish(self) -> None:
         """Wait until every wanted block is digested."""
-        self._thread.join()
+        for t in self._threads:
+            t.join()
 
     def _runs(self) -> Iterator[tuple[int, int]]:
         """``(first block, count)`` of consecutive wanted blocks, at most _READ_BLOCKS."""
@@ -124,14 +140,19 @@ class _Reader:
             yield blocks[i], j - i
             i = j
 
+    def _next(self) -> tuple[int, int] | None:
+        with self._lock:
+            if self._stop.is_set() or self.error is not None:
+                return None
+            return next(self._todo, None)
+
     def _run(self) -> None:
         bs = self._sink.block_size
         try:
             h = self._connect()
             try:
-                for first, count in self._runs():
-                    if self._stop.is_set():
-                        return
+                while (run := self._next()) is not None:
+                    first, count = run
                     start = first * bs
                     data = memoryview(h.pread(min(count * bs, self._size - start), start))
                     for k in range(count):
@@ -143,7 +164,9 @@ class _Reader:
                     h.shutdown()
                 del h
         except BaseException as exc:  # reported by while_copying, in the copying thread
-            self.error = exc
+            with self._lock:
+                if self.error is None:
+                    self.error = exc
 
 
 @contextlib.contextmanager
