@@ -24,14 +24,25 @@ from typing import Any, Final
 
 from .errors import OperationTimeoutError, StateCaptureError, ToolError, UnsupportedError
 
-__all__ = ["QEMU_IMG", "QEMU_IO", "image_info", "persistent_bitmaps", "qemu_img", "qemu_io", "run"]
+__all__ = [
+    "QEMU_IMG",
+    "QEMU_IO",
+    "executable",
+    "image_info",
+    "persistent_bitmaps",
+    "qemu_img",
+    "qemu_io",
+    "run",
+    "tool_error",
+]
 
 QEMU_IMG: Final = "qemu-img"
 """The executable looked up on ``$PATH``."""
 QEMU_IO: Final = "qemu-io"
 
 
-def _executable(tool: str, operation: str) -> str:
+def executable(tool: str, operation: str) -> str:
+    """The path of ``tool`` on ``$PATH``; :class:`UnsupportedError` when it is missing."""
     found = shutil.which(tool)
     if found is None:
         raise UnsupportedError(
@@ -52,7 +63,7 @@ def run(tool: str, *args: str, timeout: float | None = None) -> str:
     argv = (tool, *args)
     try:
         done = subprocess.run(
-            [_executable(tool, operation), *args],
+            [executable(tool, operation), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -63,15 +74,20 @@ def run(tool: str, *args: str, timeout: float | None = None) -> str:
             f"{' '.join(argv[:3])} did not finish within {timeout} s", operation=operation
         ) from exc
     if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip()
-        raise ToolError(
-            f"{' '.join(argv[:3])} failed (exit {done.returncode}): {detail}",
-            argv=argv,
-            exit_code=done.returncode,
-            stderr=done.stderr,
-            stdout=done.stdout,
-        )
+        raise tool_error(argv, done.returncode, done.stderr, done.stdout)
     return done.stdout
+
+
+def tool_error(argv: tuple[str, ...], exit_code: int, stderr: str, stdout: str) -> ToolError:
+    """The :class:`ToolError` of a tool run (``argv``) that exited with ``exit_code``."""
+    detail = (stderr or stdout).strip()[-2000:]
+    return ToolError(
+        f"{' '.join(argv[:3])} failed (exit {exit_code}): {detail}",
+        argv=argv,
+        exit_code=exit_code,
+        stderr=stderr,
+        stdout=stdout,
+    )
 
 
 def qemu_img(*args: str, timeout: float | None = None) -> str:

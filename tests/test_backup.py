@@ -1020,3 +1020,55 @@ def test_full_copy_engines_copy_data_only_and_report_bytes(
     assert [done for done, _t in seen] == sorted(done for done, _t in seen)
     assert _data_extents(out) <= data  # the zeroed and unallocated parts stay holes
     assert verify([out], disk).identical
+
+
+def test_digests_taken_during_the_copy_match_the_stored_chain(tmp_path: Path) -> None:
+    """While a digest collector is active, a libnbd download hashes every block its plan
+    touches from a second connection to the export: for a full copy the digests equal those
+    read back from the written image (every data block), for an incremental one exactly
+    the blocks its layer touches, equal to those read back through the chain. Without a
+    collector nothing is taken."""
+    from statecapture import _nbd, _nbd_digest
+    from statecapture._repository import digests as dg
+
+    if _nbd.load_nbd() is None:
+        pytest.skip("python3-libnbd is not installed")
+    disk = _image(tmp_path / "disk.qcow2", "16M")
+    _write(disk, 0, os.urandom(3 * MiB + 4096))
+    _write(disk, 9 * MiB, os.urandom(MiB // 2))
+    sink = _nbd_digest.BlockDigests(dg.BLOCK_SIZE, lambda: dg.hasher(None))
+
+    def copy(sock: Path, out: Path, backing: Path | None, bitmap: str | None) -> None:
+        out.touch(mode=0o600)
+        with _nbd_digest.collecting(sink):
+            _nbd.copy_export(
+                _nbd.ExportSource(str(sock), "vda", bitmap), out, backing=backing, client="libnbd"
+            )
+
+    full, layer = tmp_path / "full.qcow2", tmp_path / "layer.qcow2"
+    proc = _serve(disk, tmp_path / "a.sock")
+    try:
+        copy(tmp_path / "a.sock", full, None, None)
+        other = tmp_path / "other.qcow2"
+        other.touch(mode=0o600)
+        _nbd.copy_export(_nbd.ExportSource(str(tmp_path / "a.sock"), "vda"), other, backing=None)
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert set(sink.taken) == {_nbd_digest.file_key(full)}  # none for `other`
+    taken = sink.taken[_nbd_digest.file_key(full)]
+    assert sorted(taken.blocks) == [0, 1, 2, 3, 9]
+    assert dict(taken.blocks) == dg.digest_blocks(full, 16 * MiB, set(taken.blocks).__contains__)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(disk), "b"], check=True)
+    _write(disk, 5 * MiB + 4096, os.urandom(8192))
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -q -z {MiB} {MiB}", str(disk)])
+    proc = _serve(disk, tmp_path / "b.sock", bitmap="b")
+    try:
+        copy(tmp_path / "b.sock", layer, full, "qemu:dirty-bitmap:b")
+    finally:
+        proc.terminate()
+        proc.wait()
+    taken = sink.taken[_nbd_digest.file_key(layer)]
+    touched = dg.layer_blocks(dg.read_map(layer))
+    assert set(taken.blocks) == touched == {1, 5}
+    assert dict(taken.blocks) == dg.digest_blocks(layer, 16 * MiB, touched.__contains__)

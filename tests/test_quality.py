@@ -103,6 +103,8 @@ PRIVATE_MODULES: dict[str, set[str]] = {
     "tests/test_backup.py": {
         "statecapture._backup",
         "statecapture._nbd",
+        "statecapture._nbd_digest",
+        "statecapture._repository",
         "statecapture._restore",
     },
     "tests/test_bitmaps.py": {

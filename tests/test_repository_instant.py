@@ -278,27 +278,64 @@ def _contains(path: Path, needle: bytes) -> bool:
     return False
 
 
+class _PlaintextWatch:
+    """Scans every file under ``root`` over and over, from a thread, for ``needles``."""
+
+    def __init__(self, root: Path, needles: list[bytes]) -> None:
+        import threading
+
+        self.root = root
+        self.needles = needles
+        self.found: list[str] = []
+        self.scans = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for f in list(self.root.rglob("*")):
+                with contextlib.suppress(OSError):  # files come and go while it scans
+                    if f.is_file() and any(_contains(f, n) for n in self.needles):
+                        self.found.append(str(f))
+            self.scans += 1
+
+    def __enter__(self) -> _PlaintextWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @pytest.mark.qemu
 def test_encrypted_repository(
     guest: statecapture.Domain, qemu_conn: statecapture.Connection, tmp_path: Path
 ) -> None:
-    """With a key, every stored image is LUKS-encrypted qcow2: no stored file holds a line
-    of the known pattern the guest wrote, digests are keyed (HMAC); full and incremental
-    points restore byte for byte and verify with the key, export reads through NBD with
-    it; without the key (or with a wrong one) the repository does not open; boot is
-    refused clearly (not supported for encrypted repositories yet)."""
+    """With a key, every stored image is LUKS-encrypted qcow2 from its first byte: no file
+    in the repository holds a line of the known pattern the guest wrote, neither after the
+    backups nor at any moment while they run (a thread scans the store throughout);
+    digests are keyed (HMAC); full and incremental points restore byte for byte and verify
+    with the key, export reads through NBD with it; prune merges encrypted layers (the
+    kept point restores equal, still no plaintext); without the key (or with a wrong one)
+    the repository does not open; push mode is refused (QEMU would write plain data);
+    boot is refused clearly (not supported for encrypted repositories yet)."""
     from tests.test_repository import _paused_backup, _restore_equals
 
     repo = Repository.create(tmp_path / "enc", key=KEY)
+    patterns = [LINE * 4, LINE2 * 4]
     _write_marker(guest, "marker", LINE)
-    p1, r1 = _paused_backup(repo, guest, tmp_path, "e1")
     _write_marker(guest, "marker2", LINE2)
-    p2, r2 = _paused_backup(repo, guest, tmp_path, "e2")
+    with _PlaintextWatch(repo.path, patterns) as watch:
+        p1, r1 = _paused_backup(repo, guest, tmp_path, "e1")
+        _write_marker(guest, "marker3", LINE2)
+        p2, r2 = _paused_backup(repo, guest, tmp_path, "e2")
+    assert watch.scans >= 2 and watch.found == []
     assert p2.kind is statecapture.PointKind.INCREMENTAL
     assert _contains(r2["vda"], LINE * 4)  # the pattern is on the disk...
     stored = [p for p in repo.path.rglob("*") if p.is_file()]
     for f in stored:  # ...but in no stored file
-        assert not _contains(f, LINE * 4) and not _contains(f, LINE2 * 4), f
+        assert not any(_contains(f, n) for n in patterns), f
     for p in (p1, p2):
         img = p.root / "images" / p.disks["vda"].file  # type: ignore[operator]
         info = subprocess.run(
@@ -316,6 +353,8 @@ def test_encrypted_repository(
     with repo.export(p2, "vda") as uri:
         data = _read_export(uri, p2.disks["vda"].size)
     assert data == r2["vda"].read_bytes()
+    with pytest.raises(statecapture.UsageError):
+        repo.backup(guest, mode="push")
     before = _repo_sums(repo)
     with pytest.raises(statecapture.RepositoryKeyError):
         Repository(repo.path)
@@ -323,6 +362,15 @@ def test_encrypted_repository(
         repo.boot(p2, qemu_conn, name=f"{guest.name}-e", overlay_dir=tmp_path / "ov")
     assert not (tmp_path / "ov").exists()
     assert _repo_sums(repo) == before
+    # prune: the full point goes, the incremental absorbs what it needs (still encrypted)
+    report = repo.prune(guest, keep_last=1)
+    assert [p.id for p in report.removed] == [p1.id] and report.merged
+    (kept,) = repo.points(guest)
+    assert kept.id == p2.id and kept.kind is statecapture.PointKind.FULL
+    _restore_equals(repo, kept, r2, tmp_path / "out3")
+    assert repo.verify().ok
+    for f in (p for p in repo.path.rglob("*") if p.is_file()):
+        assert not any(_contains(f, n) for n in patterns), f
 
 
 def test_incremental_download_scans_block_status_once(

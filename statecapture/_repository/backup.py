@@ -10,6 +10,7 @@ copied with ``qemu-img convert``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
@@ -21,7 +22,9 @@ from lxml import etree
 
 from .._advisor import Consistency
 from .._journal import boundary
-from .._nbd import qemu_img
+from .._nbd import Target, create_target, key_objects
+from .._nbd_digest import BlockDigests, Taken, collecting, file_key
+from .._qemuimg import qemu_img
 from ..errors import (
     ChainError,
     CheckpointInconsistentError,
@@ -111,17 +114,19 @@ def live_backup(
     pid = new_point_id()
     cp_name = repo.checkpoint_prefix + pid
     images = ddir / "images"
-    result = direct_backup(
-        dom,
-        images,
-        mode=mode,
-        incremental_from=base.checkpoint if base is not None else None,
-        checkpoint=cp_name,
-        quiesce=quiesce,  # type: ignore[arg-type]
-        max_frozen=max_frozen,
-        disks=disks,
-        progress=progress,
-    )
+    sink = digest_sink(repo)
+    with collecting(sink):
+        result = direct_backup(
+            dom,
+            images,
+            mode=mode,
+            incremental_from=base.checkpoint if base is not None else None,
+            checkpoint=cp_name,
+            quiesce=quiesce,  # type: ignore[arg-type]
+            max_frozen=max_frozen,
+            disks=disks,
+            progress=progress,
+        )
     with ExitStack() as undo:
         undo.push(_undo(discard_run, repo, dom, ddir, pid, cp_name, dict(result.files)))
         boundary("repo:backup:copied")
@@ -129,7 +134,7 @@ def live_backup(
         for disk, path in sorted(result.files.items()):
             parent_entry = base.disks.get(disk) if base is not None else None
             entries[disk] = record_layer(
-                repo, ddir, pid, disk, Path(path), parent_entry, base is not None
+                repo, ddir, pid, disk, Path(path), parent_entry, base is not None, sink
             )
             boundary(f"repo:backup:digested:{disk}")
         kind = (
@@ -166,6 +171,13 @@ def live_backup(
     return point
 
 
+def digest_sink(repo: Repository) -> BlockDigests:
+    """Where downloads file the block digests they take while copying (this repository's
+    block size and hash: SHA-256, or HMAC-SHA256 under the key of an encrypted one)."""
+    key = None if repo.key is None else repo.key.digest_key(repo.info.id)
+    return BlockDigests(_dg.BLOCK_SIZE, lambda: _dg.hasher(key))
+
+
 def record_layer(
     repo: Repository,
     ddir: Path,
@@ -174,12 +186,16 @@ def record_layer(
     path: Path,
     parent: DiskEntry | None,
     incremental: bool,
+    sink: BlockDigests | None = None,
 ) -> DiskEntry:
-    """Make the stored layer self-describing (relative backing name), digest it."""
+    """Make the stored layer self-describing (relative backing name), digest it (with the
+    digests ``sink`` took during the copy when they match the stored layer)."""
     images = ddir / "images"
     os.chmod(path, 0o600)
+    taken = None if sink is None else sink.taken.get(file_key(path))
     layers = _dg.chain_files(path)
     top = layers[0]
+    encrypted = bool(top.get("encrypted"))
     backing = top.get("backing-filename")
     parent_file: str | None = None
     if backing:
@@ -190,30 +206,28 @@ def record_layer(
                 path=str(path),
             )
         if str(backing) != name:
-            qemu_img("rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", name, str(path))
+            _rebase_unsafe(path, name, encrypted)
         parent_file = name
     from .crypto import opened
     from .transform import reader, store_layer
 
-    store_layer(repo, path, parent_file)
+    store_layer(repo, path, parent_file, encrypted=encrypted)
     size = int(top["virtual-size"])
     with opened(repo, path) as args:
         extents = _dg.read_map(path, opened=args)
-    files = [images / path.name] + [images / Path(str(x["filename"])).name for x in layers[1:]]
     copied = sum(e.length for e in extents if e.depth == 0 and e.data)
     key = None if repo.key is None else repo.key.digest_key(repo.info.id)
-    keyed = key is not None
-    with reader(repo, path) as read:
-        if parent_file is None:
-            blocks = _dg.digest_blocks(path, size, extents=extents, files=files, read=read, key=key)
-            blocks = {k: v for k, v in blocks.items() if v != _dg.zero_digest(size, k, key=key)}
-            dmap = _dg.DigestMap(size, blocks, complete=True, keyed=keyed)
-        else:
-            touched = _dg.layer_blocks(extents)
+    blocks = _taken_blocks(taken, extents, size, full=parent_file is None)
+    if blocks is None:  # not taken during the copy: read the stored chain
+        files = [images / path.name] + [images / Path(str(x["filename"])).name for x in layers[1:]]
+        wanted = None if parent_file is None else _dg.layer_blocks(extents).__contains__
+        with reader(repo, path) as read:
             blocks = _dg.digest_blocks(
-                path, size, touched.__contains__, extents=extents, files=files, read=read, key=key
+                path, size, wanted, extents=extents, files=files, read=read, key=key
             )
-            dmap = _dg.DigestMap(size, blocks, complete=False, keyed=keyed)
+    if parent_file is None:
+        blocks = {k: v for k, v in blocks.items() if v != _dg.zero_digest(size, k, key=key)}
+    dmap = _dg.DigestMap(size, blocks, complete=parent_file is None, keyed=key is not None)
     dname = f"{pid}.{_safe(disk)}.json"
     write_atomic(ddir / "digests", dname, dmap.to_json(), replace=False)
     return DiskEntry(
@@ -224,6 +238,39 @@ def record_layer(
         parent_file=parent_file,
         digests=dname,
         reason="disk added" if incremental and parent_file is None else None,
+    )
+
+
+def _taken_blocks(
+    taken: Taken | None, extents: list[_dg.Extent], size: int, *, full: bool
+) -> dict[int, str] | None:
+    """The digests taken during the copy, when they cover the stored layer: a full layer's
+    data blocks must all have been digested, an incremental layer's touched blocks must be
+    exactly the digested ones; ``None`` otherwise (then the stored files are read)."""
+    if taken is None or taken.size != size:
+        return None
+    if full:
+        held = _dg.layer_blocks(e for e in extents if e.data)
+        return dict(taken.blocks) if held <= taken.blocks.keys() else None
+    return dict(taken.blocks) if _dg.layer_blocks(extents) == set(taken.blocks) else None
+
+
+def _rebase_unsafe(path: Path, name: str, encrypted: bool) -> None:
+    """Record ``name`` as the backing of ``path`` (metadata only)."""
+    if not encrypted:
+        qemu_img("rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", name, str(path))
+        return
+    target = Target(str(path), None, encrypted=True)
+    qemu_img(
+        "rebase",
+        *key_objects(),
+        "-u",
+        "-F",
+        "qcow2",
+        "-b",
+        name,
+        "--image-opts",
+        target.image_opts(),
     )
 
 
@@ -379,6 +426,29 @@ def _copy_with_bitmap(source: str, bitmap: str, partial: Path, backing: Path) ->
         shutil.rmtree(sockdir, ignore_errors=True)
 
 
+def _convert_full(source: str, fmt: str, partial: Path, encrypted: bool) -> None:
+    """Copy the shut-off domain's disk ``source`` into the new image ``partial``; into a
+    LUKS image, encrypted as it is written, for an encrypted repository."""
+    if not encrypted:
+        qemu_img(
+            "convert", "-f", fmt, "-O", "qcow2", "-o", "cluster_size=65536", source, str(partial)
+        )
+        return
+    info = json.loads(qemu_img("info", "--output=json", "-f", fmt, "--force-share", source))
+    create_target(partial, int(info["virtual-size"]), None, None)
+    target = Target(str(partial), None, encrypted=True)
+    qemu_img(
+        "convert",
+        "-n",
+        "-f",
+        fmt,
+        *key_objects(),
+        source,
+        "--target-image-opts",
+        target.image_opts(),
+    )
+
+
 def _offline_checkpoint(dom: Domain, name: str, disks: list[str], all_disks: list[str]) -> bool:
     """Create checkpoint ``name`` on the shut-off ``dom``: metadata first (redefined), then
     an enabled persistent bitmap in each qcow2 image, so the next start tracks writes.
@@ -473,17 +543,7 @@ def offline_backup(
                 _copy_with_bitmap(d.source, base.checkpoint, partial, images / parent.file)
             else:
                 parent = None
-                qemu_img(
-                    "convert",
-                    "-f",
-                    d.format or "raw",
-                    "-O",
-                    "qcow2",
-                    "-o",
-                    "cluster_size=65536",
-                    d.source,
-                    str(partial),
-                )
+                _convert_full(d.source, d.format or "raw", partial, repo.key is not None)
                 fd = os.open(partial, os.O_RDONLY)
                 try:
                     os.fsync(fd)

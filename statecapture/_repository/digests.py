@@ -6,10 +6,15 @@ which layer of the chain holds it (``depth``) and where in that file (``offset``
 reads as zeros. Reading those host ranges with ``pread`` gives exactly the bytes a restore
 would produce, each stored byte read once.
 
-Digests are taken right after a layer is written (the data is still in the page cache), not
-inside the NBD copy: the copy path stays untouched and the digest proves what is *stored*.
-A full point records every non-zero block; an incremental records only the blocks its layer
-touches (recomputed through the chain), and the rest is inherited from its parent.
+A pull download of a running domain takes the digests from the NBD export while it copies
+(``statecapture._nbd_digest``: a second connection, hashed on the other core); the stored
+layer's map is then checked against them (every block the layer holds must have been
+digested) and :meth:`Repository.verify` later proves that what is *stored* matches what was
+*read*. Where the data does not pass an NBD export we read (push mode, a shut-off domain's
+full copy, the ``qemu-img`` fallback client), or the check fails, the digests are read from
+the stored files right after the copy, as below. A full point records every non-zero block;
+an incremental records only the blocks its layer touches (recomputed through the chain),
+and the rest is inherited from its parent.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any, Final
 
 import attrs
 
-from .._nbd import qemu_img
+from .._qemuimg import qemu_img
 from ..errors import RepositoryError, StateCaptureError
 
 __all__ = [
@@ -33,6 +38,7 @@ __all__ = [
     "Extent",
     "chain_files",
     "digest_blocks",
+    "hasher",
     "layer_blocks",
     "read_map",
     "zero_digest",
@@ -102,7 +108,7 @@ def layer_blocks(extents: Iterable[Extent], block: int = BLOCK_SIZE) -> set[int]
     return out
 
 
-def _hasher(key: bytes | None) -> Any:
+def hasher(key: bytes | None) -> Any:
     """SHA-256, or HMAC-SHA256 under ``key`` (an encrypted repository's digests)."""
     if key is None:
         return hashlib.sha256()
@@ -112,7 +118,7 @@ def _hasher(key: bytes | None) -> Any:
 def zero_digest(size: int, index: int, block: int = BLOCK_SIZE, *, key: bytes | None = None) -> str:
     """The digest of block ``index`` of a disk of ``size`` bytes reading as zeros."""
     n = min(block, size - index * block)
-    h = _hasher(key)
+    h = hasher(key)
     h.update(_ZERO[:n])
     return str(h.hexdigest())
 
@@ -150,7 +156,7 @@ def digest_blocks(
                     if b != cur_idx:
                         if cur is not None:
                             out[cur_idx] = cur.hexdigest()
-                        cur, cur_idx = _hasher(key), b
+                        cur, cur_idx = hasher(key), b
                     if e.data and read is not None:  # through QEMU (compressed, encrypted)
                         cur.update(read(pos, n))
                     elif e.data:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
-from .._nbd import qemu_img
+from .._qemuimg import qemu_img
 from ..errors import (
     NotFoundError,
     OperationTimeoutError,

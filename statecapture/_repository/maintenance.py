@@ -4,21 +4,25 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import secrets
 import shutil
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from .._journal import boundary
+from .._qemuimg import qemu_img
 from ..errors import ChainError, RepositoryError, StateCaptureError, UnsupportedError, UsageError
 from . import chain as _chain
 from . import digests as _dg
 from . import retention
 from .common import _not_found, _safe, _uuid_of
+from .crypto import SECRET_ID, chain_opts, key_file, secret_object
 from .manifest import DiskEntry, PointKind, RestorePoint, dumps
 from .reports import CheckReport, Difference, PruneReport, VerifyReport
 from .store import fsync_dir, read_bytes, write_atomic
@@ -121,10 +125,10 @@ def remove_point(repo: Repository, ddir: Path, rid: str) -> list[str]:
             upper = digest_map(repo, ddir, ce, cache)
             boundary("repo:prune:before-rebase")
             if re_.parent_file is not None:
-                _rebase(images, child, re_.parent_file)
+                _rebase(repo, images, child, re_.parent_file)
                 new_e = attrs.evolve(ce, parent_file=re_.parent_file)
             else:
-                _rebase(images, child, None)
+                _rebase(repo, images, child, None)
                 new_e = attrs.evolve(ce, parent_file=None, kind=PointKind.FULL)
             boundary("repo:prune:rebased")
             dmap = _dg.merge(lower, upper)
@@ -299,6 +303,9 @@ def prune(
     notes: list[str] = []
     with repo._lock(uuid).held():
         repo._clean_leftovers(dom, ddir)
+        notes += [
+            f"repaired the backing name of {n}" for n in repair_backing_names(repo, ddir / "images")
+        ]
         pts = repo._load(ddir)
         order = sorted(pts.values(), key=lambda q: (q.time, q.id))
         removed = [p for p in order if p.id not in keep]
@@ -328,8 +335,11 @@ def prune(
     )
 
 
-def _rebase(images: Path, child: Path, new_backing: str | None) -> None:
+def _rebase(repo: Repository, images: Path, child: Path, new_backing: str | None) -> None:
     """Safe ``qemu-img rebase`` of ``child`` onto ``new_backing`` (a name; ``None``: none)."""
+    if repo.key is not None:
+        _rebase_encrypted(repo, images, child, new_backing)
+        return
     argv = ["rebase", "-f", "qcow2", "-b", new_backing or ""]
     if new_backing:
         argv += ["-F", "qcow2"]
@@ -341,3 +351,65 @@ def _rebase(images: Path, child: Path, new_backing: str | None) -> None:
     )
     if done.returncode != 0:
         raise RepositoryError(f"qemu-img rebase {child} failed: {done.stderr.strip()}")
+
+
+def _json_chain(files: list[str]) -> dict[str, Any]:
+    """QEMU's JSON options of the encrypted chain ``files`` (top first), keys included."""
+    node: dict[str, Any] | None = None
+    for f in reversed(files):
+        spec: dict[str, Any] = {
+            "driver": "qcow2",
+            "file": {"driver": "file", "filename": f},
+            "encrypt": {"key-secret": SECRET_ID},
+        }
+        if node is not None:
+            spec["backing"] = node
+        node = spec
+    assert node is not None
+    return node
+
+
+def _rebase_encrypted(repo: Repository, images: Path, child: Path, new_backing: str | None) -> None:
+    """The safe rebase of an encrypted layer, with ``qemu-img`` alone.
+
+    ``qemu-img rebase`` opens the child (``--image-opts``, every layer's key) and the new
+    backing by the name given with ``-b``, which cannot carry a key; a ``json:`` name can.
+    So: a safe rebase onto ``json:{…the new backing chain with its keys…}`` (the child
+    absorbs what it needs), then an unsafe one (header only) that records the plain name.
+    A crash between the two leaves the ``json:`` name in the header: the guest-visible data
+    is right, and :func:`repair_backing_names` (run by the next prune) records the name.
+    """
+    assert repo.key is not None
+    layers = len(_dg.chain_files(child))
+    with key_file(repo.key, repo.info.id) as kf:
+        obj = ("--object", secret_object(kf))
+        opts = chain_opts(child, layers)
+        if new_backing is None:
+            qemu_img("rebase", *obj, "--image-opts", "-b", "", opts)
+            return
+        files = [str(x["filename"]) for x in _dg.chain_files(images / new_backing)]
+        spec = "json:" + json.dumps(_json_chain(files))
+        qemu_img("rebase", *obj, "--image-opts", "-F", "qcow2", "-b", spec, opts)
+        qemu_img("rebase", *obj, "-u", "--image-opts", "-F", "qcow2", "-b", new_backing,
+                 chain_opts(child, 1))  # fmt: skip
+
+
+def repair_backing_names(repo: Repository, images: Path) -> list[str]:
+    """Record the plain backing name in every layer whose header holds a ``json:`` name
+    (an encrypted prune that died between its two rebases); the layers repaired."""
+    if repo.key is None:
+        return []
+    repaired = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(images)):
+            path = images / name
+            info = json.loads(qemu_img("info", "--output=json", "-U", str(path)))
+            backing = str(info.get("backing-filename") or "")
+            if not backing.startswith("json:"):
+                continue
+            target = Path(json.loads(backing[5:])["file"]["filename"]).name
+            with key_file(repo.key, repo.info.id) as kf:
+                qemu_img("rebase", "--object", secret_object(kf), "-u", "--image-opts",
+                         "-F", "qcow2", "-b", target, chain_opts(path, 1))  # fmt: skip
+            repaired.append(name)
+    return repaired

@@ -29,7 +29,7 @@ import attrs
 from lxml import etree
 
 from .._journal import boundary
-from .._nbd import qemu_img
+from .._qemuimg import qemu_img
 from ..errors import (
     NotFoundError,
     RepositoryError,
@@ -312,7 +312,9 @@ class Repository:
         qcow2 images, else full; a checkpoint is then defined while it is off, so the next
         running backup continues incrementally. Each point also stores the domain's
         configuration (inactive and live XML), its NVRAM file and TPM state when present,
-        and a digest of every 1 MiB block for :meth:`verify`.
+        and a digest of every 1 MiB block for :meth:`verify` (taken from the NBD export
+        while a pull download copies it). In an encrypted repository every image is
+        written encrypted from its first byte (pull mode only for a running domain).
 
         Leftovers of an interrupted earlier run (an unfinished sequence on the domain,
         files and checkpoints no point lists) are cleaned up first. On any error the
@@ -326,6 +328,11 @@ class Repository:
             raise UsageError(f"mode must be 'pull' or 'push', not {mode!r}")
         if not isinstance(full, bool):
             raise UsageError(f"full must be a bool, not {full!r}")
+        if mode == "push" and self.key is not None and dom.is_active:
+            raise UsageError(
+                "an encrypted repository backs up a running domain in pull mode only: in "
+                "push mode QEMU writes the plain data to disk itself"
+            )
         if disks is not None:
             if isinstance(disks, str):
                 raise UsageError("disks must be a list of disk targets, e.g. ['vda']")
@@ -340,11 +347,11 @@ class Repository:
             boundary("repo:backup:cleaned")
             points = self._load(ddir)
             if self.key is not None:  # writers of new layers open the encrypted chains below
-                from .._nbd import encrypted_backing
+                from .._nbd import encrypted_layers
                 from .crypto import key_file
 
                 kf = keyed.enter_context(key_file(self.key, self.info.id))
-                keyed.enter_context(encrypted_backing(str(kf), self._chain_lengths(ddir, points)))
+                keyed.enter_context(encrypted_layers(str(kf), self._chain_lengths(ddir, points)))
             if not dom.is_active:
                 return _bk.offline_backup(self, dom, ddir, points, full=full, disks=disks)
             return _bk.live_backup(
@@ -671,13 +678,9 @@ class Repository:
         :class:`Domain`, the checkpoints this repository made that no kept point needs
         (every one but the newest point's) are deleted, libvirt merging their bitmaps, so
         bitmaps do not pile up in the guest's images. ``dry_run=True`` changes nothing.
-        In an encrypted repository only ``dry_run=True`` is supported yet
-        (:class:`UnsupportedError`: merging encrypted layers is not implemented).
+        In an encrypted repository the layers are merged with ``qemu-img`` and the key,
+        never decrypted onto the disk.
         """
-        if self.key is not None and not dry_run:
-            raise UnsupportedError(
-                "prune() of an encrypted repository is not supported yet (dry_run=True is)"
-            )
         return _maint.prune(
             self,
             domain,
