@@ -17,6 +17,7 @@ callers also ask libvirt for checkpoints.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Mapping
@@ -53,8 +54,10 @@ def executable(tool: str, operation: str) -> str:
     return found
 
 
-def run(tool: str, *args: str, timeout: float | None = None) -> str:
-    """Run ``tool args…`` and return its stdout.
+def run(
+    tool: str, *args: str, timeout: float | None = None, cwd: str | os.PathLike[str] | None = None
+) -> str:
+    """Run ``tool args…`` (in ``cwd`` when given: relative image names) and return its stdout.
 
     Raises :class:`UnsupportedError` when the tool is missing, :class:`OperationTimeoutError`
     after ``timeout`` seconds, :class:`ToolError` when it exits non-zero.
@@ -68,6 +71,7 @@ def run(tool: str, *args: str, timeout: float | None = None) -> str:
             text=True,
             timeout=timeout,
             check=False,
+            cwd=cwd,
         )
     except subprocess.TimeoutExpired as exc:
         raise OperationTimeoutError(
@@ -90,9 +94,11 @@ def tool_error(argv: tuple[str, ...], exit_code: int, stderr: str, stdout: str) 
     )
 
 
-def qemu_img(*args: str, timeout: float | None = None) -> str:
+def qemu_img(
+    *args: str, timeout: float | None = None, cwd: str | os.PathLike[str] | None = None
+) -> str:
     """Run ``qemu-img args…`` and return its stdout (errors as for :func:`run`)."""
-    return run(QEMU_IMG, *args, timeout=timeout)
+    return run(QEMU_IMG, *args, timeout=timeout, cwd=cwd)
 
 
 def qemu_io(*args: str, timeout: float | None = None) -> str:

@@ -7,8 +7,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +15,13 @@ import attrs
 
 from .._journal import boundary
 from .._qemuimg import qemu_img
-from ..errors import ChainError, RepositoryError, StateCaptureError, UnsupportedError, UsageError
+from ..errors import (
+    ChainError,
+    RepositoryError,
+    StateCaptureError,
+    ToolError,
+    UsageError,
+)
 from . import chain as _chain
 from . import digests as _dg
 from . import retention
@@ -343,14 +347,10 @@ def _rebase(repo: Repository, images: Path, child: Path, new_backing: str | None
     argv = ["rebase", "-f", "qcow2", "-b", new_backing or ""]
     if new_backing:
         argv += ["-F", "qcow2"]
-    exe = shutil.which("qemu-img")
-    if exe is None:
-        raise UnsupportedError("qemu-img is not installed (Debian package qemu-utils)")
-    done = subprocess.run(
-        [exe, *argv, child.name], cwd=images, capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        raise RepositoryError(f"qemu-img rebase {child} failed: {done.stderr.strip()}")
+    try:
+        qemu_img(*argv, child.name, cwd=images)
+    except ToolError as exc:
+        raise RepositoryError(f"qemu-img rebase {child} failed: {exc.stderr.strip()}") from exc
 
 
 def _json_chain(files: list[str]) -> dict[str, Any]:
