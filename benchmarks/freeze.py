@@ -27,8 +27,9 @@ Rows:
 * ``backup_via_temporary_snapshot`` (with a ``copy`` that copies nothing: only the window
   matters here) against ``fsFreeze`` + ``snapshotCreateXML(DISK_ONLY|ATOMIC|NO_METADATA)``
   + ``fsThaw``;
-* the building blocks composed by hand: ``fs_frozen`` + ``Domain.backup(mode="pull",
-  checkpoint=…)`` and ``fs_frozen`` + ``snapshots.create(disk_only=True)``;
+* the building blocks composed by hand: ``Domain.backup_start(plan)`` with only
+  ``BackupStart.begin()`` inside ``fs_frozen`` (a pull plan with a checkpoint), and
+  ``fs_frozen`` + ``snapshots.create(plan=…)`` (a disk-only plan);
 * the bare freeze scope (``with fs_frozen(dom): pass``) against ``fsFreeze`` + ``fsThaw``.
 """
 
@@ -182,7 +183,7 @@ class _Case:
 
 
 class _PullBackup(_Case):
-    label = "fs_frozen + Domain.backup(plan=pull plan, checkpoint)"
+    label = "backup_start + fs_frozen + begin() (pull plan, checkpoint)"
     raw_label = "fsFreeze + backupBegin(pull, checkpoint) + fsThaw"
 
     def raw(self) -> _Window:
@@ -211,8 +212,15 @@ class _PullBackup(_Case):
     def library(self) -> _Window:
         dom = self.g.dom
         plan = dom.backup_plan(mode="pull", checkpoint=_unique("fw-lib"))  # outside
-        with _observe(dom) as window, statecapture.fs_frozen(dom, max_frozen=60):
-            job = dom.backup(plan=plan)  # the whole start: record, lock, begin, read back
+        # Entering the start (record, directories, lock) comes before the freeze; only
+        # virDomainBackupBegin runs frozen; the job is read back after the thaw.
+        with (
+            dom.backup_start(plan) as start,
+            _observe(dom) as window,
+            statecapture.fs_frozen(dom, max_frozen=60),
+        ):
+            start.begin()
+        job = start.job
         job.end()  # not downloaded: the job removes its checkpoint and scratch files
         return window
 

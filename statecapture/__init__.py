@@ -69,6 +69,7 @@ from ._backup import (  # backup
     BackupJob,
     BackupProgress,
     BackupResult,
+    BackupStart,
     DiskBackup,
 )
 from ._backup_plan import BackupPlan, BackupPlanDisk  # backup
@@ -207,6 +208,7 @@ __all__ = [
     "CheckpointDisk",
     # backup
     "BackupJob",
+    "BackupStart",
     "BackupPlan",
     "BackupPlanDisk",
     "BackupResult",

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import os
     from collections.abc import Iterable  # backup
 
-    from ._backup import BackupJob  # backup
+    from ._backup import BackupJob, BackupStart  # backup
     from ._backup_plan import BackupPlan  # backup plan
     from ._blockjob import BlockJob
     from ._capabilities import Capabilities  # advisor
@@ -622,6 +622,46 @@ class Domain:
         from ._backup import begin_backup
 
         return begin_backup(
+            self,
+            plan=plan,
+            mode=mode,
+            disks=disks,
+            incremental_from=incremental_from,
+            checkpoint=checkpoint,
+            target_dir=target_dir,
+            scratch_dir=scratch_dir,
+            socket=socket,
+        )
+
+    def backup_start(
+        self,
+        plan: BackupPlan | None = None,
+        *,
+        mode: BackupMode | str = "push",
+        disks: Iterable[str] | None = None,
+        incremental_from: str | None = None,
+        checkpoint: str | CheckpointXML | None = None,
+        target_dir: str | os.PathLike[str] | None = None,
+        scratch_dir: str | os.PathLike[str] | None = None,
+        socket: str | os.PathLike[str] | None = None,
+    ) -> BackupStart:
+        """A backup job's start split around its capture call, for your own freeze.
+
+        :meth:`backup` does all of this in one call; to freeze the guest yourself, freeze
+        only the capture call::
+
+            with dom.backup_start(plan) as start:   # checks, record, directories, lock
+                with fs_frozen(dom):
+                    start.begin()                   # virDomainBackupBegin, nothing else
+            job = start.job                         # read back after the thaw
+
+        Takes a :class:`BackupPlan` (from :meth:`backup_plan`; re-checked on entering) or
+        the arguments of :meth:`backup`, with the same errors. Leaving the block by an
+        exception, or without :meth:`BackupStart.begin`, undoes everything it did.
+        """
+        from ._backup import start_backup
+
+        return start_backup(
             self,
             plan=plan,
             mode=mode,

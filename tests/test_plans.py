@@ -193,3 +193,66 @@ def _dir(base: Path, name: str) -> Path:
     path = base / name
     path.mkdir()
     return path
+
+
+def test_backup_start_refuses_bad_input(test_domain: statecapture.Domain) -> None:
+    """dom.backup_start() checks like dom.backup(): a plan= that is no BackupPlan is a
+    UsageError, and a driver without backup jobs (the test driver) an UnsupportedError —
+    both before anything changes."""
+    before = test_domain.xml()
+    with pytest.raises(UsageError, match="BackupPlan"):
+        test_domain.backup_start(plan="nightly")  # type: ignore[arg-type]
+    with pytest.raises(statecapture.UnsupportedError):
+        test_domain.backup_start(mode="pull")
+    assert test_domain.xml() == before
+
+
+@pytest.mark.qemu
+def test_backup_start_freezes_only_the_capture_call(
+    planned_guest: statecapture.Domain, tmp_path: Path
+) -> None:
+    """dom.backup_start(plan) splits a backup around its capture call for the caller's own
+    freeze: inside ``fs_frozen`` only virDomainBackupBegin runs; the job is read back after
+    the thaw and delivers the planned files. begin() outside the block or twice is a
+    UsageError; leaving the block without begin(), or by an exception after begin(), undoes
+    everything (no job, record, checkpoint, file or private directory)."""
+    dom = planned_guest
+    out = _dir(tmp_path, "out")
+    before = _state(dom, out)
+    plan = dom.backup_plan(mode="push", target_dir=out, checkpoint="bs1")
+
+    start = dom.backup_start(plan)
+    assert "prepared" in repr(start)
+    with pytest.raises(UsageError, match="inside its with block"):
+        start.begin()
+    with start:
+        pass  # never begun: undone on leaving
+    with pytest.raises(InvalidStateError, match="has not started"):
+        _ = start.job
+    # (libvirt leaves an empty <metadata/> where the record was)
+    assert _state(dom, out)[1:] == before[1:] and "urn:x-statecapture" not in dom.xml()
+
+    with pytest.raises(RuntimeError, match="after the capture"):
+        _fail_after_the_capture(dom, plan)
+    assert _state(dom, out)[1:] == before[1:] and "urn:x-statecapture" not in dom.xml()
+    assert all(not p.exists() for p in plan.private_dirs)
+
+    with record(dom) as log:
+        with dom.backup_start(plan) as start:
+            with statecapture.fs_frozen(dom):
+                start.begin()
+            with pytest.raises(UsageError, match="runs once"):
+                start.begin()
+        inside, _window = _take(log)
+    assert inside == ["backup_begin"]
+    with start.job as job:
+        result = job.wait()
+    assert {d.disk: d.file for d in result.disks} == plan.files
+    assert all(f.is_file() for f in plan.files.values()) and "bs1" in dom.checkpoints
+
+
+def _fail_after_the_capture(dom: statecapture.Domain, plan: BackupPlan) -> None:
+    with dom.backup_start(plan) as start:
+        with statecapture.fs_frozen(dom):
+            start.begin()
+        raise RuntimeError("after the capture")

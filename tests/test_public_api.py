@@ -73,6 +73,7 @@ EXPECTED = {
     "CheckpointDisk",
     # backup
     "BackupJob",
+    "BackupStart",
     "BackupPlan",
     "BackupPlanDisk",
     "BackupResult",

@@ -43,6 +43,7 @@ from .start import (
     active_backup,
     begin_backup,
     settle_stale_record,
+    start_backup,
     unfinished_record,
 )
 from .values import BackupExport, BackupProgress, BackupResult, DiskBackup, ProgressCallback
@@ -58,6 +59,7 @@ __all__ = [
     "active_backup",
     "backup_file_name",
     "begin_backup",
+    "start_backup",
     "delete_checkpoint",
     "final_path",
     "job_xml",

@@ -29,9 +29,11 @@ from .._backup_plan import (
 from .._events import EventKind, Expectation
 from .._journal import Journal, JournalWriter, read_journal
 from ..errors import (
+    CleanupError,
     InvalidStateError,
     LibvirtError,
     OperationTimeoutError,
+    StateCaptureError,
     UnsupportedError,
     UsageError,
     XMLError,
@@ -48,6 +50,7 @@ __all__ = [
     "BackupStart",
     "active_backup",
     "begin_backup",
+    "start_backup",
     "settle_stale_record",
     "unfinished_record",
 ]
@@ -129,11 +132,11 @@ def settle_stale_record(
     return recover_stale(dom, journal)
 
 
-def begin_backup(
+def start_backup(
     dom: Domain, *, plan: BackupPlan | None = None, **options: Unpack[BackupOptions]
-) -> BackupJob:
-    """Start a backup job; see :meth:`Domain.backup`: plan it from ``options`` (the
-    arguments of :func:`plan_backup`) unless ``plan`` is given, then execute the plan."""
+) -> BackupStart:
+    """The :class:`BackupStart` of a job (see :meth:`Domain.backup_start`): planned from
+    ``options`` (the arguments of :func:`plan_backup`) unless ``plan`` is given."""
     fresh = plan is None
     if plan is None:
         plan = plan_backup(dom, **options)
@@ -144,7 +147,15 @@ def begin_backup(
         for key, value in options.items()
     ):
         raise UsageError("pass either plan= or the backup's arguments, not both")
-    with BackupStart(dom, plan, recheck=not fresh) as start:
+    return BackupStart(dom, plan, recheck=not fresh)
+
+
+def begin_backup(
+    dom: Domain, *, plan: BackupPlan | None = None, **options: Unpack[BackupOptions]
+) -> BackupJob:
+    """Start a backup job; see :meth:`Domain.backup`: plan it from ``options`` (the
+    arguments of :func:`plan_backup`) unless ``plan`` is given, then execute the plan."""
+    with start_backup(dom, plan=plan, **options) as start:
         start.begin()
     return start.job
 
@@ -152,17 +163,25 @@ def begin_backup(
 class BackupStart:
     """The start of a planned backup job, as a context manager around the capture call.
 
-    Entering does everything that must come *before* the capture — re-checks a plan made
-    earlier (no job runs, the checkpoint is new), settles a dead run's record, makes the
-    private directories, subscribes to ``JOB_COMPLETED``, takes the domain's lock, notes
-    QEMU's bitmaps and writes the job's record — so that :meth:`begin` is
-    ``virDomainBackupBegin`` and nothing else (inside a freeze, only that runs). Leaving
-    reads the job back and releases the lock; leaving by an exception undoes everything
-    (:attr:`job` stays unset).
+    Made by :meth:`Domain.backup_start`. Entering does everything that must come *before*
+    the capture — re-checks a plan made earlier (no job runs, the checkpoint is new),
+    settles a dead run's record, makes the private directories, subscribes to
+    ``JOB_COMPLETED``, takes the domain's lock, notes QEMU's bitmaps and writes the job's
+    record — so that :meth:`begin` is ``virDomainBackupBegin`` and nothing else: put only
+    :meth:`begin` inside your :func:`~statecapture.fs_frozen` block. Leaving reads the job
+    back and releases the lock; then :attr:`job` is the running :class:`BackupJob`.
+    Leaving by an exception, or without a successful :meth:`begin`, undoes everything
+    (the record, the directories, a checkpoint or half-started job) and :attr:`job` stays
+    unset; :attr:`undone` lists what was undone.
 
-    ``writer`` is the record of the sequence the job belongs to (the job writes its section
-    there; the sequence settled any stale record); without one the job keeps its own record.
-    ``recheck=False`` skips the re-checks for a plan made moments ago by the same call.
+    .. code-block:: python
+
+        plan = dom.backup_plan(mode="pull", checkpoint="nightly-1")
+        with dom.backup_start(plan) as start:   # record, directories, lock: not frozen
+            with fs_frozen(dom):
+                start.begin()                   # only virDomainBackupBegin is frozen
+        with start.job as job:
+            job.download(target)
     """
 
     def __init__(
@@ -187,6 +206,12 @@ class BackupStart:
         self._exp: Expectation | None = None
         self._before: dict[str, Any] | None = None
         self._log: JobLog | None = None
+        self._entered = False
+        self._begun = False
+
+    def __repr__(self) -> str:
+        state = "started" if self._job is not None else "begun" if self._begun else "prepared"
+        return f"<BackupStart {self.plan.mode.value} of {self.dom.name!r}: {state}>"
 
     @property
     def job(self) -> BackupJob:
@@ -234,20 +259,34 @@ class BackupStart:
         except BaseException as exc:
             self._rollback(exc)
             raise
+        self._entered = True
         return self
 
     def begin(self) -> None:
-        """``virDomainBackupBegin`` with the plan's XML: the capture call, nothing else."""
+        """``virDomainBackupBegin`` with the plan's XML: the capture call, nothing else.
+
+        Call it once, inside the ``with`` block (:class:`UsageError` otherwise, before any
+        libvirt call).
+        """
+        if not self._entered or self._job is not None:
+            raise UsageError("BackupStart.begin() runs inside its with block")
+        if self._begun:
+            raise UsageError("BackupStart.begin() runs once: this job has started")
         try:
             _port(self.dom).backup_begin(self.plan.backup_xml, self.plan.checkpoint_xml)
         except UnsupportedError as exc:
             raise unsupported(self.dom, exc, "backup") from exc
+        self._begun = True
 
     def __exit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._entered = False
         if exc is not None:
             self._rollback(exc)
+            return
+        if not self._begun:
+            self._rollback(None)
             return
         dom, plan = self.dom, self.plan
         try:
@@ -284,9 +323,10 @@ class BackupStart:
             errors.append(f"end the half-started job: {e}")
         self._exp.close()
 
-    def _rollback(self, exc: BaseException) -> None:
+    def _rollback(self, exc: BaseException | None) -> None:
         """Undo a failed start: any job, the checkpoint if it was made, files, the record,
-        the private directories. What was undone is noted on ``exc`` (Ctrl-C too)."""
+        the private directories. What was undone is noted on ``exc`` (Ctrl-C too); with no
+        ``exc`` (left without :meth:`begin`) a cleanup failure raises :class:`CleanupError`."""
         dom, plan = self.dom, self.plan
         errors: list[str] = []
         undone: list[str] = []
@@ -304,12 +344,22 @@ class BackupStart:
                 if self._before is not None:
                     from .._checkpoint import remove_orphan_bitmaps
 
-                    remove_orphan_bitmaps(dom, self._before, exc)
+                    sink = exc if exc is not None else StateCaptureError("unstarted backup")
+                    remove_orphan_bitmaps(dom, self._before, sink)
+                    if exc is None:
+                        errors.extend(getattr(sink, "__notes__", ()))
             for d in self._made:
                 shutil.rmtree(d, ignore_errors=True)
         finally:
             self._stack.close()
         self.undone = undone
+        if exc is None:
+            if errors:
+                raise CleanupError(
+                    f"undoing the unstarted backup of {dom.name!r} left something behind: "
+                    + "; ".join(errors)
+                )
+            return
         if self.note:
             rolled_back_note(dom, exc, undone)
         if errors:
