@@ -116,6 +116,26 @@ def test_agent_connected_and_wait(test_conn: statecapture.Connection) -> None:
             alpha.wait_for_agent(bad)  # type: ignore[arg-type]
 
 
+def test_wait_for_agent_waits_until_the_agent_answers(
+    test_conn: statecapture.Connection,
+) -> None:
+    """The channel reading "connected" is not enough: wait_for_agent returns once the agent
+    answers a command (guest-get-time) — here the first two answers are "agent is not
+    connected" (code 86, what a freshly opened embedded driver reports) — while an agent
+    that answers with an error (code 113: command disabled) counts as answering."""
+    alpha = test_conn.domain("alpha")
+    not_yet = GuestAgentError("Guest agent is not responding: not connected", code=86)
+    with inject(alpha, "agent_time", raises=not_yet, times=2) as fault:
+        waited = alpha.wait_for_agent(10)
+    assert fault.calls == 3 and waited < 10
+    disabled = GuestAgentError("guest-get-time has been disabled", code=113)
+    with inject(alpha, "agent_time", raises=disabled) as fault:
+        assert alpha.wait_for_agent(5) < 5
+    assert fault.calls == 1
+    with inject(alpha, "agent_time", raises=not_yet), pytest.raises(OperationTimeoutError):
+        alpha.wait_for_agent(1.5)
+
+
 def test_scope_lifecycle(test_domain: statecapture.Domain) -> None:
     """NEW -> FROZEN -> THAWED; frozen_filesystems from fs_info; frozen_for is measured."""
     scope = fs_frozen(test_domain, max_frozen=5)

@@ -113,11 +113,13 @@ def wait_for_agent(dom: Domain, timeout: float) -> float:
                     operation="wait for the guest agent",
                     domain_name=dom.name,
                 )
-            # Wake on the agent-lifecycle event; look again every second regardless.
+            # Wake on the agent-lifecycle event; look again every second regardless (every
+            # 0.25 s while the channel reads connected but the agent does not answer yet).
+            pause = 0.25 if state.maybe_connected else 1.0
             event = expectation.poll()
             if event is None:
                 try:
-                    event = expectation.wait(min(remaining, 1.0), what="agent connect")
+                    event = expectation.wait(min(remaining, pause), what="agent connect")
                 except OperationTimeoutError:
                     continue
             if event.detail.get("connected") and _agent_answers(dom):
