@@ -24,14 +24,18 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
+from .errors import ConnectionLostError, GuestAgentError, LibvirtError
 from .xml._base import parse
 from .xml._domain import AGENT_CHANNEL
 
 if TYPE_CHECKING:
     from ._domain import Domain
-    from ._ports import DomainInfoPort
+    from ._ports import DomainInfoPort, FreezePort
 
-__all__ = ["AgentState", "agent_connected", "agent_state", "agent_state_of"]
+__all__ = ["AgentState", "agent_answers", "agent_connected", "agent_state", "agent_state_of"]
+
+_AGENT_COMMAND_FAILED = 113
+"""libvirt's VIR_ERR_AGENT_COMMAND_FAILED: the agent answered, with an error."""
 
 
 class AgentState(enum.Enum):
@@ -76,6 +80,28 @@ def agent_connected(dom: Domain) -> bool:
     A channel whose state the driver does not report counts as connected.
     """
     return dom.is_active and agent_state(dom).maybe_connected
+
+
+def agent_answers(dom: Domain) -> bool:
+    """Whether the agent answers a command now (``guest-get-time``, which adds no taint).
+
+    The channel state alone is not enough: a process that has just opened an embedded
+    driver sees the channel "connected" while the driver is still reconnecting to the agent,
+    and commands fail with "agent is not connected" for a moment. An agent that answers with
+    an error (the command is disabled, or refused while frozen) answers; a driver that cannot
+    read the guest's time through its agent is trusted on its channel state.
+    """
+    port: FreezePort = dom.port
+    try:
+        port.agent_time()
+    except GuestAgentError as exc:
+        # Not connected, unresponsive, unsynced: not yet.
+        return exc.code == _AGENT_COMMAND_FAILED
+    except ConnectionLostError:
+        raise
+    except LibvirtError:
+        return True
+    return True
 
 
 def _port(dom: Domain) -> DomainInfoPort:

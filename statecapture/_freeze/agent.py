@@ -11,17 +11,15 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from .._agent import AgentState, agent_state
+from .._agent import AgentState, agent_answers, agent_state
 from .._events import EventKind
 from ..errors import (
-    ConnectionLostError,
     GuestAgentError,
     InvalidStateError,
     LibvirtError,
     OperationTimeoutError,
     StateCaptureError,
     ThawError,
-    UnsupportedError,
     UsageError,
 )
 from ..xml._domain import AGENT_CHANNEL
@@ -61,30 +59,6 @@ def check_seconds(name: str, value: object, *, allow_none: bool = False) -> floa
     return seconds
 
 
-_AGENT_COMMAND_FAILED = 113
-
-
-def _agent_answers(dom: Domain) -> bool:
-    """Whether the agent answers a command now (``guest-get-time``).
-
-    The channel state alone is not enough: a process that has just opened an embedded
-    driver sees the channel "connected" while the driver is still reconnecting to the agent,
-    and commands fail with "agent is not connected" for a moment. A driver that cannot read
-    the guest's time through its agent is trusted on its channel state.
-    """
-    try:
-        _port(dom).agent_time()
-    except GuestAgentError as exc:
-        # 113 (AGENT_COMMAND_FAILED): the agent answered, with an error (the command is
-        # disabled, or refused while frozen). Not connected, unresponsive, unsynced: not yet.
-        return exc.code == _AGENT_COMMAND_FAILED
-    except ConnectionLostError:
-        raise
-    except (UnsupportedError, LibvirtError):
-        return True
-    return True
-
-
 def wait_for_agent(dom: Domain, timeout: float) -> float:
     """Block until the guest agent is connected; the seconds waited (``Domain.wait_for_agent``)."""
     limit = check_seconds("timeout", timeout)
@@ -104,7 +78,7 @@ def wait_for_agent(dom: Domain, timeout: float) -> float:
                     operation="wait for the guest agent",
                     domain_name=dom.name,
                 )
-            if state.maybe_connected and _agent_answers(dom):
+            if state.maybe_connected and agent_answers(dom):
                 return time.monotonic() - start
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -122,7 +96,7 @@ def wait_for_agent(dom: Domain, timeout: float) -> float:
                     event = expectation.wait(min(remaining, pause), what="agent connect")
                 except OperationTimeoutError:
                     continue
-            if event.detail.get("connected") and _agent_answers(dom):
+            if event.detail.get("connected") and agent_answers(dom):
                 return time.monotonic() - start
 
 
