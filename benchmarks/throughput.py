@@ -7,7 +7,9 @@ output is flushed inside its timed part and compared with its source afterwards 
 that differs fails the benchmark).
 
 Copiers, each run once per round, the order reversed every round (ABC…, …CBA), ``reps``
-rounds (≥ 5), medians compared:
+rounds (default 9, ≥ 5), medians compared; the per-round ratio (that round's best tool
+against that round's library run) is reported with a distribution-free confidence interval
+of its median, so a reader sees how much of a ratio is the machine's drift:
 
 * **library**: ``BackupJob.download(dir)``, what ``direct_backup(mode="pull")`` runs,
   timed from outside (``perf_counter`` around the call) and by its own clock
@@ -36,7 +38,7 @@ import shutil
 import time
 from typing import Any
 
-from ._common import Context, Row, fmt_bytes, fmt_seconds, median
+from ._common import Context, Row, fmt_bytes, fmt_seconds, median, median_ci
 from ._tools import compare, copy_with, data_file, multi_conn, tools
 
 NAME = "throughput"
@@ -149,7 +151,7 @@ def _repositories(ctx: Context, reps: int) -> dict[str, list[tuple[float, int]]]
 
 def run(ctx: Context) -> list[Row]:
     """The library's download against the best external tools, same export, same run."""
-    reps = ctx.repetitions(5, quick=1)
+    reps = ctx.repetitions(9, quick=1)
     got = measure(ctx, reps)
     times: dict[str, list[float]] = got["times"]
     nbytes: int = got["bytes"]
@@ -164,6 +166,7 @@ def run(ctx: Context) -> list[Row]:
     # The same comparison round by round (each round's best tool against that round's
     # library run): how much of the ratio is drift of the machine's load.
     paired = [min(times[t][i] for t in external) / times[LIB][i] for i in range(len(times[LIB]))]
+    lo, hi = median_ci(paired)
     own = median(got["own"][LIB])
     rows.append(
         Row(
@@ -177,13 +180,15 @@ def run(ctx: Context) -> list[Row]:
             higher_is_better=True,
             note=f"export can_multi_conn={got['multi_conn']}; {load}; all flushed and "
             f"compared; per-round ratio to that round's best tool: median {median(paired):.2f}x "
-            f"(range {min(paired):.2f}-{max(paired):.2f})",
+            f"(~95 % CI of that median {lo:.2f}-{hi:.2f}; range {min(paired):.2f}-"
+            f"{max(paired):.2f})",
             values={
                 **common,
                 "bytes": nbytes,
                 "times_s": times,
                 "own_s": got["own"],
                 "paired": paired,
+                "paired_ci": [lo, hi],
             },
         )
     )
@@ -220,7 +225,7 @@ def run(ctx: Context) -> list[Row]:
             },
         )
     )
-    repos = _repositories(ctx, reps)
+    repos = _repositories(ctx, min(reps, 5))
     plain = median(t for t, _b in repos["plain"])
     for kind, runs in repos.items():
         took = median(t for t, _b in runs)

@@ -18,11 +18,14 @@ it, a copy goes like this:
    request per 1 GiB window answers base:allocation and the dirty bitmap together, and the
    two extent lists are intersected here. The plan's byte total is what progress is
    measured against.
-2. **full**: ``qemu-img convert -n --target-is-zero -t none -m 16 -W`` copies the export
-   into the image we created: O_DIRECT writes (no page-cache copy, nothing left to write
-   back), 16 coroutines, out-of-order writes — the fastest setup measured (see
-   docs/performance.md). Where the file system refuses O_DIRECT (tmpfs before Linux 6.6)
-   it writes through the page cache while a :class:`~._nbd_io.Writeback` thread flushes.
+2. **full**: ``qemu-img convert -O qcow2 -t none -m 16 -W`` copies the export into the
+   empty file we created (by its descriptor path) and makes the image in it: O_DIRECT
+   writes (no page-cache copy, nothing left to write back), 16 coroutines, out-of-order
+   writes — the fastest setup measured, the same command as the best external setup (see
+   docs/performance.md). Where the file system refuses O_DIRECT (tmpfs before Linux 6.6),
+   or the image is encrypted, we create the image first and ``convert -n
+   --target-is-zero`` fills it; without O_DIRECT it writes through the page cache while a
+   :class:`~._nbd_io.Writeback` thread flushes.
 3. **incremental**: :func:`~._nbd_io.pipeline` copies the planned extents through a
    ``qemu-nbd`` that libnbd starts with systemd socket activation (no socket file to clean
    up): one thread, one ``poll(2)`` over both sockets, up to 32 requests of at most 512 KiB
@@ -398,6 +401,9 @@ class Target:
     """Whether the file takes O_DIRECT writes (a full copy then bypasses the page cache)."""
     encrypted: bool = False
     """Whether the image is LUKS-encrypted (:func:`encrypted_layers`)."""
+    created: bool = True
+    """Whether the qcow2 image exists already; ``False``: the file is still empty and
+    ``qemu-img convert`` makes the image in it (a full plain copy: one process fewer)."""
 
     def image_opts(self) -> str:
         """``--image-opts`` for a writer: the backing is opened by its real path, not by
@@ -424,7 +430,10 @@ class Target:
         ``-n --target-is-zero``: write into the image we created and skip whatever reads as
         zero. With O_DIRECT: 16 coroutines writing out of order (the fastest setup measured).
         """
-        args = ["-n", "--target-is-zero", *key_objects()]
+        if self.created:
+            args = ["-n", "--target-is-zero", *key_objects()]
+        else:  # a new image reads as zero anyway; the options are create_target's
+            args = ["-o", _CREATE_OPTS]
         if self.direct:
             args += ["-t", "none", "-m", "16", "-W"]
         args += ["--image-opts", nbd_image_opts(source, bitmap=False)]
@@ -476,8 +485,20 @@ def copy_export(
             ) from exc
     else:
         size = _export_size(source, client)
+    direct = backing is None and takes_direct_io(dest)
+    encrypted = _ENCRYPTION.get() is not None
+    # A plain full copy by qemu-img makes the image itself, in the file we created: the
+    # same command as the best external setup, without a `qemu-img create` first.
+    convert_creates = (
+        mod is not None
+        and direct
+        and not encrypted
+        and source.bitmap_context is None
+        and _full_copy_engine == "qemu-img"
+    )
     try:
-        create_target(dest, size, backing, backing_name)
+        if not convert_creates:
+            create_target(dest, size, backing, backing_name)
     except BaseException:
         if src is not None:
             with contextlib.suppress(Exception):
@@ -487,8 +508,9 @@ def copy_export(
     target = Target(
         str(dest),
         None if backing is None else str(backing.absolute()),
-        direct=backing is None and takes_direct_io(dest),
-        encrypted=_ENCRYPTION.get() is not None,
+        direct=direct,
+        encrypted=encrypted,
+        created=not convert_creates,
     )
     with Writeback(dest, enabled=not target.direct) as writeback:
         if mod is not None:
@@ -596,11 +618,15 @@ def _copy_pipeline(
     return written, zeroed
 
 
+_CREATE_OPTS: Final = "cluster_size=65536"
+"""The qcow2 options of every image a download makes."""
+
+
 def create_target(dest: Path, size: int, backing: Path | None, backing_name: str | None) -> None:
     """Create the empty qcow2 image ``dest`` (LUKS-encrypted inside :func:`encrypted_layers`)
     of ``size`` bytes, over ``backing`` (recorded as ``backing_name``) when given."""
     create = ["create", "-q", "-f", "qcow2", *key_objects()]
-    opts = "cluster_size=65536"
+    opts = _CREATE_OPTS
     if _ENCRYPTION.get() is not None:
         # The passphrase is 256 random-looking bits (derived from the repository key), not
         # a password: PBKDF stretching adds nothing but seconds to every open.

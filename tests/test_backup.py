@@ -976,7 +976,7 @@ def test_full_copy_engines_copy_data_only_and_report_bytes(
 ) -> None:
     """Both full-copy engines of the libnbd path (qemu-img convert, the AIO pipeline) copy
     exactly the data extents, report progress in bytes from 0 to the planned total, and
-    leave no helper process behind, also when the copy fails (a target that is too small).
+    leave no helper process behind, also when the copy fails.
     """
     from statecapture import _nbd
 
@@ -1003,8 +1003,11 @@ def test_full_copy_engines_copy_data_only_and_report_bytes(
             client="libnbd",
         )
         assert _children() == helpers
-        monkeypatch.setattr(_nbd, "_export_size", lambda _source, _client: 4 * MiB)
-        monkeypatch.setattr(_nbd, "_source_size", lambda _handle: 4 * MiB)
+        if engine == "qemu-img":  # convert makes the image itself: a bad option fails it
+            monkeypatch.setattr(_nbd, "_CREATE_OPTS", "cluster_size=3")
+        else:  # the pipeline writes into the image we made: one that is too small
+            monkeypatch.setattr(_nbd, "_export_size", lambda _source, _client: 4 * MiB)
+            monkeypatch.setattr(_nbd, "_source_size", lambda _handle: 4 * MiB)
         small = tmp_path / "small.qcow2"
         small.touch(mode=0o600)
         with pytest.raises(StateCaptureError, match="failed") as failure:
