@@ -80,6 +80,7 @@ __all__ = [
     "NBDHandle",
     "Progress",
     "Target",
+    "compressed_full_copies",
     "copy_export",
     "create_image",
     "create_target",
@@ -380,6 +381,28 @@ def encrypted_layers(secret_file: str, chains: Mapping[str, int]) -> Iterator[No
         _ENCRYPTION.reset(token)
 
 
+_COMPRESSION: contextvars.ContextVar[tuple[str, set[tuple[int, int]]] | None] = (
+    contextvars.ContextVar("statecapture_compressed_full_copies", default=None)
+)
+
+
+@contextlib.contextmanager
+def compressed_full_copies(method: str | None) -> Iterator[set[tuple[int, int]]]:
+    """While the block runs, a full, unencrypted copy by ``qemu-img convert`` writes qcow2
+    compressed clusters (``method``: ``"zstd"`` or ``"zlib"``) in the same pass; yields the
+    set of ``(st_dev, st_ino)`` of the images so written (a backup repository then skips
+    its compression pass for them). ``method=None``: a no-op (yields an empty set)."""
+    done: set[tuple[int, int]] = set()
+    if method is None:
+        yield done
+        return
+    token = _COMPRESSION.set((method, done))
+    try:
+        yield done
+    finally:
+        _COMPRESSION.reset(token)
+
+
 def key_objects() -> list[str]:
     """``--object secret,…`` for the tools, while :func:`encrypted_layers` is active."""
     enc = _ENCRYPTION.get()
@@ -404,6 +427,9 @@ class Target:
     created: bool = True
     """Whether the qcow2 image exists already; ``False``: the file is still empty and
     ``qemu-img convert`` makes the image in it (a full plain copy: one process fewer)."""
+    compression: str | None = None
+    """Compressed clusters of this method (:func:`compressed_full_copies`; ``created`` is
+    then ``False``)."""
 
     def image_opts(self) -> str:
         """``--image-opts`` for a writer: the backing is opened by its real path, not by
@@ -432,6 +458,9 @@ class Target:
         """
         if self.created:
             args = ["-n", "--target-is-zero", *key_objects()]
+        elif self.compression is not None:  # compressed clusters, through the page cache
+            opts = f"{_CREATE_OPTS},compression_type={self.compression}"
+            args = ["-c", "-o", opts, "-m", "16", "-W"]
         else:  # a new image reads as zero anyway; the options are create_target's
             args = ["-o", _CREATE_OPTS]
         if self.direct:
@@ -485,17 +514,20 @@ def copy_export(
             ) from exc
     else:
         size = _export_size(source, client)
-    direct = backing is None and takes_direct_io(dest)
     encrypted = _ENCRYPTION.get() is not None
-    # A plain full copy by qemu-img makes the image itself, in the file we created: the
-    # same command as the best external setup, without a `qemu-img create` first.
-    convert_creates = (
+    by_convert = (
         mod is not None
-        and direct
+        and backing is None
         and not encrypted
         and source.bitmap_context is None
         and _full_copy_engine == "qemu-img"
     )
+    compressing = _COMPRESSION.get() if by_convert else None
+    # O_DIRECT suits whole aligned clusters; compressed ones are written through the cache.
+    direct = backing is None and compressing is None and takes_direct_io(dest)
+    # A plain full copy by qemu-img makes the image itself, in the file we created: the
+    # same command as the best external setup, without a `qemu-img create` first.
+    convert_creates = by_convert and (direct or compressing is not None)
     try:
         if not convert_creates:
             create_target(dest, size, backing, backing_name)
@@ -511,6 +543,7 @@ def copy_export(
         direct=direct,
         encrypted=encrypted,
         created=not convert_creates,
+        compression=None if compressing is None else compressing[0],
     )
     with Writeback(dest, enabled=not target.direct) as writeback:
         if mod is not None:
@@ -534,6 +567,8 @@ def copy_export(
     if writeback.error is not None:
         raise StateCaptureError(f"writing {dest} to disk failed: {writeback.error}")
     fsync_path(dest)  # the writers have exited; O_DIRECT or not, the metadata must be synced
+    if compressing is not None:
+        compressing[1].add(_nbd_digest.file_key(dest))
     return stats
 
 

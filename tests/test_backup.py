@@ -1025,6 +1025,41 @@ def test_full_copy_engines_copy_data_only_and_report_bytes(
     assert verify([out], disk).identical
 
 
+def test_full_copy_writes_compressed_clusters_in_one_pass(tmp_path: Path) -> None:
+    """Inside ``compressed_full_copies("zstd")`` a full copy writes qcow2 compressed
+    clusters itself (no second pass: the file we created keeps its inode and is listed),
+    the content equals the source, and compressible data takes less space."""
+    from statecapture import _nbd
+
+    if _nbd.load_nbd() is None:
+        pytest.skip("python3-libnbd is not installed")
+    disk = _image(tmp_path / "disk.qcow2", "32M")
+    _write(disk, 0, b"statecapture " * (8 * MiB // 13))
+    _write(disk, 16 * MiB, os.urandom(MiB))
+    sock = tmp_path / "s.sock"
+    proc = _serve(disk, sock)
+    try:
+        out = tmp_path / "full.qcow2"
+        out.touch(mode=0o600)
+        ino = out.stat().st_ino
+        with _nbd.compressed_full_copies("zstd") as written:
+            _nbd.copy_export(_nbd.ExportSource(str(sock), "vda"), out, backing=None)
+        assert written == {(out.stat().st_dev, ino)}
+        plain = tmp_path / "plain.qcow2"
+        plain.touch(mode=0o600)
+        _nbd.copy_export(_nbd.ExportSource(str(sock), "vda"), plain, backing=None)
+    finally:
+        proc.terminate()
+        proc.wait()
+    info = json.loads(_qemu_img("info", "--output=json", str(out)))
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+    assert out.stat().st_blocks < plain.stat().st_blocks / 2
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert verify([out], disk).identical
+    with _nbd.compressed_full_copies(None) as nothing:
+        assert nothing == set()
+
+
 def test_digests_taken_during_the_copy_match_the_stored_chain(tmp_path: Path) -> None:
     """While a digest collector is active, a libnbd download hashes every block its plan
     touches from a second connection to the export: for a full copy the digests equal those

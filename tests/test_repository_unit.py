@@ -264,6 +264,23 @@ def test_encrypted_shut_off_backup_prune(off_domain: statecapture.Domain, tmp_pa
     assert repo.verify().ok
 
 
+def test_compressed_shut_off_backup(off_domain: statecapture.Domain, tmp_path: Path) -> None:
+    """Into a zstd repository a shut-off domain's disk is stored with compressed clusters
+    (written by the copy itself); it takes less space than the data, restores equal and
+    verifies."""
+    repo = Repository.create(tmp_path / "z", compression="zstd")
+    ref = _raw(Path(off_domain.disk("vda").source or ""), tmp_path / "ref.raw")
+    p = repo.backup(off_domain)
+    stored = p.files["vda"]
+    info = json.loads(_qemu_img("info", "--output=json", str(stored)))
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+    assert stored.stat().st_blocks * 512 < MiB  # 4 MiB of two repeated bytes
+    assert (stored.stat().st_mode & 0o777) == 0o600
+    files = repo.restore(p, tmp_path / "out", format="raw")
+    assert _sha(files["vda"]) == _sha(ref)
+    assert repo.verify().ok
+
+
 def test_prune_and_restore_domain_shut_off(
     off_domain: statecapture.Domain, test_conn: statecapture.Connection, tmp_path: Path
 ) -> None:

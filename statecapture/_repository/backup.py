@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ from lxml import etree
 
 from .._advisor import Consistency
 from .._journal import boundary
-from .._nbd import Target, create_target, key_objects
+from .._nbd import Target, compressed_full_copies, create_target, key_objects
 from .._nbd_digest import BlockDigests, Taken, collecting, file_key
 from .._qemuimg import qemu_img
 from ..errors import (
@@ -115,7 +115,8 @@ def live_backup(
     cp_name = repo.checkpoint_prefix + pid
     images = ddir / "images"
     sink = digest_sink(repo)
-    with collecting(sink):
+    method = None if repo.key is not None else repo.info.compression
+    with collecting(sink), compressed_full_copies(method) as compressed:
         result = direct_backup(
             dom,
             images,
@@ -134,7 +135,15 @@ def live_backup(
         for disk, path in sorted(result.files.items()):
             parent_entry = base.disks.get(disk) if base is not None else None
             entries[disk] = record_layer(
-                repo, ddir, pid, disk, Path(path), parent_entry, base is not None, sink
+                repo,
+                ddir,
+                pid,
+                disk,
+                Path(path),
+                parent_entry,
+                base is not None,
+                sink,
+                compressed=compressed,
             )
             boundary(f"repo:backup:digested:{disk}")
         kind = (
@@ -187,9 +196,12 @@ def record_layer(
     parent: DiskEntry | None,
     incremental: bool,
     sink: BlockDigests | None = None,
+    *,
+    compressed: Set[tuple[int, int]] = frozenset(),
 ) -> DiskEntry:
     """Make the stored layer self-describing (relative backing name), digest it (with the
-    digests ``sink`` took during the copy when they match the stored layer)."""
+    digests ``sink`` took during the copy when they match the stored layer). A layer whose
+    ``(st_dev, st_ino)`` is in ``compressed`` was written compressed by its copy already."""
     images = ddir / "images"
     os.chmod(path, 0o600)
     taken = None if sink is None else sink.taken.get(file_key(path))
@@ -211,7 +223,9 @@ def record_layer(
     from .crypto import opened
     from .transform import reader, store_layer
 
-    store_layer(repo, path, parent_file, encrypted=encrypted)
+    store_layer(
+        repo, path, parent_file, encrypted=encrypted, compressed=file_key(path) in compressed
+    )
     size = int(top["virtual-size"])
     with opened(repo, path) as args:
         extents = _dg.read_map(path, opened=args)
@@ -426,13 +440,18 @@ def _copy_with_bitmap(source: str, bitmap: str, partial: Path, backing: Path) ->
         shutil.rmtree(sockdir, ignore_errors=True)
 
 
-def _convert_full(source: str, fmt: str, partial: Path, encrypted: bool) -> None:
+def _convert_full(
+    source: str, fmt: str, partial: Path, encrypted: bool, compression: str | None = None
+) -> None:
     """Copy the shut-off domain's disk ``source`` into the new image ``partial``; into a
-    LUKS image, encrypted as it is written, for an encrypted repository."""
+    LUKS image, encrypted as it is written, for an encrypted repository; with qcow2
+    compressed clusters of ``compression`` written in the same pass, when given."""
     if not encrypted:
-        qemu_img(
-            "convert", "-f", fmt, "-O", "qcow2", "-o", "cluster_size=65536", source, str(partial)
-        )
+        opts = "cluster_size=65536"
+        squeeze = [] if compression is None else ["-c", "-W"]
+        if compression is not None:
+            opts += f",compression_type={compression}"
+        qemu_img("convert", "-f", fmt, "-O", "qcow2", *squeeze, "-o", opts, source, str(partial))
         return
     info = json.loads(qemu_img("info", "--output=json", "-f", fmt, "--force-share", source))
     create_target(partial, int(info["virtual-size"]), None, None)
@@ -521,6 +540,7 @@ def offline_backup(
     cp_name = repo.checkpoint_prefix + pid if qcow2 else None
     images = ddir / "images"
     made: dict[str, Path] = {}
+    compressed: set[tuple[int, int]] = set()  # layers written compressed by their copy
     with ExitStack() as undo:
         undo.push(_undo(discard_run, repo, dom, ddir, pid, cp_name, made))
         entries: dict[str, DiskEntry] = {}
@@ -543,7 +563,10 @@ def offline_backup(
                 _copy_with_bitmap(d.source, base.checkpoint, partial, images / parent.file)
             else:
                 parent = None
-                _convert_full(d.source, d.format or "raw", partial, repo.key is not None)
+                squeeze = None if repo.key is not None else repo.info.compression
+                _convert_full(d.source, d.format or "raw", partial, repo.key is not None, squeeze)
+                if squeeze is not None:
+                    compressed.add(file_key(partial))
                 fd = os.open(partial, os.O_RDONLY)
                 try:
                     os.fsync(fd)
@@ -553,7 +576,9 @@ def offline_backup(
             os.link(partial, target)
             made[d.target] = target
             os.unlink(partial)
-            entry = record_layer(repo, ddir, pid, d.target, target, parent, False)
+            entry = record_layer(
+                repo, ddir, pid, d.target, target, parent, False, compressed=compressed
+            )
             if base is not None and parent is None:
                 why = (
                     "disk added"

@@ -29,9 +29,12 @@ if TYPE_CHECKING:
 __all__ = ["compress_layer", "reader", "store_layer"]
 
 
-def store_layer(repo: Repository, path: Path, backing: str | None, *, encrypted: bool) -> None:
-    """Apply the repository's compression to the new layer ``path``; with a key, check
-    that the writer encrypted it (``encrypted``, from ``qemu-img info``): layers of an
+def store_layer(
+    repo: Repository, path: Path, backing: str | None, *, encrypted: bool, compressed: bool = False
+) -> None:
+    """Apply the repository's compression to the new layer ``path`` unless its copy wrote
+    it compressed already (``compressed``: a full pull download); with a key, check that
+    the writer encrypted it (``encrypted``, from ``qemu-img info``): layers of an
     encrypted repository are written encrypted, never rewritten."""
     if repo.key is not None:
         if not encrypted:
@@ -39,7 +42,7 @@ def store_layer(repo: Repository, path: Path, backing: str | None, *, encrypted:
                 f"{path} was written without encryption into an encrypted repository",
                 path=str(path),
             )
-    elif repo.info.compression is not None:
+    elif repo.info.compression is not None and not compressed:
         compress_layer(path, backing, repo.info.compression)
 
 
