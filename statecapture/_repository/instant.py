@@ -3,8 +3,10 @@
 Nothing here writes into the repository. :func:`boot` puts a new qcow2 overlay (in a
 directory the caller names) on top of each disk's chain; QEMU opens the repository's
 images read-only as backing files, so the guest runs within seconds whatever the disk
-size. :func:`detach` then pulls the backing data into the overlays while the guest runs
-(libvirt block pull), after which the domain no longer needs the repository.
+size (from an encrypted repository the backing is a private decrypting ``qemu-nbd`` per
+disk instead: :mod:`.nbdboot`). :func:`detach` then pulls the backing data into the
+overlays while the guest runs (libvirt block pull), after which the domain no longer needs
+the repository.
 :func:`export` serves one disk's chain read-only over NBD on a private UNIX socket
 (``qemu-nbd``, our child process, always stopped and its directory removed on exit).
 """
