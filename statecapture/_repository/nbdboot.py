@@ -91,13 +91,14 @@ def serve(
     undo: contextlib.ExitStack,
 ) -> dict[str, Path]:
     """Start one decrypting server per disk and make its overlay in ``dest`` (which exists,
-    ours); each server's stop is registered on ``undo`` as soon as it runs. Disk → overlay."""
+    ours); each server's stop (by its pid file, verified) is registered on ``undo`` before
+    it starts, so a start that breaks off half-way is stopped too. Disk → overlay."""
     os.mkdir(dest / SOCKET_DIR, 0o700)
     overlays: dict[str, Path] = {}
     for d, top in tops.items():
         b = backings[d]
-        pid = _start(repo, top, b)
-        undo.callback(stop, pid, b.socket)
+        undo.callback(_stop_listed, b)  # by its pid file: also a server whose start broke off
+        _start(repo, top, b)
         ov = dest / f"{_safe(d)}.qcow2"
         # -u: nothing connects to the export now (the server ends after its first client)
         qemu_img(
@@ -109,7 +110,8 @@ def serve(
 
 
 def _start(repo: Repository, top: Path, b: NbdBacking) -> int:
-    """``qemu-nbd --fork`` serving the decrypted chain at ``top``; its pid."""
+    """``qemu-nbd --fork`` serving the decrypted chain at ``top``; its pid (also in
+    ``b.pid_file``, written before the forking parent returns)."""
     from .crypto import chain_opts, key_pipe
     from .digests import chain_files
 
@@ -134,9 +136,6 @@ def _start(repo: Repository, top: Path, b: NbdBacking) -> int:
                 check=False,
             )
         except subprocess.TimeoutExpired:
-            pid = _read_pid(b.pid_file)
-            if pid is not None:
-                stop(pid, b.socket)
             raise OperationTimeoutError(
                 f"qemu-nbd did not start serving {b.socket} within {_START_WAIT:g} s",
                 operation="repository boot",
@@ -151,6 +150,12 @@ def _start(repo: Repository, top: Path, b: NbdBacking) -> int:
     if pid is None or not _serves(pid, b.socket):
         raise RepositoryError(f"qemu-nbd for disk {b.disk} started but is not running")
     return pid
+
+
+def _stop_listed(b: NbdBacking) -> None:
+    pid = _read_pid(b.pid_file)
+    if pid is not None:
+        stop(pid, b.socket)
 
 
 def _read_pid(path: Path) -> int | None:

@@ -643,7 +643,9 @@ class Repository:
         For a domain made by :meth:`boot`: afterwards its overlays are standalone images
         and it no longer reads the repository. ``timeout`` (seconds, overall) aborts the
         pull still running with :class:`OperationTimeoutError`; the domain keeps running
-        on its chain.
+        on its chain. A domain booted from an encrypted repository reads through private
+        ``qemu-nbd`` servers until then: afterwards they have ended (stopped by their
+        verified pid if they did not end by themselves) and ``overlay_dir/nbd`` is removed.
         """
         from .instant import detach
 
