@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -309,17 +310,14 @@ class _PlaintextWatch:
 
 
 @pytest.mark.qemu
-def test_encrypted_repository(
-    guest: statecapture.Domain, qemu_conn: statecapture.Connection, tmp_path: Path
-) -> None:
+def test_encrypted_repository(guest: statecapture.Domain, tmp_path: Path) -> None:
     """With a key, every stored image is LUKS-encrypted qcow2 from its first byte: no file
     in the repository holds a line of the known pattern the guest wrote, neither after the
     backups nor at any moment while they run (a thread scans the store throughout);
     digests are keyed (HMAC); full and incremental points restore byte for byte and verify
     with the key, export reads through NBD with it; prune merges encrypted layers (the
     kept point restores equal, still no plaintext); without the key (or with a wrong one)
-    the repository does not open; push mode is refused (QEMU would write plain data);
-    boot is refused clearly (not supported for encrypted repositories yet)."""
+    the repository does not open; push mode is refused (QEMU would write plain data)."""
     from tests.test_repository import _paused_backup, _restore_equals
 
     repo = Repository.create(tmp_path / "enc", key=KEY)
@@ -358,9 +356,6 @@ def test_encrypted_repository(
     before = _repo_sums(repo)
     with pytest.raises(statecapture.RepositoryKeyError):
         Repository(repo.path)
-    with pytest.raises(statecapture.UnsupportedError):
-        repo.boot(p2, qemu_conn, name=f"{guest.name}-e", overlay_dir=tmp_path / "ov")
-    assert not (tmp_path / "ov").exists()
     assert _repo_sums(repo) == before
     # prune: the full point goes, the incremental absorbs what it needs (still encrypted)
     report = repo.prune(guest, keep_last=1)
@@ -371,6 +366,183 @@ def test_encrypted_repository(
     assert repo.verify().ok
     for f in (p for p in repo.path.rglob("*") if p.is_file()):
         assert not any(_contains(f, n) for n in patterns), f
+
+
+def _nbd_servers(root: Path) -> dict[int, list[bytes]]:
+    """Live (not zombie) qemu-nbd processes whose command line names a path under ``root``."""
+    found: dict[int, list[bytes]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+            if (
+                state != b"Z"
+                and os.path.basename(args[0]) == b"qemu-nbd"
+                and any(os.fsencode(root) in a for a in args)
+            ):
+                found[int(entry.name)] = args
+    return found
+
+
+def _wait_no_servers(root: Path, timeout: float) -> float:
+    """Seconds until no qemu-nbd under ``root`` is left (fails after ``timeout``)."""
+    import time
+
+    t0 = time.monotonic()
+    while _nbd_servers(root):
+        assert time.monotonic() - t0 < timeout, _nbd_servers(root)
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+@pytest.fixture
+def nbd_reaper(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path``; afterwards every qemu-nbd serving a socket under it is gone (a test
+    that failed half-way has them killed, and fails if it had to)."""
+    import signal
+
+    yield tmp_path
+    left = _nbd_servers(tmp_path)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _wait_no_servers(tmp_path, 10)
+    assert not left, f"qemu-nbd left running: {left}"
+
+
+def _no_secret_under(root: Path, *secrets: bytes) -> None:
+    for f in (p for p in root.rglob("*") if p.is_file()):
+        for secret in secrets:
+            assert not _contains(f, secret), f
+
+
+@pytest.mark.qemu
+def test_encrypted_boot_detach(
+    guest: statecapture.Domain, qemu_conn: statecapture.Connection, nbd_reaper: Path
+) -> None:
+    """boot() from an encrypted repository runs the point through one private decrypting
+    qemu-nbd per disk (socket in overlay_dir/nbd, 0700; the key in no file under
+    overlay_dir or the repository and on no command line): the guest sees the point's
+    files; the defined XML names the NBD chain and validates; detach() pulls everything
+    in, after which no qemu-nbd is left, the socket directory is gone, the domain boots
+    with the repository moved away, and the repository's files are unchanged by checksum.
+    A domain destroyed without detach: its qemu-nbd ends by itself within seconds (and the
+    domain cannot start again on those overlays)."""
+    from statecapture.testing import wait_agent
+    from tests.schema import assert_valid
+
+    tmp_path = nbd_reaper
+    repo = Repository.create(tmp_path / "enc", key=KEY)
+    _write_marker(guest, "marker", LINE)
+    p1 = repo.backup(guest, quiesce=False)
+    _write_marker(guest, "marker2", LINE2)
+    p2 = repo.backup(guest, quiesce=False)
+    assert p2.kind is statecapture.PointKind.INCREMENTAL and p2.parent == p1.id
+    before = _repo_sums(repo)
+    secrets = (KEY.secret, KEY.passphrase(repo.info.id))
+    guest.destroy()
+
+    made: list[statecapture.Domain] = []
+    try:
+        new = repo.boot(p2, qemu_conn, name=f"{guest.name}-e", overlay_dir=tmp_path / "ov")
+        made.append(new)
+        servers = _nbd_servers(tmp_path)
+        assert len(servers) == len(p2.disks) == 1
+        for args in servers.values():
+            assert not any(s in a for s in secrets for a in args)
+        sockdir = tmp_path / "ov" / "nbd"
+        assert (sockdir.stat().st_mode & 0o777) == 0o700
+        assert _backing(new, "vda") == "network"
+        inactive = new.xml(inactive=True)
+        assert_valid(inactive, "domain")
+        assert f"socket='{sockdir / 'vda.sock'}'" in inactive.replace('"', "'")
+        _no_secret_under(tmp_path / "ov", *secrets)
+        _no_secret_under(repo.path, *secrets)
+        wait_agent(new, timeout=240)
+        assert _guest_sha(new, "marker") == hashlib.sha256(MARKER).hexdigest()
+        assert _guest_sha(new, "marker2") == hashlib.sha256(MARKER2).hexdigest()
+
+        seen: list[DetachProgress] = []
+        repo.detach(new, progress=seen.append, timeout=600)
+        assert seen and seen[-1].fraction == 1.0
+        assert _backing(new, "vda") is None
+        assert not _nbd_servers(tmp_path) and not sockdir.exists()
+        assert _repo_sums(repo) == before
+        new.destroy()
+        moved = tmp_path / "enc-away"
+        os.rename(repo.path, moved)
+        try:
+            new.start()
+            wait_agent(new, timeout=240)
+            assert _guest_sha(new, "marker2") == hashlib.sha256(MARKER2).hexdigest()
+        finally:
+            os.rename(moved, repo.path)
+        _remove(new)
+        assert _repo_sums(repo) == before
+
+        # destroyed without detach: the server ends by itself
+        other = repo.boot(p2, qemu_conn, name=f"{guest.name}-f", overlay_dir=tmp_path / "ov2")
+        made.append(other)
+        assert len(_nbd_servers(tmp_path)) == 1
+        other.destroy()
+        assert _wait_no_servers(tmp_path, 5) < 5
+        with pytest.raises(statecapture.StateCaptureError):
+            other.start()  # its backing is gone: boot again, or detach before stopping
+        assert _repo_sums(repo) == before
+    finally:
+        for dom in made:
+            _remove(dom)
+
+
+@pytest.mark.qemu
+def test_encrypted_boot_bad_input(
+    guest: statecapture.Domain, qemu_conn: statecapture.Connection, nbd_reaper: Path
+) -> None:
+    """Booting from an encrypted repository is refused before anything is made: a missing
+    or wrong key (RepositoryKeyError), start=False (UsageError: the decrypting server lives
+    only with the running domain), an overlay_dir too long for a socket path (UsageError);
+    a define or start that fails stops the qemu-nbd servers already started and removes
+    overlay_dir. No domain defined, no qemu-nbd, no overlay directory, the repository
+    unchanged."""
+    from statecapture import LibvirtError
+    from statecapture.testing.faults import inject
+
+    tmp_path = nbd_reaper
+    repo = Repository.create(tmp_path / "enc", key=KEY)
+    p = repo.backup(guest, quiesce=False)
+    before = _repo_sums(repo)
+    name = f"{guest.name}-x"
+    ov = tmp_path / "ov"
+
+    def nothing_made(where: Path = ov) -> None:
+        assert not where.exists()
+        assert not _nbd_servers(tmp_path)
+        with pytest.raises(statecapture.NotFoundError):
+            qemu_conn.domain(name)
+        assert _repo_sums(repo) == before
+
+    with pytest.raises(statecapture.RepositoryKeyError):
+        Repository(repo.path, key=statecapture.RepositoryKey(b"another-secret-of-16+"))
+    handle = Repository(repo.path, key=KEY)
+    for bad in (None, statecapture.RepositoryKey(b"another-secret-of-16+")):
+        handle.key = bad
+        with pytest.raises(statecapture.RepositoryKeyError):
+            handle.boot(p, qemu_conn, name=name, overlay_dir=ov)
+        nothing_made()
+    with pytest.raises(statecapture.UsageError, match="start=True"):
+        repo.boot(p, qemu_conn, name=name, overlay_dir=ov, start=False)
+    nothing_made()
+    long_dir = tmp_path / ("o" * max(1, 110 - len(os.fsencode(tmp_path))))
+    with pytest.raises(statecapture.UsageError, match="socket"):
+        repo.boot(p, qemu_conn, name=name, overlay_dir=long_dir)
+    nothing_made(long_dir)
+    boom = LibvirtError("injected failure", code=1)
+    for call in ("define", "start"):
+        with inject(qemu_conn, call, raises=boom), pytest.raises(LibvirtError):
+            repo.boot(p, qemu_conn, name=name, overlay_dir=ov)
+        nothing_made()
 
 
 def test_incremental_download_scans_block_status_once(

@@ -446,3 +446,52 @@ def test_second_writer_gets_locked_error_readers_are_not_blocked(
         if holder.stdout is not None:
             holder.stdout.close()
     assert repo.backup(off_domain).kind is PointKind.FULL
+
+
+def test_encrypted_boot_xml_and_refusals(
+    off_domain: statecapture.Domain, test_conn: statecapture.Connection, tmp_path: Path
+) -> None:
+    """The configuration boot() defines from an encrypted repository names each disk's
+    chain explicitly (the overlay, then the raw NBD export on its UNIX socket in
+    overlay_dir/nbd, then the end of the chain) and validates against libvirt's
+    domain.rng; a socket path over 107 bytes and start=False are UsageErrors before
+    anything is made."""
+    from lxml import etree
+
+    from statecapture._repository import nbdboot
+    from statecapture._repository.repository import _rewrite_domain
+    from tests.schema import assert_valid
+
+    key = statecapture.RepositoryKey(b"fast-tier-secret-0123456789")
+    repo = Repository.create(tmp_path / "enc", key=key)
+    p = repo.backup(off_domain)
+    ov = tmp_path / "ov"
+    nbd = nbdboot.plan(ov, ["vda"])
+    assert nbd["vda"].uri == f"nbd+unix:///vda?socket={ov}/nbd/vda.sock"
+    text = _rewrite_domain(
+        off_domain.xml(inactive=True).encode(),
+        name="boot-e",
+        files={"vda": ov / "vda.qcow2"},
+        fmt="qcow2",
+        nvram=None,
+        nbd=nbd,
+    )
+    assert_valid(text, "domain")
+    disk = etree.fromstring(text.encode()).find("devices/disk")
+    assert disk is not None
+    assert [c.tag for c in disk if c.tag in ("source", "backingStore")] == [
+        "source",
+        "backingStore",
+    ]
+    store_el = disk.find("backingStore")
+    assert store_el is not None and store_el.get("type") == "network"
+    assert store_el.find("format").get("type") == "raw"  # type: ignore[union-attr]
+    host = store_el.find("source[@protocol='nbd'][@name='vda']/host")
+    assert host is not None and host.get("socket") == str(ov / "nbd" / "vda.sock")
+    end = store_el.find("backingStore")
+    assert end is not None and len(end) == 0
+    with pytest.raises(UsageError, match="socket"):
+        nbdboot.plan(tmp_path / ("o" * 120), ["vda"])
+    with pytest.raises(UsageError, match="start=True"):
+        repo.boot(p, test_conn, name="boot-e", overlay_dir=ov, start=False)
+    assert not ov.exists()

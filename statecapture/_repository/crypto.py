@@ -5,7 +5,8 @@ labels): the LUKS passphrase of every stored image, the key of the digests (HMAC
 plain SHA-256, so a digest of a known-plaintext block reveals nothing), and a check value
 stored in ``repository.json`` that tells a wrong key from a right one. QEMU gets the
 passphrase from a 0600 file in a new 0700 directory (``--object secret,file=...``), never
-on a command line; the directory is removed when the operation ends.
+on a command line; the directory is removed when the operation ends. A server that outlives
+the call (boot's decrypting ``qemu-nbd``) reads it from a pipe instead (:func:`key_pipe`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from .manifest import RepositoryInfo
     from .repository import Repository
 
-__all__ = ["RepositoryKey", "chain_opts", "key_file"]
+__all__ = ["RepositoryKey", "chain_opts", "key_file", "key_pipe"]
 
 SECRET_ID: Final = "sck"
 _MIN_SECRET: Final = 16
@@ -93,6 +94,23 @@ def key_file(key: RepositoryKey, repository_id: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def key_pipe(key: RepositoryKey, repository_id: str) -> Iterator[tuple[int, str]]:
+    """The LUKS passphrase in a pipe for ONE child process, never in a file: yields the read
+    end (hand it over with ``pass_fds``) and the ``--object`` value that reads it
+    (``file=/dev/fd/N``); both ends are closed after. The passphrase (64 bytes) fits in the
+    pipe's buffer, so the write end is closed before the child starts."""
+    r, w = os.pipe()
+    try:
+        try:
+            os.write(w, key.passphrase(repository_id))
+        finally:
+            os.close(w)
+        yield r, secret_object(Path(f"/dev/fd/{r}"))
+    finally:
+        os.close(r)
 
 
 def secret_object(path: Path) -> str:

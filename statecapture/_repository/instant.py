@@ -3,8 +3,10 @@
 Nothing here writes into the repository. :func:`boot` puts a new qcow2 overlay (in a
 directory the caller names) on top of each disk's chain; QEMU opens the repository's
 images read-only as backing files, so the guest runs within seconds whatever the disk
-size. :func:`detach` then pulls the backing data into the overlays while the guest runs
-(libvirt block pull), after which the domain no longer needs the repository.
+size (from an encrypted repository the backing is a private decrypting ``qemu-nbd`` per
+disk instead: :mod:`.nbdboot`). :func:`detach` then pulls the backing data into the
+overlays while the guest runs (libvirt block pull), after which the domain no longer needs
+the repository.
 :func:`export` serves one disk's chain read-only over NBD on a private UNIX socket
 (``qemu-nbd``, our child process, always stopped and its directory removed on exit).
 """
@@ -222,16 +224,20 @@ def boot(
     timeout: float | None,
 ) -> Domain:
     """Implementation of :meth:`Repository.boot`."""
+    from . import nbdboot
+    from .crypto import check_key
     from .repository import _rewrite_domain
 
     if not isinstance(name, str) or not name:
         raise UsageError("boot() needs a new domain name")
     if detach and not start:
         raise UsageError("detach=True pulls the data while the domain runs: it needs start=True")
-    if repo.key is not None:
-        raise UnsupportedError(
-            "boot() from an encrypted repository is not supported yet; restore() or "
-            "export() the point instead"
+    check_key(repo.info, repo.key, str(repo.path))  # missing or wrong: RepositoryKeyError
+    encrypted = repo.key is not None
+    if encrypted and not start:
+        raise UsageError(
+            "boot() from an encrypted repository needs start=True: the disks' backing is a "
+            "decrypting qemu-nbd that lives only as long as the running domain holds it"
         )
     p, ddir, points = repo._resolve(point)
     if "inactive.xml" not in p.config:
@@ -251,25 +257,23 @@ def boot(
         raise UsageError(f"{dest.parent} is not a directory")
     index = _chain.file_index(points)
     tops = {d: _chain.validate_chain(ddir / "images", p, d, index)[0] for d in sorted(p.disks)}
+    nbd = nbdboot.plan(dest, tops) if encrypted else None  # socket paths checked first
     xml = read_bytes(ddir / "config" / p.id / "inactive.xml")
     with contextlib.ExitStack() as undo:
         os.mkdir(dest, 0o700)
         undo.callback(shutil.rmtree, dest, True)
-        overlays: dict[str, Path] = {}
-        for d, top in tops.items():
-            ov = dest / f"{_safe(d)}.qcow2"
-            qemu_img(
-                "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(top.absolute()), str(ov)
-            )
-            os.chmod(ov, 0o600)
-            overlays[d] = ov
+        if nbd is None:
+            overlays = _file_overlays(dest, tops)
+        else:
+            sizes = {d: p.disks[d].size for d in tops}
+            overlays = nbdboot.serve(repo, dest, tops, sizes, nbd, undo)
         nv: Path | None = None
         if "nvram" in p.config:
             nv = dest / "nvram.fd"
             shutil.copyfile(ddir / "config" / p.id / "nvram", nv)
             os.chmod(nv, 0o600)
         fsync_dir(dest)
-        text = _rewrite_domain(xml, name=name, files=overlays, fmt="qcow2", nvram=nv)
+        text = _rewrite_domain(xml, name=name, files=overlays, fmt="qcow2", nvram=nv, nbd=nbd)
         dom = conn.define(text)
         undo.callback(_undefine_quietly, dom)
         if start:
@@ -279,6 +283,17 @@ def boot(
                 _detach(dom, progress=progress, timeout=timeout)
         undo.pop_all()
     return dom
+
+
+def _file_overlays(dest: Path, tops: dict[str, Path]) -> dict[str, Path]:
+    """One qcow2 overlay per disk in ``dest`` whose backing file is the stored chain's top."""
+    overlays: dict[str, Path] = {}
+    for d, top in tops.items():
+        ov = dest / f"{_safe(d)}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(top.absolute()), str(ov))
+        os.chmod(ov, 0o600)
+        overlays[d] = ov
+    return overlays
 
 
 def _undefine_quietly(dom: Domain) -> None:
@@ -306,10 +321,10 @@ def detach(
     _detach(dom, progress=progress, timeout=timeout)
 
 
-def _backed_disks(dom: Domain) -> list[str]:
+def _backed_disks(domain_xml: str) -> list[str]:
     from lxml import etree
 
-    root = etree.fromstring(dom.definition.raw.encode())
+    root = etree.fromstring(domain_xml.encode())
     out = []
     for el in root.iterfind("devices/disk"):
         target = el.find("target")
@@ -325,7 +340,11 @@ def _detach(
     progress: Callable[[DetachProgress], None] | None,
     timeout: float | None,
 ) -> None:
-    disks = _backed_disks(dom)
+    from . import nbdboot
+
+    xml = dom.definition.raw
+    disks = _backed_disks(xml)
+    servers = nbdboot.servers_of(xml)
     deadline = None if timeout is None else time.monotonic() + timeout
     for i, d in enumerate(disks):
         with dom.block_pull(d) as job:
@@ -346,3 +365,4 @@ def _detach(
                     job.wait(timeout=0.5 if left is None else min(0.5, left))
         if progress is not None:
             progress(DetachProgress(d, 1, 1, i + 1, len(disks)))
+    nbdboot.release(servers)  # a boot from an encrypted repository: its servers end

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from .._connection import Connection
     from .._domain import Domain
     from .instant import DetachProgress
+    from .nbdboot import NbdBacking
 
 __all__ = ["Repository"]
 
@@ -598,12 +599,23 @@ class Repository:
         repository; :meth:`detach` does the same later. Until then, do not prune the
         point's domain (its ``qemu-img rebase`` is refused while QEMU holds the images).
 
+        From an encrypted repository each disk's backing is instead a private ``qemu-nbd``
+        that opens the chain with the key, read-only, and serves it decrypted on a UNIX
+        socket in ``overlay_dir/nbd/`` (0700); the key reaches it through a pipe and then
+        lives only in that process's memory. The server ends by itself when the domain's
+        QEMU lets go of it: when the domain stops (it then cannot start again on these
+        overlays: :meth:`detach` first to keep it) or when a detach has pulled everything
+        (the detach also makes sure it ended and removes the socket directory). So
+        ``start=False`` is a :class:`UsageError` there, and ``overlay_dir`` must be short
+        enough for a socket path (107 bytes; :class:`UsageError` otherwise).
+
         Refused before anything is made: a domain ``name`` exists or ``overlay_dir`` exists
         (:class:`TargetExistsError`), the point's chain does not validate
-        (:class:`ChainError`), the point has no configuration (:class:`RepositoryError`).
-        On a later failure the domain is destroyed and undefined and ``overlay_dir``
-        removed. The overlays are outside the repository: a crash while booted leaves them
-        (and the domain) for the caller; the repository is unchanged.
+        (:class:`ChainError`), the point has no configuration (:class:`RepositoryError`),
+        the repository's key is missing or wrong (:class:`RepositoryKeyError`). On a later
+        failure the domain is destroyed and undefined, the servers stopped and
+        ``overlay_dir`` removed. The overlays are outside the repository: a crash while
+        booted leaves them (and the domain) for the caller; the repository is unchanged.
         """
         from .instant import boot
 
@@ -631,7 +643,9 @@ class Repository:
         For a domain made by :meth:`boot`: afterwards its overlays are standalone images
         and it no longer reads the repository. ``timeout`` (seconds, overall) aborts the
         pull still running with :class:`OperationTimeoutError`; the domain keeps running
-        on its chain.
+        on its chain. A domain booted from an encrypted repository reads through private
+        ``qemu-nbd`` servers until then: afterwards they have ended (stopped by their
+        verified pid if they did not end by themselves) and ``overlay_dir/nbd`` is removed.
         """
         from .instant import detach
 
@@ -692,8 +706,16 @@ class Repository:
 
 
 def _rewrite_domain(
-    xml: bytes, *, name: str, files: Mapping[str, Path], fmt: str, nvram: Path | None
+    xml: bytes,
+    *,
+    name: str,
+    files: Mapping[str, Path],
+    fmt: str,
+    nvram: Path | None,
+    nbd: Mapping[str, NbdBacking] | None = None,
 ) -> str:
+    """The point's configuration as a new domain ``name`` on ``files`` (disk → image);
+    ``nbd``: those disks' images rest on an NBD export, named as an explicit chain."""
     root = etree.fromstring(xml)
     name_el = root.find("name")
     if name_el is None:
@@ -724,6 +746,8 @@ def _rewrite_domain(
             driver.set("type", fmt)
             src = etree.Element("source", file=str(files[dev]))
             disk.insert(list(disk).index(driver) + 1, src)
+            if nbd is not None and dev in nbd:
+                src.addnext(_nbd_backing(nbd[dev]))
     nv = root.find("os/nvram")
     if nv is not None:
         if nvram is not None:
@@ -731,6 +755,16 @@ def _rewrite_domain(
         else:
             nv.getparent().remove(nv)  # type: ignore[union-attr]
     return etree.tostring(root, encoding="unicode")
+
+
+def _nbd_backing(b: NbdBacking) -> etree._Element:
+    """``<backingStore>``: the raw export ``b`` on its UNIX socket, the end of the chain."""
+    store = etree.Element("backingStore", type="network")
+    etree.SubElement(store, "format", type="raw")
+    src = etree.SubElement(store, "source", protocol="nbd", name=b.export)
+    etree.SubElement(src, "host", transport="unix", socket=str(b.socket))
+    etree.SubElement(store, "backingStore")
+    return store
 
 
 def _check_timeout(value: float) -> float:
