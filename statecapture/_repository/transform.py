@@ -2,7 +2,9 @@
 
 Encryption is no transform: the writers create every image of an encrypted repository as
 LUKS qcow2 and encrypt as they write (``statecapture._nbd.encrypted_layers``), so no
-plaintext reaches the disk. Compression is a second pass: a layer is first written by the
+plaintext reaches the disk. A full layer is written compressed by its copy
+(``statecapture._nbd.compressed_full_copies``, and the shut-off path's convert); for the
+others compression is a second pass: a layer is first written by the
 ordinary data path (plain qcow2), then rewritten once with ``qemu-img convert -c`` into a
 temporary file in the same private directory, fsynced and renamed over the original: a
 reader sees the old or the new complete file, and the chain (backing name, virtual size) is
