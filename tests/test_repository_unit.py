@@ -506,7 +506,7 @@ def test_boot_record_in_the_defined_xml(off_domain: statecapture.Domain, tmp_pat
     """The configuration boot() defines carries the boot record in <metadata> (in its own
     namespace, read back equal) and validates against domain.rng; statecapture's own
     records of the source domain (a run's journal, an older boot record) are not carried
-    over, another tool's metadata is."""
+    over, other metadata (another tool's, fleet labels) is."""
     from lxml import etree
 
     from statecapture._repository.custody import BootRecord
@@ -516,6 +516,7 @@ def test_boot_record_in_the_defined_xml(off_domain: statecapture.Domain, tmp_pat
     off_domain.set_metadata("urn:x-statecapture:journal:2", "statecapture", "<journal/>")
     off_domain.set_metadata(BOOT_NS, "b", "<boot repository='/old'/>")
     off_domain.set_metadata("urn:example:other", "other", "<keep/>")
+    off_domain.set_metadata("urn:x-statecapture:labels:1", "labels", "<labels/>")
     ov = tmp_path / "ov"
     rec = BootRecord(
         repository="/r",
@@ -538,7 +539,11 @@ def test_boot_record_in_the_defined_xml(off_domain: statecapture.Domain, tmp_pat
     assert_valid(text, "domain")
     meta = etree.fromstring(text.encode()).find("metadata")
     assert meta is not None
-    assert sorted(etree.QName(el).namespace or "" for el in meta) == ["urn:example:other", BOOT_NS]
+    assert sorted(etree.QName(el).namespace or "" for el in meta) == [
+        "urn:example:other",
+        BOOT_NS,
+        "urn:x-statecapture:labels:1",
+    ]
     (el,) = meta.iterfind(f"{{{BOOT_NS}}}boot")
     assert BootRecord.from_xml(etree.tostring(el, encoding="unicode")) == rec
     with pytest.raises(statecapture.XMLError):

@@ -40,7 +40,6 @@ BOOT_NS: Final = "urn:x-statecapture:boot:1"
 """The metadata namespace URI of the boot record in a booted domain's XML."""
 BOOT_KEY: Final = "statecaptureboot"
 """The XML namespace prefix of the boot record element."""
-_OWN_NS_PREFIX: Final = "urn:x-statecapture:"
 _QCOW2_MAGIC: Final = b"QFI\xfb"
 _ATTRS: Final = (
     "repository",
@@ -130,13 +129,18 @@ def metadata_element(record: BootRecord) -> etree._Element:
 
 
 def strip_own_metadata(root: etree._Element) -> None:
-    """Drop statecapture's own records (a run's journal, a boot record, labels) from a
-    captured definition: they describe the source domain, not a new one made from it."""
+    """Drop statecapture's crash and boot records (a run's journal, an older boot record)
+    from a captured definition: they describe the source domain, not a new one made from
+    it (recover() on the new domain would act on them). Other metadata stays."""
+    from .._journal import JOURNAL_NS
+    from .._journal_legacy import LEGACY_NAMESPACES
+
+    records = {BOOT_NS, JOURNAL_NS, *LEGACY_NAMESPACES}
     meta = root.find("metadata")
     if meta is None:
         return
     for el in list(meta):
-        if isinstance(el.tag, str) and (etree.QName(el).namespace or "").startswith(_OWN_NS_PREFIX):
+        if isinstance(el.tag, str) and etree.QName(el).namespace in records:
             meta.remove(el)
 
 
