@@ -108,6 +108,7 @@ from .errors import (  # repository
 # -- instant imports
 # isort: split
 from ._repository.crypto import RepositoryKey  # instant
+from ._repository.custody import BootedDomain  # instant
 from ._repository.instant import DetachProgress  # instant
 from .errors import RepositoryKeyError  # instant
 
@@ -245,6 +246,7 @@ __all__ = [
     "ChainError",
     # -- instant names
     "DetachProgress",
+    "BootedDomain",
     "RepositoryKey",
     "RepositoryKeyError",
     # -- advisor names

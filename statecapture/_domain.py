@@ -135,7 +135,8 @@ class Domain:
 
         libvirt keeps one element per namespace in ``<metadata>``; statecapture itself uses
         ``urn:x-statecapture:journal:2`` (the crash record of a run: a sequence or a backup
-        job). ``recover()`` also reads what an older statecapture left in
+        job) and ``urn:x-statecapture:boot:1`` (the record of a domain made by
+        ``Repository.boot``). ``recover()`` also reads what an older statecapture left in
         ``urn:x-statecapture:journal:1`` and ``urn:x-statecapture:backup:1``.
         """
         return self._port.get_metadata(namespace_uri)

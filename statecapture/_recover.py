@@ -22,6 +22,12 @@ host connected to the same daemon — reads it and undoes the run, in this order
 6. clear the record — only when every step above succeeded, so a failed recovery can be
    retried: ``recover()`` is idempotent.
 
+A domain made by :meth:`Repository.boot <statecapture.Repository.boot>` carries a boot
+record (:mod:`statecapture._repository.custody`): :func:`recover` reports what it depends on
+and whether it can start again, and changes nothing about it (the record, the overlays and
+the repository stay; :meth:`~statecapture.Repository.detach` or undefining it are the
+caller's choice).
+
 A record written by an older statecapture (two records then: the sequences' journal and the
 backup job's record) is read by :mod:`statecapture._journal_legacy` as one record and
 repaired the same way."""
@@ -283,6 +289,14 @@ class _Recovery:
             adopt_checkpoint=checkpoint,
         )
 
+    # ---- a domain booted from a repository: reported, never changed
+    def boot_record(self) -> None:
+        from ._repository.custody import finding
+
+        line = finding(self.dom)
+        if line is not None:
+            self.found.append(line)
+
     # ---- 5. the record of a plain backup job whose run died
     def stale_backup_record(self, found: Journal | None) -> None:
         dom = self.dom
@@ -321,7 +335,9 @@ def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) ->
     runs on this host — recovering under a live sequence would undo it as it runs — unless
     ``force=True`` (e.g. the PID was reused by an unrelated process).
 
-    Block jobs that are not on a sequence's overlay are reported and left alone. A leftover
+    Block jobs that are not on a sequence's overlay are reported and left alone, and so is
+    a domain :meth:`Repository.boot <statecapture.Repository.boot>` made (a ``found`` line
+    says what it depends on, whether it can start again, and what to do). A leftover
     backup job is always ended: there is one per domain and it blocks every new backup.
 
     ``agent_timeout`` bounds the wait for the guest agent when the journal says the guest
@@ -366,6 +382,7 @@ def recover(dom: Domain, *, force: bool = False, agent_timeout: float = 30.0) ->
     run.attempt("overlays", lambda: run.overlays(journal))
     run.attempt("backup leftovers", lambda: run.backup_leftovers(journal))
     run.attempt("stale backup record", lambda: run.stale_backup_record(journal))
+    run.attempt("boot record", run.boot_record)
     if not run.errors and (journal is not None or damaged):
         try:
             if clear_journal(dom):

@@ -110,6 +110,7 @@ EXPECTED = {
     "ChainError",
     # -- instant names
     "DetachProgress",
+    "BootedDomain",
     "RepositoryKey",
     "RepositoryKeyError",
     # -- advisor names

@@ -111,6 +111,39 @@ def _remove(dom: statecapture.Domain) -> None:
         dom.undefine()
 
 
+BOOT_NS = "urn:x-statecapture:boot:1"
+
+
+def _booted_is_reported(
+    repo: Repository,
+    conn: statecapture.Connection,
+    dom: statecapture.Domain,
+    point: statecapture.RestorePoint,
+    overlay_dir: Path,
+) -> None:
+    """``dom`` (booted from ``point``, running, not detached) is what booted() lists,
+    check(conn=) shows (ok: information only) and recover() reports without a change."""
+    from tests.schema import assert_valid
+
+    (b,) = repo.booted(conn)
+    assert (b.name, b.uuid, b.point, b.source) == (dom.name, dom.uuid, point.id, point.domain)
+    assert b.running and b.depends and b.problem is None and b.overlay_dir == overlay_dir
+    assert b.encrypted is (repo.key is not None)
+    assert b.servers_alive is (True if repo.key is not None else None)
+    report = repo.check(conn=conn)
+    assert report.ok and report.booted == (str(b),) and str(b) in str(report)
+    assert repo.check().booted == ()
+    inactive = dom.xml(inactive=True)
+    assert_valid(inactive, "domain")
+    assert dom.metadata(BOOT_NS) is not None
+    for _ in range(2):  # idempotent: reports, changes nothing
+        found = statecapture.recover(dom)
+        assert found.clean and not found.actions and not found.errors
+        (line,) = found.found
+        assert point.id in line and "depends" in line and "detach" in line
+    assert dom.xml(inactive=True) == inactive and dom.is_active
+
+
 @pytest.mark.qemu
 def test_export_boot_detach(
     guest: statecapture.Domain, qemu_conn: statecapture.Connection, tmp_path: Path
@@ -166,10 +199,17 @@ def test_export_boot_detach(
         assert _guest_sha(new, "marker") == hashlib.sha256(MARKER).hexdigest()
         assert _guest_sha(new, "marker2") == hashlib.sha256(MARKER2).hexdigest()
         assert _repo_sums(repo) == before
+        _booted_is_reported(repo, qemu_conn, new, p2, tmp_path / "ov")
+        assert _repo_sums(repo) == before
 
         repo.detach(new, progress=seen.append, timeout=600)
         assert seen and seen[-1].fraction == 1.0 and seen[-1].disk == "vda"
         assert _backing(new, "vda") is None
+        # independent: no record, no longer listed, nothing for check or recover to say
+        assert new.metadata(BOOT_NS) is None
+        assert repo.booted(qemu_conn) == ()
+        assert repo.check(conn=qemu_conn).booted == ()
+        assert statecapture.recover(new).nothing_found
         info = subprocess.run(
             ["qemu-img", "info", "-U", str(new.disk("vda").source)],
             check=True,
@@ -463,12 +503,14 @@ def test_encrypted_boot_detach(
         wait_agent(new, timeout=240)
         assert _guest_sha(new, "marker") == hashlib.sha256(MARKER).hexdigest()
         assert _guest_sha(new, "marker2") == hashlib.sha256(MARKER2).hexdigest()
+        _booted_is_reported(repo, qemu_conn, new, p2, tmp_path / "ov")
 
         seen: list[DetachProgress] = []
         repo.detach(new, progress=seen.append, timeout=600)
         assert seen and seen[-1].fraction == 1.0
         assert _backing(new, "vda") is None
         assert not _nbd_servers(tmp_path) and not sockdir.exists()
+        assert repo.booted(qemu_conn) == () and new.metadata(BOOT_NS) is None
         assert _repo_sums(repo) == before
         new.destroy()
         moved = tmp_path / "enc-away"
@@ -490,6 +532,18 @@ def test_encrypted_boot_detach(
         assert _wait_no_servers(tmp_path, 5) < 5
         with pytest.raises(statecapture.StateCaptureError):
             other.start()  # its backing is gone: boot again, or detach before stopping
+        # ... which booted(), check(conn=) and recover() say (and change nothing)
+        (b,) = repo.booted(qemu_conn)
+        assert b.name == other.name and b.encrypted and not b.running and b.depends
+        assert b.servers_alive is False and b.problem is not None
+        assert "cannot run again" in b.problem and str(tmp_path / "ov2") in b.problem
+        report = repo.check(conn=qemu_conn)
+        assert not report.ok and report.booted == (str(b),)
+        assert any(other.name in p and "cannot run again" in p for p in report.problems)
+        assert repo.check().ok and repo.check(repair=True, conn=qemu_conn).booted == (str(b),)
+        found = statecapture.recover(other)
+        assert not found.actions and any("cannot run again" in f for f in found.found)
+        assert (tmp_path / "ov2" / "vda.qcow2").exists() and other.metadata(BOOT_NS)
         assert _repo_sums(repo) == before
     finally:
         for dom in made:

@@ -495,3 +495,136 @@ def test_encrypted_boot_xml_and_refusals(
     with pytest.raises(UsageError, match="start=True"):
         repo.boot(p, test_conn, name="boot-e", overlay_dir=ov, start=False)
     assert not ov.exists()
+
+
+# ----------------------------------------------------------------------------- custody
+
+BOOT_NS = "urn:x-statecapture:boot:1"
+
+
+def test_boot_record_in_the_defined_xml(off_domain: statecapture.Domain, tmp_path: Path) -> None:
+    """The configuration boot() defines carries the boot record in <metadata> (in its own
+    namespace, read back equal) and validates against domain.rng; statecapture's own
+    records of the source domain (a run's journal, an older boot record) are not carried
+    over, other metadata (another tool's, fleet labels) is."""
+    from lxml import etree
+
+    from statecapture._repository.custody import BootRecord
+    from statecapture._repository.repository import _rewrite_domain
+    from tests.schema import assert_valid
+
+    off_domain.set_metadata("urn:x-statecapture:journal:2", "statecapture", "<journal/>")
+    off_domain.set_metadata(BOOT_NS, "b", "<boot repository='/old'/>")
+    off_domain.set_metadata("urn:example:other", "other", "<keep/>")
+    off_domain.set_metadata("urn:x-statecapture:labels:1", "labels", "<labels/>")
+    ov = tmp_path / "ov"
+    rec = BootRecord(
+        repository="/r",
+        repository_id="rid",
+        point="p1",
+        source="gamma",
+        source_uuid=off_domain.uuid,
+        overlay_dir=str(ov),
+        encrypted=False,
+        disks={"vda": str(ov / "vda.qcow2")},
+    )
+    text = _rewrite_domain(
+        off_domain.xml(inactive=True).encode(),
+        name="boot-r",
+        files={"vda": ov / "vda.qcow2"},
+        fmt="qcow2",
+        nvram=None,
+        record=rec,
+    )
+    assert_valid(text, "domain")
+    meta = etree.fromstring(text.encode()).find("metadata")
+    assert meta is not None
+    assert sorted(etree.QName(el).namespace or "" for el in meta) == [
+        "urn:example:other",
+        BOOT_NS,
+        "urn:x-statecapture:labels:1",
+    ]
+    (el,) = meta.iterfind(f"{{{BOOT_NS}}}boot")
+    assert BootRecord.from_xml(etree.tostring(el, encoding="unicode")) == rec
+    with pytest.raises(statecapture.XMLError):
+        BootRecord.from_xml("<boot repository='/old'/>")
+
+
+def test_booted_check_recover_report_only(
+    off_domain: statecapture.Domain, test_conn: statecapture.Connection, tmp_path: Path
+) -> None:
+    """A domain booted (start=False, test driver) is listed by booted() (depends, shut
+    off, no problem), by check(conn=) as information (ok), and recover() reports it;
+    repair=True touches neither the domain nor its overlays; with its backing file gone
+    it is a problem for both (check not ok); check() without conn is unchanged.
+    A damaged record is skipped by booted() and reported by recover(). Another
+    repository's boots are not listed. Nothing is written into the repository."""
+    repo = Repository.create(tmp_path / "repo")
+    other = Repository.create(tmp_path / "other")
+    p = repo.backup(off_domain)
+    before = {f: f.read_bytes() for f in repo.path.rglob("*") if f.is_file()}
+    dom = repo.boot(p, test_conn, name="booted", overlay_dir=tmp_path / "ov", start=False)
+    (b,) = repo.booted(test_conn)
+    assert (b.name, b.uuid, b.point, b.source) == ("booted", dom.uuid, p.id, "gamma")
+    assert not b.running and b.depends and not b.encrypted and b.problem is None
+    assert b.overlay_dir == tmp_path / "ov" and b.servers_alive is None
+    assert other.booted(test_conn) == ()
+    report = repo.check(conn=test_conn)
+    assert report.ok and report.booted == (str(b),) and "booted domain 'booted'" in str(report)
+    assert "booted" in report._repr_html_()
+    assert repo.check() == statecapture.CheckReport()
+    inactive = dom.xml(inactive=True)
+    assert repo.check(repair=True, conn=test_conn).booted == (str(b),)
+    assert (tmp_path / "ov" / "vda.qcow2").exists() and dom.xml(inactive=True) == inactive
+    found = statecapture.recover(dom)
+    assert found.clean and not found.actions and len(found.found) == 1
+    assert "depends" in found.found[0] and p.id in found.found[0]
+    assert dom.xml(inactive=True) == inactive
+
+    img = p.root / "images" / p.disks["vda"].file  # type: ignore[operator]
+    os.rename(img, tmp_path / "away.qcow2")
+    try:
+        (b,) = repo.booted(test_conn)
+        assert b.problem is not None and "cannot run" in b.problem
+        report = repo.check(conn=test_conn)
+        assert not report.ok and any("booted domain 'booted'" in x for x in report.problems)
+        assert "backing file" in statecapture.recover(dom).found[0]
+    finally:
+        os.rename(tmp_path / "away.qcow2", img)
+    dom.set_metadata(BOOT_NS, "statecaptureboot", "<boot point='x'/>")
+    assert repo.booted(test_conn) == ()
+    assert "damaged boot record" in statecapture.recover(dom).found[0]
+    dom.undefine()
+    assert {f: f.read_bytes() for f in repo.path.rglob("*") if f.is_file()} == before
+
+
+def test_stale_encrypted_boot_is_a_problem(
+    off_domain: statecapture.Domain, test_conn: statecapture.Connection, tmp_path: Path
+) -> None:
+    """A record of an encrypted boot whose overlay rests on an NBD export nobody serves
+    (its qemu-nbd ended with the domain): booted() says the servers are gone and that it
+    cannot run again (boot again or undefine and remove overlay_dir)."""
+    repo = Repository.create(tmp_path / "repo")
+    ov = tmp_path / "ov"
+    (ov / "nbd").mkdir(parents=True)
+    sock = ov / "nbd" / "vda.sock"
+    overlay = ov / "vda.qcow2"
+    _qemu_img(
+        "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b",
+        f"nbd+unix:///vda?socket={sock}", str(overlay), "16M",
+    )  # fmt: skip
+    record = (
+        f"<boot repository='{repo.path}' repository-id='{repo.info.id}' point='p' "
+        f"source='gamma' source-uuid='{off_domain.uuid}' overlay-dir='{ov}' "
+        f"encrypted='yes'><disk target='vda' overlay='{overlay}'/></boot>"
+    )
+    off_domain.set_metadata(BOOT_NS, "statecaptureboot", record)
+    (b,) = repo.booted(test_conn)
+    assert b.encrypted and b.depends and b.servers_alive is False and not b.running
+    assert b.problem is not None and "cannot run again" in b.problem and str(ov) in b.problem
+    report = repo.check(conn=test_conn)
+    assert not report.ok and report.booted == (str(b),)
+    assert "cannot run again" in statecapture.recover(off_domain).found[0]
+    overlay.unlink()
+    (b,) = repo.booted(test_conn)
+    assert b.problem is not None and "missing" in b.problem

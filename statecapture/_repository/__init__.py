@@ -8,12 +8,14 @@ results), ``repository`` (the handle).
 
 from __future__ import annotations
 
+from .custody import BootedDomain
 from .instant import DetachProgress
 from .manifest import DiskEntry, PointKind, RestorePoint
 from .reports import CheckReport, Difference, PruneReport, VerifyReport
 from .repository import Repository
 
 __all__ = [
+    "BootedDomain",
     "CheckReport",
     "Difference",
     "DetachProgress",

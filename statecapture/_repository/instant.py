@@ -226,7 +226,8 @@ def boot(
     """Implementation of :meth:`Repository.boot`."""
     from . import nbdboot
     from .crypto import check_key
-    from .repository import _rewrite_domain
+    from .custody import BootRecord
+    from .domainxml import _rewrite_domain
 
     if not isinstance(name, str) or not name:
         raise UsageError("boot() needs a new domain name")
@@ -273,7 +274,19 @@ def boot(
             shutil.copyfile(ddir / "config" / p.id / "nvram", nv)
             os.chmod(nv, 0o600)
         fsync_dir(dest)
-        text = _rewrite_domain(xml, name=name, files=overlays, fmt="qcow2", nvram=nv, nbd=nbd)
+        record = BootRecord(
+            repository=str(repo.path.absolute()),
+            repository_id=repo.info.id,
+            point=p.id,
+            source=p.domain,
+            source_uuid=p.domain_uuid,
+            overlay_dir=str(dest),
+            encrypted=encrypted,
+            disks={d: str(f) for d, f in overlays.items()},
+        )
+        text = _rewrite_domain(
+            xml, name=name, files=overlays, fmt="qcow2", nvram=nv, nbd=nbd, record=record
+        )
         dom = conn.define(text)
         undo.callback(_undefine_quietly, dom)
         if start:
@@ -341,6 +354,7 @@ def _detach(
     timeout: float | None,
 ) -> None:
     from . import nbdboot
+    from .custody import forget
 
     xml = dom.definition.raw
     disks = _backed_disks(xml)
@@ -366,3 +380,4 @@ def _detach(
         if progress is not None:
             progress(DetachProgress(d, 1, 1, i + 1, len(disks)))
     nbdboot.release(servers)  # a boot from an encrypted repository: its servers end
+    forget(dom)  # independent now: Repository.booted() no longer lists it

@@ -33,6 +33,7 @@ from .store import fsync_dir, read_bytes, write_atomic
 from .store import remove as _remove
 
 if TYPE_CHECKING:
+    from .._connection import Connection
     from .._domain import Domain
     from .repository import Repository
 
@@ -219,12 +220,13 @@ def verify(repo: Repository, point: RestorePoint | str | None = None) -> VerifyR
     return VerifyReport(tuple(checked), read, tuple(diffs), tuple(errors))
 
 
-def check(repo: Repository, *, repair: bool = False) -> CheckReport:
+def check(repo: Repository, *, repair: bool = False, conn: Connection | None = None) -> CheckReport:
     """Look for inconsistencies: orphan files, points whose chains do not validate.
 
     ``repair=True`` (taking each domain's lock) removes the orphans and the manifests of
     points that cannot be restored (their files are kept out of the listing, then
-    removed as orphans). Never needs libvirt.
+    removed as orphans). Needs libvirt only with ``conn``: then the domains booted from
+    the repository are listed too (never changed), those that cannot run again as problems.
     """
     orphans: list[str] = []
     broken: list[str] = []
@@ -258,7 +260,15 @@ def check(repo: Repository, *, repair: bool = False) -> CheckReport:
             if repair:
                 for rel in found:
                     _remove(repo.path / rel)
-    return CheckReport(tuple(orphans), tuple(broken), tuple(problems), repaired=repair)
+    booted: tuple[str, ...] = ()
+    if conn is not None:
+        from .custody import check_lines
+
+        booted, stale = check_lines(repo, conn)
+        problems.extend(stale)
+    return CheckReport(
+        tuple(orphans), tuple(broken), tuple(problems), repaired=repair, booted=booted
+    )
 
 
 def prune(

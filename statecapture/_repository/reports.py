@@ -117,10 +117,14 @@ class CheckReport:
     """What is wrong, one line per problem."""
     repaired: bool = False
     """Whether orphans and broken points were removed."""
+    booted: tuple[str, ...] = ()
+    """With ``check(conn=...)``: one line per domain booted from the repository and not
+    detached (:meth:`Repository.booted`). Information only: one that cannot run again is
+    also in ``problems``."""
 
     @property
     def ok(self) -> bool:
-        """Whether nothing was found."""
+        """Whether nothing was found (a booted domain that can run is not a problem)."""
         return not self.orphans and not self.broken_points and not self.problems
 
     def __str__(self) -> str:
@@ -133,6 +137,7 @@ class CheckReport:
                 *(f"  orphan: {o}" for o in self.orphans),
                 *(f"  broken point: {b}" for b in self.broken_points),
                 *(f"  {p}" for p in self.problems),
+                *(f"  {b}" for b in self.booted),
             ]
         )
 

@@ -26,7 +26,6 @@ from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-from lxml import etree
 
 from .._journal import boundary
 from .._qemuimg import qemu_img
@@ -44,6 +43,8 @@ from . import chain as _chain
 from . import maintenance as _maint
 from .common import _UUID, _not_found, _safe, _uuid_of
 from .crypto import RepositoryKey, check_key, opened
+from .custody import BootedDomain
+from .domainxml import _rewrite_domain
 from .manifest import (
     RepositoryInfo,
     RestorePoint,
@@ -68,7 +69,6 @@ if TYPE_CHECKING:
     from .._connection import Connection
     from .._domain import Domain
     from .instant import DetachProgress
-    from .nbdboot import NbdBacking
 
 __all__ = ["Repository"]
 
@@ -615,7 +615,10 @@ class Repository:
         the repository's key is missing or wrong (:class:`RepositoryKeyError`). On a later
         failure the domain is destroyed and undefined, the servers stopped and
         ``overlay_dir`` removed. The overlays are outside the repository: a crash while
-        booted leaves them (and the domain) for the caller; the repository is unchanged.
+        booted leaves them (and the domain), and the repository is unchanged. The new
+        domain carries a boot record in its own libvirt metadata (repository, point,
+        ``overlay_dir``, disks; removed by :meth:`detach`), so :meth:`booted`,
+        ``check(conn=...)`` and :func:`~statecapture.recover` report it afterwards.
         """
         from .instant import boot
 
@@ -662,15 +665,34 @@ class Repository:
         """
         return _maint.verify(self, point)
 
+    def booted(self, conn: Connection) -> tuple[BootedDomain, ...]:
+        """The domains on ``conn`` that :meth:`boot` made from this repository and that have
+        not been detached yet (recognised by the repository's id in the boot record each
+        carries in its own metadata; a moved repository is still recognised), by name.
+
+        Each :class:`BootedDomain` says whether it runs, whether it still depends on the
+        repository (a disk's overlay still has a backing file in it, or a decrypting
+        ``qemu-nbd``), whether those servers still run (encrypted), and a ``problem`` when it
+        cannot run (again) as it is: servers ended, overlays or backing files gone. Reads
+        only: nothing is changed, in the repository or elsewhere.
+        """
+        from .custody import booted
+
+        return booted(self, conn)
+
     # ------------------------------------------------------------------ check
-    def check(self, *, repair: bool = False) -> CheckReport:
+    def check(self, *, repair: bool = False, conn: Connection | None = None) -> CheckReport:
         """Look for inconsistencies: orphan files, points whose chains do not validate.
 
         ``repair=True`` (taking each domain's lock) removes the orphans and the manifests of
         points that cannot be restored (their files are kept out of the listing, then
-        removed as orphans). Never needs libvirt.
+        removed as orphans). Without ``conn`` it never needs libvirt. With ``conn`` the
+        report also lists the domains :meth:`booted` finds there (``CheckReport.booted``); one
+        that still depends on the repository is information (``ok`` stays ``True``), one
+        that cannot run again is also a problem line. ``repair`` never touches a domain or
+        its overlays.
         """
-        return _maint.check(self, repair=repair)
+        return _maint.check(self, repair=repair, conn=conn)
 
     # ------------------------------------------------------------------ prune
     def prune(
@@ -703,68 +725,6 @@ class Repository:
             keep_weekly=keep_weekly,
             dry_run=dry_run,
         )
-
-
-def _rewrite_domain(
-    xml: bytes,
-    *,
-    name: str,
-    files: Mapping[str, Path],
-    fmt: str,
-    nvram: Path | None,
-    nbd: Mapping[str, NbdBacking] | None = None,
-) -> str:
-    """The point's configuration as a new domain ``name`` on ``files`` (disk → image);
-    ``nbd``: those disks' images rest on an NBD export, named as an explicit chain."""
-    root = etree.fromstring(xml)
-    name_el = root.find("name")
-    if name_el is None:
-        name_el = etree.SubElement(root, "name")
-    name_el.text = name
-    uuid_el = root.find("uuid")
-    if uuid_el is not None:
-        root.remove(uuid_el)
-    for mac in root.iterfind("devices/interface/mac"):
-        mac.set("address", "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3)))
-    devices = root.find("devices")
-    if devices is not None:
-        for disk in list(devices.iterfind("disk")):
-            target = disk.find("target")
-            dev = target.get("dev") if target is not None else None
-            if disk.get("device", "disk") != "disk":
-                continue
-            if dev is None or dev not in files:
-                devices.remove(disk)
-                continue
-            disk.set("type", "file")
-            for child in list(disk):
-                if child.tag in ("source", "backingStore"):
-                    disk.remove(child)
-            driver = disk.find("driver")
-            if driver is None:
-                driver = etree.SubElement(disk, "driver", name="qemu")
-            driver.set("type", fmt)
-            src = etree.Element("source", file=str(files[dev]))
-            disk.insert(list(disk).index(driver) + 1, src)
-            if nbd is not None and dev in nbd:
-                src.addnext(_nbd_backing(nbd[dev]))
-    nv = root.find("os/nvram")
-    if nv is not None:
-        if nvram is not None:
-            nv.text = str(nvram)
-        else:
-            nv.getparent().remove(nv)  # type: ignore[union-attr]
-    return etree.tostring(root, encoding="unicode")
-
-
-def _nbd_backing(b: NbdBacking) -> etree._Element:
-    """``<backingStore>``: the raw export ``b`` on its UNIX socket, the end of the chain."""
-    store = etree.Element("backingStore", type="network")
-    etree.SubElement(store, "format", type="raw")
-    src = etree.SubElement(store, "source", protocol="nbd", name=b.export)
-    etree.SubElement(src, "host", transport="unix", socket=str(b.socket))
-    etree.SubElement(store, "backingStore")
-    return store
 
 
 def _check_timeout(value: float) -> float:
