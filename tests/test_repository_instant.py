@@ -144,6 +144,23 @@ def _booted_is_reported(
     assert dom.xml(inactive=True) == inactive and dom.is_active
 
 
+def _runs_without(
+    repo: Repository, dom: statecapture.Domain, away: Path, name: str, content: bytes
+) -> None:
+    """Destroy ``dom``, move the repository to ``away``, start ``dom`` again and find the
+    guest file ``name`` holding ``content``: the domain no longer needs the repository."""
+    from statecapture.testing import wait_agent
+
+    dom.destroy()
+    os.rename(repo.path, away)
+    try:
+        dom.start()
+        wait_agent(dom, timeout=240)
+        assert _guest_sha(dom, name) == hashlib.sha256(content).hexdigest()
+    finally:
+        os.rename(away, repo.path)
+
+
 @pytest.mark.qemu
 def test_export_boot_detach(
     guest: statecapture.Domain, qemu_conn: statecapture.Connection, tmp_path: Path
@@ -220,15 +237,7 @@ def test_export_boot_detach(
         assert _repo_sums(repo) == before
 
         # independent: boots again with the repository out of the way
-        new.destroy()
-        moved = tmp_path / "repo-away"
-        os.rename(repo.path, moved)
-        try:
-            new.start()
-            wait_agent(new, timeout=240)
-            assert _guest_sha(new, "marker") == hashlib.sha256(MARKER).hexdigest()
-        finally:
-            os.rename(moved, repo.path)
+        _runs_without(repo, new, tmp_path / "repo-away", "marker", MARKER)
         assert _repo_sums(repo) == before
     finally:
         _remove(new)
@@ -512,15 +521,7 @@ def test_encrypted_boot_detach(
         assert not _nbd_servers(tmp_path) and not sockdir.exists()
         assert repo.booted(qemu_conn) == () and new.metadata(BOOT_NS) is None
         assert _repo_sums(repo) == before
-        new.destroy()
-        moved = tmp_path / "enc-away"
-        os.rename(repo.path, moved)
-        try:
-            new.start()
-            wait_agent(new, timeout=240)
-            assert _guest_sha(new, "marker2") == hashlib.sha256(MARKER2).hexdigest()
-        finally:
-            os.rename(moved, repo.path)
+        _runs_without(repo, new, tmp_path / "enc-away", "marker2", MARKER2)
         _remove(new)
         assert _repo_sums(repo) == before
 
