@@ -603,7 +603,7 @@ def test_stale_encrypted_boot_is_a_problem(
 ) -> None:
     """A record of an encrypted boot whose overlay rests on an NBD export nobody serves
     (its qemu-nbd ended with the domain): booted() says the servers are gone and that it
-    cannot run again (boot again or undefine and remove overlay_dir)."""
+    cannot start as it is (start_booted, or undefine and remove overlay_dir)."""
     repo = Repository.create(tmp_path / "repo")
     ov = tmp_path / "ov"
     (ov / "nbd").mkdir(parents=True)
@@ -621,10 +621,72 @@ def test_stale_encrypted_boot_is_a_problem(
     off_domain.set_metadata(BOOT_NS, "statecaptureboot", record)
     (b,) = repo.booted(test_conn)
     assert b.encrypted and b.depends and b.servers_alive is False and not b.running
-    assert b.problem is not None and "cannot run again" in b.problem and str(ov) in b.problem
+    assert b.problem is not None and "a plain start fails" in b.problem and str(ov) in b.problem
+    assert "repo.start_booted(dom)" in b.problem
     report = repo.check(conn=test_conn)
     assert not report.ok and report.booted == (str(b),)
-    assert "cannot run again" in statecapture.recover(off_domain).found[0]
+    assert "start_booted" in statecapture.recover(off_domain).found[0]
+    with pytest.raises(statecapture.NotFoundError):  # its point is gone: nothing started
+        repo.start_booted(off_domain)
+    assert not off_domain.is_active and not (ov / "nbd" / "vda.pid").exists()
     overlay.unlink()
     (b,) = repo.booted(test_conn)
     assert b.problem is not None and "missing" in b.problem
+
+
+def test_start_booted_plain_and_refusals(
+    off_domain: statecapture.Domain, test_conn: statecapture.Connection, tmp_path: Path
+) -> None:
+    """start_booted() starts a shut-off domain booted from a plain repository (test driver);
+    refused, changing nothing: not a Domain, a domain not booted, one booted from another
+    repository (named), a running one (InvalidStateError), the chain's file gone
+    (ChainError), the repository moved (RepositoryError), an overlay gone (NotFoundError),
+    a detached one (no record). Nothing is written into the repository."""
+    repo = Repository.create(tmp_path / "repo")
+    other = Repository.create(tmp_path / "other")
+    p = repo.backup(off_domain)
+    before = {f: f.read_bytes() for f in repo.path.rglob("*") if f.is_file()}
+    dom = repo.boot(p, test_conn, name="booted", overlay_dir=tmp_path / "ov", start=False)
+    inactive = dom.xml(inactive=True)
+    with pytest.raises(statecapture.UsageError, match="Domain"):
+        repo.start_booted("booted")  # type: ignore[arg-type]
+    with pytest.raises(statecapture.UsageError, match="not booted from a repository"):
+        repo.start_booted(off_domain)
+    with pytest.raises(statecapture.UsageError, match="another repository") as exc:
+        other.start_booted(dom)
+    assert str(repo.path) in str(exc.value) and repo.info.id in str(exc.value)
+    img = p.root / "images" / p.disks["vda"].file  # type: ignore[operator]
+    os.rename(img, tmp_path / "away.qcow2")
+    try:
+        with pytest.raises(statecapture.ChainError):
+            repo.start_booted(dom)
+    finally:
+        os.rename(tmp_path / "away.qcow2", img)
+    os.rename(repo.path, tmp_path / "moved")
+    try:
+        with pytest.raises(statecapture.RepositoryError, match="moved"):
+            Repository(tmp_path / "moved").start_booted(dom)
+    finally:
+        os.rename(tmp_path / "moved", repo.path)
+    assert not dom.is_active and dom.xml(inactive=True) == inactive
+
+    repo.start_booted(dom)
+    assert dom.is_active
+    (b,) = repo.booted(test_conn)
+    assert b.running and b.depends and b.problem is None
+    with pytest.raises(statecapture.InvalidStateError, match="running"):
+        repo.start_booted(dom)
+    assert dom.is_active
+    dom.destroy()
+    overlay = tmp_path / "ov" / "vda.qcow2"
+    os.rename(overlay, tmp_path / "ov-away.qcow2")
+    with pytest.raises(statecapture.NotFoundError, match="missing"):
+        repo.start_booted(dom)
+    os.rename(tmp_path / "ov-away.qcow2", overlay)
+    assert not dom.is_active
+    dom.set_metadata(BOOT_NS, "statecaptureboot", None)  # what detach does at its end
+    with pytest.raises(statecapture.UsageError, match="detached already"):
+        repo.start_booted(dom)
+    assert not dom.is_active
+    dom.undefine()
+    assert {f: f.read_bytes() for f in repo.path.rglob("*") if f.is_file()} == before

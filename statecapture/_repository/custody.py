@@ -10,7 +10,8 @@ XML it defines: no extra write): the repository's path and id, the point, the so
 :func:`booted` lists a connection's domains whose record names a repository and says, from
 the overlays' qcow2 headers (the truth on disk, the same running or not), whether each still
 rests on the repository (or on its decrypting ``qemu-nbd`` servers, :mod:`.nbdboot`) and
-whether it can run again. Nothing here changes a domain, an overlay or the repository.
+whether it can run again as it is (:meth:`Repository.start_booted` starts the servers of a
+shut-off encrypted boot again). Nothing here changes a domain, an overlay or the repository.
 """
 
 from __future__ import annotations
@@ -230,10 +231,11 @@ def status(dom: Domain, rec: BootRecord) -> BootedDomain:
             (pid := _read_pid(s.pid_file)) is not None and _serves(pid, s.socket) for s in servers
         )
         if not alive:
-            what = "cannot run again" if not running else "reads from the repository fail"
+            what = "a plain start fails" if not running else "reads from the repository fail"
+            stop = "" if not running else "destroy it, then "
             problem = (
-                f"its decrypting qemu-nbd servers have ended, so it {what}: boot the point "
-                f"again or undefine it and remove {ov_dir}"
+                f"its decrypting qemu-nbd servers have ended, so {what}: {stop}start it again "
+                f"with repo.start_booted(dom), or undefine it and remove {ov_dir}"
             )
     elif depends:
         gone = sorted(

@@ -29,6 +29,7 @@ import attrs
 
 from .._qemuimg import qemu_img
 from ..errors import (
+    InvalidStateError,
     NotFoundError,
     OperationTimeoutError,
     RepositoryError,
@@ -45,9 +46,18 @@ if TYPE_CHECKING:
     from .._connection import Connection
     from .._domain import Domain
     from .manifest import RestorePoint
+    from .nbdboot import NbdBacking
     from .repository import Repository
 
-__all__ = ["DetachProgress", "boot", "detach", "export", "guest_reader", "serve_image"]
+__all__ = [
+    "DetachProgress",
+    "boot",
+    "detach",
+    "export",
+    "guest_reader",
+    "serve_image",
+    "start_booted",
+]
 
 _SOCKET_WAIT: Final = 30.0
 
@@ -296,6 +306,79 @@ def boot(
                 _detach(dom, progress=progress, timeout=timeout)
         undo.pop_all()
     return dom
+
+
+def start_booted(repo: Repository, dom: Domain) -> None:
+    """Implementation of :meth:`Repository.start_booted`."""
+    from . import nbdboot
+
+    tops, servers, stale = _plan_start(repo, dom)
+    with contextlib.ExitStack() as undo:
+        nbdboot.serve_again(repo, tops, servers, stale, undo)
+        dom.start()
+        undo.pop_all()
+
+
+def _plan_start(
+    repo: Repository, dom: Domain
+) -> tuple[dict[str, Path], list[NbdBacking], list[Path]]:
+    """Everything :func:`start_booted` checks first (reads only): each disk still resting on
+    the repository → its chain's top; the decrypting servers to start; stale files."""
+    from .._domain import Domain
+    from . import nbdboot
+    from .crypto import check_key
+    from .custody import _backing_of, record_of
+
+    if not isinstance(dom, Domain):
+        raise UsageError(f"start_booted() needs a statecapture Domain, got {type(dom).__name__}")
+    rec = record_of(dom)  # a damaged record: XMLError
+    if rec is None:
+        raise UsageError(
+            f"domain {dom.name!r} was not booted from a repository (or detached already)"
+        )
+    if rec.repository_id != repo.info.id:
+        raise UsageError(
+            f"domain {dom.name!r} was booted from another repository ({rec.repository}, id "
+            f"{rec.repository_id}), not from {repo.path} (id {repo.info.id})"
+        )
+    if dom.is_active:
+        raise InvalidStateError(
+            f"domain {dom.name!r} is running; start_booted() starts a shut-off one",
+            operation="repository start_booted",
+            domain_name=dom.name,
+        )
+    check_key(repo.info, repo.key, str(repo.path))  # missing or wrong: RepositoryKeyError
+    missing = sorted(f for f in rec.disks.values() if not os.path.isfile(f))
+    if missing:
+        raise _not_found(
+            f"overlay file(s) of {dom.name!r} missing: {', '.join(missing)}; undefine it and "
+            f"remove {rec.overlay_dir}"
+        )
+    backing = {d: _backing_of(Path(f)) for d, f in sorted(rec.disks.items())}
+    depends = [d for d, b in backing.items() if b is not None]
+    if not depends:
+        return {}, [], []
+    p, ddir, points = repo._resolve(rec.point)  # gone: NotFoundError
+    index = _chain.file_index(points)
+    tops = {d: _chain.validate_chain(ddir / "images", p, d, index)[0] for d in depends}
+    if not rec.encrypted:
+        for d, top in tops.items():
+            if backing[d] != str(top.absolute()):
+                raise RepositoryError(
+                    f"the overlay of {d} rests on {backing[d]}, but the chain of point "
+                    f"{p.id} is now at {top.absolute()} (was the repository moved?)",
+                    path=str(top),
+                )
+        return tops, [], []
+    servers = {b.disk: b for b in nbdboot.servers_of(dom.inactive_definition.raw)}
+    for d in depends:
+        if d not in servers or servers[d].uri != backing[d]:
+            raise RepositoryError(
+                f"the overlay of {d} rests on {backing[d]}, not on the decrypting server the "
+                f"definition of {dom.name!r} names"
+            )
+    chosen = [servers[d] for d in depends]
+    return tops, chosen, nbdboot.plan_again(Path(rec.overlay_dir), chosen)
 
 
 def _file_overlays(dest: Path, tops: dict[str, Path]) -> dict[str, Path]:

@@ -226,7 +226,7 @@ def check(repo: Repository, *, repair: bool = False, conn: Connection | None = N
     ``repair=True`` (taking each domain's lock) removes the orphans and the manifests of
     points that cannot be restored (their files are kept out of the listing, then
     removed as orphans). Needs libvirt only with ``conn``: then the domains booted from
-    the repository are listed too (never changed), those that cannot run again as problems.
+    the repository are listed too (never changed), those that cannot run as they are as problems.
     """
     orphans: list[str] = []
     broken: list[str] = []

@@ -22,22 +22,39 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import attrs
 
 from .._qemuimg import qemu_img
-from ..errors import OperationTimeoutError, RepositoryError, UnsupportedError, UsageError
+from ..errors import (
+    OperationTimeoutError,
+    RepositoryError,
+    TargetExistsError,
+    UnsupportedError,
+    UsageError,
+)
 from .common import _safe
 
 if TYPE_CHECKING:
     from .repository import Repository
 
-__all__ = ["SOCKET_DIR", "NbdBacking", "plan", "release", "serve", "servers_of", "stop"]
+__all__ = [
+    "SOCKET_DIR",
+    "NbdBacking",
+    "plan",
+    "plan_again",
+    "release",
+    "serve",
+    "serve_again",
+    "servers_of",
+    "stop",
+]
 
 SOCKET_DIR: Final = "nbd"
 """The directory inside ``overlay_dir`` that holds the sockets and pid files."""
@@ -107,6 +124,105 @@ def serve(
         os.chmod(ov, 0o600)
         overlays[d] = ov
     return overlays
+
+
+def plan_again(overlay_dir: Path, backings: Sequence[NbdBacking]) -> list[Path]:
+    """Check, changing nothing, that the servers of a shut-off booted domain can be started
+    again in ``overlay_dir/nbd``; the stale files of the ended servers to remove first.
+
+    The socket directory may be gone (it is made again) or must be ours, a real directory,
+    owner-only; a socket or pid file left there must be a socket (a regular file) of ours
+    that no live ``qemu-nbd`` serves. :class:`TargetExistsError` for something else in the
+    way, :class:`RepositoryError` when a server of that socket still runs."""
+    sockdir = overlay_dir / SOCKET_DIR
+    stale: list[Path] = []
+    if not backings:
+        return stale
+    if any(b.socket.parent != sockdir for b in backings):
+        raise UsageError(f"the domain's NBD sockets are not in {sockdir}: its definition changed")
+    st = _lstat(sockdir)
+    if st is not None and not (
+        stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077 == 0
+    ):
+        raise TargetExistsError(
+            f"{sockdir} is not an owner-only directory of ours: left untouched", path=str(sockdir)
+        )
+    for b in backings:
+        pid = _server_of(b)
+        if pid is not None:
+            raise RepositoryError(
+                f"qemu-nbd {pid} still serves {b.socket} although the domain is shut off: "
+                "stop it first",
+                path=str(b.socket),
+            )
+        for f, is_kind in ((b.socket, stat.S_ISSOCK), (b.pid_file, stat.S_ISREG)):
+            fst = _lstat(f)
+            if fst is None:
+                continue
+            if not is_kind(fst.st_mode) or fst.st_uid != os.getuid():
+                raise TargetExistsError(
+                    f"{f} is not a file an ended qemu-nbd of ours left: left untouched",
+                    path=str(f),
+                )
+            stale.append(f)
+    return stale
+
+
+def serve_again(
+    repo: Repository,
+    tops: Mapping[str, Path],
+    backings: Sequence[NbdBacking],
+    stale: Iterable[Path],
+    undo: contextlib.ExitStack,
+) -> None:
+    """Start the servers :func:`plan_again` checked (each disk's chain top in ``tops``):
+    make the socket directory if it is gone, remove the stale files, start each server with
+    its stop registered on ``undo`` first (and the directory's removal, when made here)."""
+    if not backings:
+        return
+    sockdir = backings[0].socket.parent
+    if _lstat(sockdir) is None:
+        os.mkdir(sockdir, 0o700)
+        undo.callback(_rmdir_quietly, sockdir)
+    for f in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f)
+    for b in backings:
+        undo.callback(_stop_and_clean, b)
+        _start(repo, tops[b.disk], b)
+
+
+def _stop_and_clean(b: NbdBacking) -> None:
+    """Stop the server of ``b`` (by its pid file) and remove its socket and pid file."""
+    _stop_listed(b)
+    for f, is_kind in ((b.socket, stat.S_ISSOCK), (b.pid_file, stat.S_ISREG)):
+        st = _lstat(f)
+        if st is not None and is_kind(st.st_mode) and st.st_uid == os.getuid():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _rmdir_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty: a server's files are left, keep it
+        os.rmdir(path)
+
+
+def _server_of(b: NbdBacking) -> int | None:
+    """The pid of a live ``qemu-nbd`` serving ``b.socket`` (by its pid file, else any)."""
+    pid = _read_pid(b.pid_file)
+    if pid is not None and _serves(pid, b.socket):
+        return pid
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and _serves(int(entry.name), b.socket):
+            return int(entry.name)
+    return None
 
 
 def _start(repo: Repository, top: Path, b: NbdBacking) -> int:

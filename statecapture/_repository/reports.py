@@ -119,7 +119,7 @@ class CheckReport:
     """Whether orphans and broken points were removed."""
     booted: tuple[str, ...] = ()
     """With ``check(conn=...)``: one line per domain booted from the repository and not
-    detached (:meth:`Repository.booted`). Information only: one that cannot run again is
+    detached (:meth:`Repository.booted`). Information only: one that cannot run as it is
     also in ``problems``."""
 
     @property

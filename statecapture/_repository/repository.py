@@ -603,10 +603,10 @@ class Repository:
         that opens the chain with the key, read-only, and serves it decrypted on a UNIX
         socket in ``overlay_dir/nbd/`` (0700); the key reaches it through a pipe and then
         lives only in that process's memory. The server ends by itself when the domain's
-        QEMU lets go of it: when the domain stops (it then cannot start again on these
-        overlays: :meth:`detach` first to keep it) or when a detach has pulled everything
-        (the detach also makes sure it ended and removes the socket directory). So
-        ``start=False`` is a :class:`UsageError` there, and ``overlay_dir`` must be short
+        QEMU lets go of it: when the domain stops (a plain ``dom.start()`` then fails:
+        :meth:`start_booted` starts the servers again with it) or when a detach has pulled
+        everything (the detach also makes sure it ended and removes the socket directory).
+        So ``start=False`` is a :class:`UsageError` there, and ``overlay_dir`` must be short
         enough for a socket path (107 bytes; :class:`UsageError` otherwise).
 
         Refused before anything is made: a domain ``name`` exists or ``overlay_dir`` exists
@@ -633,6 +633,33 @@ class Repository:
             progress=progress,
             timeout=timeout,
         )
+
+    def start_booted(self, dom: Domain) -> None:
+        """Start again a shut-off domain that :meth:`boot` made from this repository.
+
+        For a plain repository this is ``dom.start()`` after checking that the overlays'
+        backing files are still the point's chain. From an encrypted repository the
+        decrypting ``qemu-nbd`` servers ended when the domain stopped: each disk still
+        resting on one gets it started again, exactly as :meth:`boot` does (the key through
+        a pipe, socket in ``overlay_dir/nbd/``, made again 0700 if it was removed; the
+        socket and pid file an ended server left are removed first), then the domain
+        starts. If starting fails, the servers started are stopped again and the domain
+        stays shut off; otherwise they live until the domain stops, as after :meth:`boot`.
+        A disk already detached needs nothing. The repository is never written.
+
+        Refused before anything changes: ``dom`` is not a :class:`~statecapture.Domain`,
+        carries no boot record (never booted, or detached already) or one of another
+        repository (:class:`UsageError`); it is running (:class:`InvalidStateError`); an
+        overlay is missing or the point is gone (:class:`NotFoundError`); the point's chain
+        does not validate (:class:`ChainError`) or the overlays rest elsewhere
+        (:class:`RepositoryError`); the key is missing or wrong
+        (:class:`RepositoryKeyError`); a ``qemu-nbd`` still serves the domain's socket
+        (:class:`RepositoryError`) or something not ours is in its place
+        (:class:`TargetExistsError`).
+        """
+        from .instant import start_booted
+
+        start_booted(self, dom)
 
     def detach(
         self,
