@@ -169,7 +169,8 @@ def test_export_boot_detach(
     in the blocks read through libnbd; the server and its socket directory are gone
     afterwards; an unknown disk is NotFoundError); boot() runs a new domain (new name,
     UUID, MACs) on overlays over the chain, whose guest sees the files of the point; a
-    taken name or overlay directory is refused first; detach() pulls the chain into the
+    taken name or overlay directory is refused first; destroyed before detach, it starts
+    again with start_booted(); detach() pulls the chain into the
     overlays (progress reported) so the domain boots again with the repository moved away;
     the repository's files are unchanged by checksum throughout."""
     from statecapture.testing import wait_agent
@@ -218,6 +219,11 @@ def test_export_boot_detach(
         assert _repo_sums(repo) == before
         _booted_is_reported(repo, qemu_conn, new, p2, tmp_path / "ov")
         assert _repo_sums(repo) == before
+        new.destroy()  # stopped before detach: start_booted() starts it again
+        repo.start_booted(new)
+        assert new.is_active and _backing(new, "vda") == "file"
+        (b,) = repo.booted(qemu_conn)
+        assert b.running and b.problem is None
 
         repo.detach(new, progress=seen.append, timeout=600)
         assert seen and seen[-1].fraction == 1.0 and seen[-1].disk == "vda"
@@ -477,8 +483,11 @@ def test_encrypted_boot_detach(
     files; the defined XML names the NBD chain and validates; detach() pulls everything
     in, after which no qemu-nbd is left, the socket directory is gone, the domain boots
     with the repository moved away, and the repository's files are unchanged by checksum.
-    A domain destroyed without detach: its qemu-nbd ends by itself within seconds (and the
-    domain cannot start again on those overlays)."""
+    A domain destroyed without detach: its qemu-nbd ends by itself within seconds (a plain
+    start fails, which booted() reports); start_booted() starts it again (refused, nothing
+    left running, with a wrong key or a failing start; again a typed error while it runs):
+    one server again, the guest sees the point's files, booted() has no problem; destroyed
+    again, the server ends again. The repository is unchanged by checksum throughout."""
     from statecapture.testing import wait_agent
     from tests.schema import assert_valid
 
@@ -532,23 +541,67 @@ def test_encrypted_boot_detach(
         other.destroy()
         assert _wait_no_servers(tmp_path, 5) < 5
         with pytest.raises(statecapture.StateCaptureError):
-            other.start()  # its backing is gone: boot again, or detach before stopping
+            other.start()  # its backing is gone: start_booted() starts the server again
         # ... which booted(), check(conn=) and recover() say (and change nothing)
         (b,) = repo.booted(qemu_conn)
         assert b.name == other.name and b.encrypted and not b.running and b.depends
         assert b.servers_alive is False and b.problem is not None
-        assert "cannot run again" in b.problem and str(tmp_path / "ov2") in b.problem
+        assert "start_booted" in b.problem and str(tmp_path / "ov2") in b.problem
         report = repo.check(conn=qemu_conn)
         assert not report.ok and report.booted == (str(b),)
-        assert any(other.name in p and "cannot run again" in p for p in report.problems)
+        assert any(other.name in p and "start_booted" in p for p in report.problems)
         assert repo.check().ok and repo.check(repair=True, conn=qemu_conn).booted == (str(b),)
         found = statecapture.recover(other)
-        assert not found.actions and any("cannot run again" in f for f in found.found)
+        assert not found.actions and any("start_booted" in f for f in found.found)
         assert (tmp_path / "ov2" / "vda.qcow2").exists() and other.metadata(BOOT_NS)
+        assert _repo_sums(repo) == before
+        _start_booted_again(repo, qemu_conn, other, p2, tmp_path)
         assert _repo_sums(repo) == before
     finally:
         for dom in made:
             _remove(dom)
+
+
+def _start_booted_again(
+    repo: Repository,
+    conn: statecapture.Connection,
+    dom: statecapture.Domain,
+    point: statecapture.RestorePoint,
+    tmp_path: Path,
+) -> None:
+    """``dom`` (booted from encrypted ``point`` into ``tmp_path/ov2``, destroyed, its server
+    ended) starts again with start_booted(); refusals leave no server and it shut off."""
+    from statecapture import LibvirtError
+    from statecapture.testing import wait_agent
+    from statecapture.testing.faults import inject
+
+    sockdir = tmp_path / "ov2" / "nbd"
+    wrong = Repository(repo.path, key=KEY)
+    wrong.key = statecapture.RepositoryKey(b"another-secret-of-16+")
+    with pytest.raises(statecapture.RepositoryKeyError):
+        wrong.start_booted(dom)
+    assert not _nbd_servers(tmp_path) and not dom.is_active
+    boom = LibvirtError("injected failure", code=1)
+    with inject(dom, "start", raises=boom), pytest.raises(LibvirtError, match="injected"):
+        repo.start_booted(dom)  # the server was started, then stopped again
+    assert not _nbd_servers(tmp_path) and not dom.is_active
+    left = sorted(f.name for f in sockdir.iterdir()) if sockdir.exists() else None
+    assert not left, left  # the failed start cleaned up its socket and pid file
+
+    repo.start_booted(dom)
+    servers = _nbd_servers(tmp_path)
+    assert dom.is_active and len(servers) == len(point.disks) == 1
+    assert (sockdir.stat().st_mode & 0o777) == 0o700
+    wait_agent(dom, timeout=240)
+    assert _guest_sha(dom, "marker2") == hashlib.sha256(MARKER2).hexdigest()
+    _booted_is_reported(repo, conn, dom, point, tmp_path / "ov2")
+    with pytest.raises(statecapture.InvalidStateError, match="running"):
+        repo.start_booted(dom)
+    assert dom.is_active and _nbd_servers(tmp_path) == servers
+    dom.destroy()
+    assert _wait_no_servers(tmp_path, 5) < 5
+    (b,) = repo.booted(conn)
+    assert not b.running and b.servers_alive is False and "start_booted" in (b.problem or "")
 
 
 @pytest.mark.qemu
