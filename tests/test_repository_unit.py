@@ -690,3 +690,79 @@ def test_start_booted_plain_and_refusals(
     assert not dom.is_active
     dom.undefine()
     assert {f: f.read_bytes() for f in repo.path.rglob("*") if f.is_file()} == before
+
+
+def test_prune_keeps_points_booted_domains_read(
+    off_domain: statecapture.Domain, test_conn: statecapture.Connection, tmp_path: Path
+) -> None:
+    """A point a shut-off booted domain (start=False, test driver) still reads is kept by
+    prune whatever the policy says (a note names the domain), dry_run shows the same; the
+    booted domain's backing stays valid and every kept point restores equal. With a name and
+    no conn booted domains are not looked for (a note says so), with conn= they are. Once
+    the booted domain is gone, prune removes its point."""
+    repo = Repository.create(tmp_path / "repo")
+    source = Path(off_domain.disk("vda").source or "")
+    refs: dict[str, str] = {}
+    pts = []
+    for i in range(3):
+        _qemu_io(source, f"write -P 0x{0x40 + i:x} 4M 1M")
+        pts.append(repo.backup(off_domain))
+        refs[pts[-1].id] = _sha(_raw(source, tmp_path / f"ref{i}.raw"))
+    p1, p2, p3 = pts
+    dom = repo.boot(p1, test_conn, name="booted", overlay_dir=tmp_path / "ov", start=False)
+    why = f"point {p1.id} kept: domain 'booted' booted from it still reads it (detach it"
+
+    dry = repo.prune(off_domain, keep_last=1, dry_run=True)
+    assert [p.id for p in dry.removed] == [p2.id] and [p.id for p in dry.kept] == [p1.id, p3.id]
+    assert any(n.startswith(why) for n in dry.notes) and len(repo.points()) == 3
+    by_name = repo.prune("gamma", keep_last=1, dry_run=True)
+    assert [p.id for p in by_name.removed] == [p1.id, p2.id]
+    assert any("booted domains were not checked (pass conn=" in n for n in by_name.notes)
+    by_uuid = repo.prune(off_domain.uuid, keep_last=1, dry_run=True, conn=test_conn)
+    assert [p.id for p in by_uuid.removed] == [p2.id] and by_uuid.notes == dry.notes
+
+    report = repo.prune(off_domain, keep_last=1)
+    assert [p.id for p in report.removed] == [p2.id]
+    assert [p.id for p in report.kept] == [p1.id, p3.id]
+    assert any(n.startswith(why) for n in report.notes) and why in str(report)
+    assert sorted(p.id for p in repo.points()) == [p1.id, p3.id]
+    (b,) = repo.booted(test_conn)
+    assert b.depends and b.problem is None
+    assert repo.check(conn=test_conn).ok and repo.verify().ok
+    for p in (p1, p3):
+        assert _sha(repo.restore(p, tmp_path / f"r-{p.id}", format="raw")["vda"]) == refs[p.id]
+
+    by_name = repo.prune("gamma", keep_last=1, conn=test_conn)  # still protected by name
+    assert by_name.removed == () and any(n.startswith(why) for n in by_name.notes)
+    dom.undefine()
+    final = repo.prune(off_domain, keep_last=1)
+    assert [p.id for p in final.removed] == [p1.id] and not any("kept" in n for n in final.notes)
+    assert [p.id for p in repo.points()] == [p3.id] and repo.check().ok
+    assert _sha(repo.restore(p3, tmp_path / "r-last", format="raw")["vda"]) == refs[p3.id]
+
+
+def test_prune_protection_reads_the_whole_chain() -> None:
+    """What prune protects with a booted point: the points its chains rest on (parents,
+    and the owner of a full disk an incremental point took over), never newer ones."""
+    import attrs
+
+    from statecapture._repository.maintenance import reads
+
+    def disk(name: str, parent: str | None = None) -> DiskEntry:
+        kind = PointKind.FULL if parent is None else PointKind.INCREMENTAL
+        return DiskEntry(name, kind, MiB, parent_file=parent)
+
+    a = attrs.evolve(_pt(1), disks={"vda": disk("a.vda")})
+    b = attrs.evolve(
+        _pt(2), kind=PointKind.INCREMENTAL, parent=a.id,
+        disks={"vda": disk("b.vda", "a.vda"), "vdb": disk("b.vdb")},
+    )  # fmt: skip
+    c = attrs.evolve(
+        _pt(3), kind=PointKind.INCREMENTAL, parent=b.id,
+        disks={"vda": disk("c.vda", "b.vda"), "vdb": disk("c.vdb", "b.vdb")},
+    )  # fmt: skip
+    d = attrs.evolve(_pt(4), disks={"vda": disk("d.vda")})
+    pts = {p.id: p for p in (a, b, c, d)}
+    assert reads(pts, c) == {a.id, b.id, c.id}
+    assert reads(pts, b) == {a.id, b.id}
+    assert reads(pts, d) == {d.id}

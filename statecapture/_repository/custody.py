@@ -35,7 +35,16 @@ if TYPE_CHECKING:
     from .._domain import Domain
     from .repository import Repository
 
-__all__ = ["BOOT_KEY", "BOOT_NS", "BootRecord", "BootedDomain", "booted", "forget", "status"]
+__all__ = [
+    "BOOT_KEY",
+    "BOOT_NS",
+    "BootRecord",
+    "BootedDomain",
+    "booted",
+    "forget",
+    "readers",
+    "status",
+]
 
 BOOT_NS: Final = "urn:x-statecapture:boot:1"
 """The metadata namespace URI of the boot record in a booted domain's XML."""
@@ -296,6 +305,21 @@ def finding(dom: Domain) -> str | None:
             "Repository.detach() makes it independent, or undefine it and remove the overlays"
         )
     return f"booted from {where}: independent of it now (its boot record is left over)"
+
+
+def readers(repo: Repository, conn: Connection, source_uuid: str) -> dict[str, tuple[str, ...]]:
+    """Point id → names of the domains on ``conn`` booted from that point (of this
+    repository, taken from domain ``source_uuid``) that still depend on the repository,
+    running or shut off (:meth:`Repository.prune` keeps those points). Reads only."""
+    out: dict[str, list[str]] = {}
+    for dom in conn.domains():
+        with contextlib.suppress(NotFoundError, XMLError):  # gone meanwhile; not our record
+            rec = record_of(dom)
+            if rec is None or rec.repository_id != repo.info.id:
+                continue
+            if rec.source_uuid == source_uuid and status(dom, rec).depends:
+                out.setdefault(rec.point, []).append(dom.name)
+    return {p: tuple(sorted(names)) for p, names in out.items()}
 
 
 def check_lines(repo: Repository, conn: Connection) -> tuple[tuple[str, ...], tuple[str, ...]]:

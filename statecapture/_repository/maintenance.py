@@ -172,6 +172,23 @@ def remove_point(repo: Repository, ddir: Path, rid: str) -> list[str]:
     return merged
 
 
+def reads(pts: Mapping[str, RestorePoint], p: RestorePoint) -> set[str]:
+    """The ids of ``p`` and of every point whose layers ``p``'s chains rest on."""
+    chain = [p]
+    while chain[-1].parent is not None and chain[-1].parent in pts:
+        chain.append(pts[chain[-1].parent])
+    # full disks of an incremental point (disk added) rest on older points too
+    index = _chain.file_index(pts)
+    owner = {e.file: q for q in pts.values() for e in q.disks.values()}
+    wanted = {q.id for q in chain}
+    for q in list(chain):
+        for d in q.disks:
+            with contextlib.suppress(ChainError):
+                for e in _chain.expected_chain(q, d, index):
+                    wanted.add(owner[e.file].id)
+    return wanted
+
+
 def verify(repo: Repository, point: RestorePoint | str | None = None) -> VerifyReport:
     """Re-read stored data and compare it with the digests recorded at backup time.
 
@@ -187,18 +204,7 @@ def verify(repo: Repository, point: RestorePoint | str | None = None) -> VerifyR
             targets.append((ddir, pts, sorted(pts.values(), key=lambda q: q.id)))
     else:
         p, ddir, pts = repo._resolve(point)
-        chain = [p]
-        while chain[-1].parent is not None and chain[-1].parent in pts:
-            chain.append(pts[chain[-1].parent])
-        # full disks of an incremental point (disk added) rest on older points too
-        index = _chain.file_index(pts)
-        owner = {e.file: q for q in pts.values() for e in q.disks.values()}
-        wanted = {q.id for q in chain}
-        for q in list(chain):
-            for d in q.disks:
-                with contextlib.suppress(ChainError):
-                    for e in _chain.expected_chain(q, d, index):
-                        wanted.add(owner[e.file].id)
+        wanted = reads(pts, p)
         targets = [(ddir, pts, sorted((pts[i] for i in wanted), key=lambda q: q.id))]
     checked: list[str] = []
     diffs: list[Difference] = []
@@ -279,6 +285,7 @@ def prune(
     keep_daily: int | None = None,
     keep_weekly: int | None = None,
     dry_run: bool = False,
+    conn: Connection | None = None,
 ) -> PruneReport:
     """Remove the points a retention policy does not keep; every kept point stays
     restorable.
@@ -290,10 +297,18 @@ def prune(
     :class:`Domain`, the checkpoints this repository made that no kept point needs
     (every one but the newest point's) are deleted, libvirt merging their bitmaps, so
     bitmaps do not pile up in the guest's images. ``dry_run=True`` changes nothing.
+
+    A point that a domain booted from this repository still reads (running or shut off,
+    not detached; found on ``conn``, by default the Domain's own connection) is kept, with
+    the points its chains rest on, whatever the policy says: no file such a domain reads is
+    rewritten or removed (:func:`protected`; a note says why each one is kept).
     """
     from .._domain import Domain
 
     uuid = _uuid_of(domain)
+    if conn is None and isinstance(domain, Domain):
+        conn = domain.connection
+    policy = {"keep_last": keep_last, "keep_daily": keep_daily, "keep_weekly": keep_weekly}
     all_pts = repo.points(domain, newest_first=False)
     if uuid is None:
         uuids = {p.domain_uuid for p in all_pts}
@@ -302,25 +317,31 @@ def prune(
         if not uuids:
             raise _not_found(f"the repository has no points of domain {domain!r}")
         uuid = uuids.pop()
-    keep = retention.select(
-        all_pts, keep_last=keep_last, keep_daily=keep_daily, keep_weekly=keep_weekly
-    )
+    keep = retention.select(all_pts, **policy)
     if dry_run:
+        extra, notes = protected(repo, conn, uuid, {p.id: p for p in all_pts}, keep)
+        keep |= extra
         return PruneReport(
             removed=tuple(p for p in all_pts if p.id not in keep),
             kept=tuple(p for p in all_pts if p.id in keep),
             dry_run=True,
+            notes=tuple(notes),
         )
     ddir = repo._domain_dir(uuid)
     dom = domain if isinstance(domain, Domain) else None
     merged: list[str] = []
-    notes: list[str] = []
+    notes = []
     with repo._lock(uuid).held():
         repo._clean_leftovers(dom, ddir)
         notes += [
             f"repaired the backing name of {n}" for n in repair_backing_names(repo, ddir / "images")
         ]
         pts = repo._load(ddir)
+        # decided again under the lock: a point added meanwhile is the newest, kept
+        keep = retention.select(list(pts.values()), **policy)
+        extra, why = protected(repo, conn, uuid, pts, keep)
+        keep |= extra
+        notes += why
         order = sorted(pts.values(), key=lambda q: (q.time, q.id))
         removed = [p for p in order if p.id not in keep]
         for r in removed:
@@ -347,6 +368,49 @@ def prune(
         checkpoints_deleted=tuple(deleted),
         notes=tuple(notes),
     )
+
+
+def protected(
+    repo: Repository,
+    conn: Connection | None,
+    uuid: str,
+    pts: Mapping[str, RestorePoint],
+    keep: set[str],
+) -> tuple[set[str], list[str]]:
+    """The points of domain ``uuid`` that prune must keep beyond ``keep`` because a domain
+    booted from this repository still reads them, and one note per such point.
+
+    A booted domain's overlays name the top layer of its point P, whose chain reads P's own
+    layers and those of the points below it. Removing P deletes its files; removing a point
+    below P merges that point's data into P's layers by rewriting them in place (``qemu-img
+    rebase``), which a running domain's image locks refuse and which would rewrite files
+    under a shut-off one. So P and every point its chains rest on are kept: nothing a booted
+    domain reads changes. ``conn=None``: nothing is found, a note says so.
+    """
+    if conn is None:
+        return set(), [
+            "booted domains were not checked (pass conn=..., or a Domain): a domain booted "
+            "from a removed point would lose its backing files"
+        ]
+    from .custody import readers
+
+    extra: set[str] = set()
+    notes: list[str] = []
+    for point, names in sorted(readers(repo, conn, uuid).items()):
+        p = pts.get(point)
+        if p is None:  # its point is gone already (booted() reports it as a problem)
+            continue
+        who = ("domain " if len(names) == 1 else "domains ") + ", ".join(map(repr, names))
+        let = "detach it, or undefine it," if len(names) == 1 else "detach or undefine them"
+        for q in sorted(reads(pts, p)):
+            if q in keep or q in extra:
+                continue
+            extra.add(q)
+            what = "from it" if q == point else f"from point {point} (resting on it)"
+            notes.append(
+                f"point {q} kept: {who} booted {what} still reads it ({let} to let prune remove it)"
+            )
+    return extra, notes
 
 
 def _rebase(repo: Repository, images: Path, child: Path, new_backing: str | None) -> None:

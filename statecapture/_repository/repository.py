@@ -730,6 +730,7 @@ class Repository:
         keep_daily: int | None = None,
         keep_weekly: int | None = None,
         dry_run: bool = False,
+        conn: Connection | None = None,
     ) -> PruneReport:
         """Remove the points a retention policy does not keep; every kept point stays
         restorable.
@@ -743,6 +744,12 @@ class Repository:
         bitmaps do not pile up in the guest's images. ``dry_run=True`` changes nothing.
         In an encrypted repository the layers are merged with ``qemu-img`` and the key,
         never decrypted onto the disk.
+
+        A point that a domain :meth:`boot` made still reads (running or shut off, not
+        :meth:`detach`-ed) is kept whatever the policy says, with the points its chains rest
+        on, and a note in the report says which domain keeps it. Booted domains are looked
+        for on ``conn``, by default the Domain's own connection; with a name or UUID and no
+        ``conn`` they are not looked for (a note says so).
         """
         return _maint.prune(
             self,
@@ -751,6 +758,7 @@ class Repository:
             keep_daily=keep_daily,
             keep_weekly=keep_weekly,
             dry_run=dry_run,
+            conn=conn,
         )
 
 
