@@ -534,10 +534,15 @@ def test_encrypted_boot_detach(
         _remove(new)
         assert _repo_sums(repo) == before
 
-        # destroyed without detach: the server ends by itself
-        other = repo.boot(p2, qemu_conn, name=f"{guest.name}-f", overlay_dir=tmp_path / "ov2")
+        # defined only (start=False): no server until start_booted() starts it
+        other = repo.boot(
+            p2, qemu_conn, name=f"{guest.name}-f", overlay_dir=tmp_path / "ov2", start=False
+        )
         made.append(other)
-        assert len(_nbd_servers(tmp_path)) == 1
+        assert not other.is_active and not _nbd_servers(tmp_path)
+        repo.start_booted(other)
+        assert other.is_active and len(_nbd_servers(tmp_path)) == 1
+        # destroyed without detach: the server ends by itself
         other.destroy()
         assert _wait_no_servers(tmp_path, 5) < 5
         with pytest.raises(statecapture.StateCaptureError):
@@ -609,8 +614,7 @@ def test_encrypted_boot_bad_input(
     guest: statecapture.Domain, qemu_conn: statecapture.Connection, nbd_reaper: Path
 ) -> None:
     """Booting from an encrypted repository is refused before anything is made: a missing
-    or wrong key (RepositoryKeyError), start=False (UsageError: the decrypting server lives
-    only with the running domain), an overlay_dir too long for a socket path (UsageError);
+    or wrong key (RepositoryKeyError), an overlay_dir too long for a socket path (UsageError);
     a define or start that fails stops the qemu-nbd servers already started and removes
     overlay_dir. No domain defined, no qemu-nbd, no overlay directory, the repository
     unchanged."""
@@ -639,9 +643,6 @@ def test_encrypted_boot_bad_input(
         with pytest.raises(statecapture.RepositoryKeyError):
             handle.boot(p, qemu_conn, name=name, overlay_dir=ov)
         nothing_made()
-    with pytest.raises(statecapture.UsageError, match="start=True"):
-        repo.boot(p, qemu_conn, name=name, overlay_dir=ov, start=False)
-    nothing_made()
     long_dir = tmp_path / ("o" * max(1, 110 - len(os.fsencode(tmp_path))))
     with pytest.raises(statecapture.UsageError, match="socket"):
         repo.boot(p, qemu_conn, name=name, overlay_dir=long_dir)

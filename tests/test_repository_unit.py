@@ -454,8 +454,9 @@ def test_encrypted_boot_xml_and_refusals(
     """The configuration boot() defines from an encrypted repository names each disk's
     chain explicitly (the overlay, then the raw NBD export on its UNIX socket in
     overlay_dir/nbd, then the end of the chain) and validates against libvirt's
-    domain.rng; a socket path over 107 bytes and start=False are UsageErrors before
-    anything is made."""
+    domain.rng; a socket path over 107 bytes is a UsageError before anything is made;
+    start=False defines the domain on its overlay and starts no server (booted() says to
+    use start_booted)."""
     from lxml import etree
 
     from statecapture._repository import nbdboot
@@ -492,9 +493,19 @@ def test_encrypted_boot_xml_and_refusals(
     assert end is not None and len(end) == 0
     with pytest.raises(UsageError, match="socket"):
         nbdboot.plan(tmp_path / ("o" * 120), ["vda"])
-    with pytest.raises(UsageError, match="start=True"):
-        repo.boot(p, test_conn, name="boot-e", overlay_dir=ov, start=False)
-    assert not ov.exists()
+    # start=False: defined with its overlay and socket directory, no server started
+    dom = repo.boot(p, test_conn, name="boot-e", overlay_dir=ov, start=False)
+    try:
+        assert not dom.is_active
+        assert (ov / "nbd").is_dir() and not any((ov / "nbd").iterdir())
+        assert ((ov / "nbd").stat().st_mode & 0o777) == 0o700
+        info = json.loads(_qemu_img("info", "--output=json", str(ov / "vda.qcow2")))
+        assert info["backing-filename"] == nbd["vda"].uri
+        (b,) = repo.booted(test_conn)
+        assert b.name == "boot-e" and b.servers_alive is False
+        assert "repo.start_booted(dom)" in (b.problem or "")
+    finally:
+        dom.undefine()
 
 
 # ----------------------------------------------------------------------------- custody

@@ -243,7 +243,8 @@ def status(dom: Domain, rec: BootRecord) -> BootedDomain:
             what = "a plain start fails" if not running else "reads from the repository fail"
             stop = "" if not running else "destroy it, then "
             problem = (
-                f"its decrypting qemu-nbd servers have ended, so {what}: {stop}start it again "
+                f"its decrypting qemu-nbd servers are not running (they end with the domain),"
+                f" so {what}: {stop}start it "
                 f"with repo.start_booted(dom), or undefine it and remove {ov_dir}"
             )
     elif depends:

@@ -245,11 +245,6 @@ def boot(
         raise UsageError("detach=True pulls the data while the domain runs: it needs start=True")
     check_key(repo.info, repo.key, str(repo.path))  # missing or wrong: RepositoryKeyError
     encrypted = repo.key is not None
-    if encrypted and not start:
-        raise UsageError(
-            "boot() from an encrypted repository needs start=True: the disks' backing is a "
-            "decrypting qemu-nbd that lives only as long as the running domain holds it"
-        )
     p, ddir, points = repo._resolve(point)
     if "inactive.xml" not in p.config:
         raise RepositoryError(f"point {p.id} holds no domain configuration")
@@ -277,7 +272,9 @@ def boot(
             overlays = _file_overlays(dest, tops)
         else:
             sizes = {d: p.disks[d].size for d in tops}
-            overlays = nbdboot.serve(repo, dest, tops, sizes, nbd, undo)
+            # start=False: no server yet (it would wait for a client that may never come);
+            # repo.start_booted(dom) starts the servers with the domain
+            overlays = nbdboot.serve(repo, dest, tops, sizes, nbd, undo, start_servers=start)
         nv: Path | None = None
         if "nvram" in p.config:
             nv = dest / "nvram.fd"

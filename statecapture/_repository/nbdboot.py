@@ -106,16 +106,21 @@ def serve(
     sizes: Mapping[str, int],
     backings: Mapping[str, NbdBacking],
     undo: contextlib.ExitStack,
+    *,
+    start_servers: bool = True,
 ) -> dict[str, Path]:
     """Start one decrypting server per disk and make its overlay in ``dest`` (which exists,
     ours); each server's stop (by its pid file, verified) is registered on ``undo`` before
-    it starts, so a start that breaks off half-way is stopped too. Disk → overlay."""
+    it starts, so a start that breaks off half-way is stopped too. Disk → overlay.
+    ``start_servers=False``: only the socket directory and the overlays (a domain defined,
+    not started: :func:`serve_again` starts the servers with it)."""
     os.mkdir(dest / SOCKET_DIR, 0o700)
     overlays: dict[str, Path] = {}
     for d, top in tops.items():
         b = backings[d]
-        undo.callback(_stop_listed, b)  # by its pid file: also a server whose start broke off
-        _start(repo, top, b)
+        if start_servers:
+            undo.callback(_stop_listed, b)  # by its pid file: also a start that broke off
+            _start(repo, top, b)
         ov = dest / f"{_safe(d)}.qcow2"
         # -u: nothing connects to the export now (the server ends after its first client)
         qemu_img(

@@ -606,8 +606,9 @@ class Repository:
         QEMU lets go of it: when the domain stops (a plain ``dom.start()`` then fails:
         :meth:`start_booted` starts the servers again with it) or when a detach has pulled
         everything (the detach also makes sure it ended and removes the socket directory).
-        So ``start=False`` is a :class:`UsageError` there, and ``overlay_dir`` must be short
-        enough for a socket path (107 bytes; :class:`UsageError` otherwise).
+        With ``start=False`` the domain is defined with its overlays but no server runs
+        yet: start it with :meth:`start_booted`, not ``dom.start()``. ``overlay_dir`` must
+        be short enough for a socket path (107 bytes; :class:`UsageError` otherwise).
 
         Refused before anything is made: a domain ``name`` exists or ``overlay_dir`` exists
         (:class:`TargetExistsError`), the point's chain does not validate
