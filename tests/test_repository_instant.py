@@ -144,6 +144,18 @@ def _booted_is_reported(
     assert dom.xml(inactive=True) == inactive and dom.is_active
 
 
+def _two_points(
+    repo: Repository, guest: statecapture.Domain
+) -> tuple[statecapture.RestorePoint, statecapture.RestorePoint]:
+    """A full point after the guest wrote ``marker``, an incremental one after ``marker2``."""
+    _write_marker(guest, "marker", LINE)
+    p1 = repo.backup(guest, quiesce=False)
+    _write_marker(guest, "marker2", LINE2)
+    p2 = repo.backup(guest, quiesce=False)
+    assert p2.kind is statecapture.PointKind.INCREMENTAL and p2.parent == p1.id
+    return p1, p2
+
+
 def _runs_without(
     repo: Repository, dom: statecapture.Domain, away: Path, name: str, content: bytes
 ) -> None:
@@ -176,11 +188,7 @@ def test_export_boot_detach(
     from statecapture.testing import wait_agent
 
     repo = Repository.create(tmp_path / "repo")
-    _write_marker(guest, "marker", LINE)
-    p1 = repo.backup(guest, quiesce=False)
-    _write_marker(guest, "marker2", LINE2)
-    p2 = repo.backup(guest, quiesce=False)
-    assert p2.kind is statecapture.PointKind.INCREMENTAL and p2.parent == p1.id
+    _p1, p2 = _two_points(repo, guest)
     before = _repo_sums(repo)
 
     # export: read the disk over NBD
@@ -493,11 +501,7 @@ def test_encrypted_boot_detach(
 
     tmp_path = nbd_reaper
     repo = Repository.create(tmp_path / "enc", key=KEY)
-    _write_marker(guest, "marker", LINE)
-    p1 = repo.backup(guest, quiesce=False)
-    _write_marker(guest, "marker2", LINE2)
-    p2 = repo.backup(guest, quiesce=False)
-    assert p2.kind is statecapture.PointKind.INCREMENTAL and p2.parent == p1.id
+    _p1, p2 = _two_points(repo, guest)
     before = _repo_sums(repo)
     secrets = (KEY.secret, KEY.passphrase(repo.info.id))
     guest.destroy()
