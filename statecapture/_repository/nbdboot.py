@@ -351,12 +351,9 @@ def release(backings: Iterable[NbdBacking], *, grace: float = 5.0) -> None:
     dirs = set()
     for b in backings:
         pid = _read_pid(b.pid_file)
-        if pid is not None and not wait_gone(pid, b.socket, grace):
-            stop(pid, b.socket)
+        if pid is not None:
+            wait_gone(pid, b.socket, grace)
+        _stop_and_clean(b)  # stops a server still running, removes its socket and pid file
         dirs.add(b.socket.parent)
-        for f in (b.socket, b.pid_file):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f)
     for d in dirs:
-        with contextlib.suppress(OSError):  # not empty: not only ours, keep it
-            os.rmdir(d)
+        _rmdir_quietly(d)
